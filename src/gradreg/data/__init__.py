@@ -1,0 +1,32 @@
+"""Data sets as in-memory tensors in [lo, hi] (pixels in [0, 1]), with fixed splits.
+
+``load(name, data_dir=..., download=...)`` returns a :class:`DataBundle`. Normalization is
+*not* applied here: the per-channel mean/std travel with the bundle and go into the model.
+"""
+from __future__ import annotations
+
+from ..registry import Registry
+from .base import DataBundle, stratified_split
+
+DATASETS: Registry[DataBundle] = Registry("data set")
+
+from . import digits  # noqa: E402,F401  (registration side effects)
+from . import idx, cifar  # noqa: E402,F401
+
+AUX_TASKS = ("parity",)
+
+
+def load(name: str, **params: object) -> DataBundle:
+    """Load a registered data set: ``load("digits")``, ``load("mnist10k", data_dir=...)``."""
+    return DATASETS.make(name, **params)
+
+
+def aux_labels(task: str, y):  # type: ignore[no-untyped-def]
+    """Auxiliary labels for the multi-task DataGrad variant. ``parity`` (our choice, SPEC §1):
+    whether the digit is odd — meaningful for digit data sets only."""
+    if task == "parity":
+        return y % 2
+    raise ValueError(f"unknown auxiliary task {task!r}; known: {', '.join(AUX_TASKS)}")
+
+
+__all__ = ["DATASETS", "DataBundle", "load", "stratified_split", "aux_labels", "AUX_TASKS"]

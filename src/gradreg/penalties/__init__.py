@@ -1,0 +1,26 @@
+"""The regularizer family behind one objective: task loss + Σ λᵢ·penaltyᵢ.
+
+``make(name, **params)`` builds a registered penalty; every penalty is called as
+``penalty(model, x, y)`` and returns a scalar (mean over the batch).
+"""
+from __future__ import annotations
+
+import importlib
+
+from ..registry import Registry
+from .base import CleanPass, Penalty, main_targets, split_targets
+
+PENALTIES: Registry[Penalty] = Registry("method")
+
+# One module per family; importing registers its members.
+_FAMILIES = ("clean",)
+for _family in _FAMILIES:
+    importlib.import_module(f"{__name__}.{_family}")
+
+
+def make(name: str, **params: object) -> Penalty:
+    """Build a registered penalty: ``make("gn")``, ``make("datagrad", p=1, solver="fd")``."""
+    return PENALTIES.make(name, **params)
+
+
+__all__ = ["PENALTIES", "Penalty", "CleanPass", "make", "split_targets", "main_targets"]

@@ -1,0 +1,102 @@
+"""The penalty interface and the clean pass that penalties share with the task loss.
+
+A penalty is an ``nn.Module`` called as ``penalty(model, x, y)`` that returns a scalar tensor
+(mean over the batch). Its state (e.g. SGR's Σ estimate, warm-start vectors) lives in
+buffers, so ``state_dict()`` / ``load_state_dict()`` checkpoint it exactly.
+
+Inside the training loop the objective passes ``ctx=CleanPass(...)``: the clean forward pass
+(and, on demand, the input gradient of the task loss) is then computed once and shared by the
+task loss and every penalty, instead of once per term. Called without ``ctx`` a penalty
+builds its own.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models.base import forward_all
+
+
+def split_targets(y: torch.Tensor) -> list[torch.Tensor]:
+    """``(N,)`` → ``[y]``; ``(N, T)`` (main label, then auxiliary labels) → T vectors ``(N,)``."""
+    if y.dim() == 1:
+        return [y]
+    return [y[:, t] for t in range(y.shape[1])]
+
+
+def main_targets(y: torch.Tensor) -> torch.Tensor:
+    """Main-task labels ``(N,)`` from ``(N,)`` or ``(N, T)`` targets."""
+    return y if y.dim() == 1 else y[:, 0]
+
+
+class CleanPass:
+    """Lazily computed quantities of a clean batch, shared by the task loss and the penalties.
+
+    ``x_in`` is a leaf copy of ``x`` that requires grad when ``input_grad`` is wanted, so the
+    one forward pass serves both the parameter gradient and the input gradient.
+    """
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, need_input_grad: bool = False,
+                 index: torch.Tensor | None = None) -> None:
+        self.model = model
+        self.x = x
+        self.y = y
+        self.index = index  # (N,) positions of these examples in the training set, when known
+        self.x_in = x.detach().clone().requires_grad_(need_input_grad)
+        self.outputs = forward_all(model, self.x_in)  # per head: (N, classes_h)
+        self._input_grads: dict[int, torch.Tensor] = {}
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.outputs[0]
+
+    def losses(self, reduction: str = "mean") -> list[torch.Tensor]:
+        """Cross-entropy of every head (main first)."""
+        return [F.cross_entropy(out, t, reduction=reduction) for out, t in zip(self.outputs, split_targets(self.y))]
+
+    def input_grad(self, head: int = 0) -> torch.Tensor:
+        """g = ∇ₓ Σᵢ CE(f(xᵢ), yᵢ) for one head, shape ``(N, C, H, W)``, with ``create_graph=True``
+        so a penalty of g can be differentiated again (double backprop). Summing the per-sample
+        losses makes g[i] the gradient of sample i's own loss."""
+        if not self.x_in.requires_grad:
+            raise RuntimeError("CleanPass was built with need_input_grad=False")
+        if head not in self._input_grads:
+            loss = F.cross_entropy(self.outputs[head], split_targets(self.y)[head], reduction="sum")
+            (g,) = torch.autograd.grad(loss, self.x_in, create_graph=True)
+            self._input_grads[head] = g
+        return self._input_grads[head]
+
+
+class Penalty(nn.Module):
+    """Base class of every regularizer in the registry.
+
+    Class attributes describe the method to the objective and to the test-suite:
+
+    - ``needs_input_grad``: the penalty reads ``ctx.input_grad()`` (so the clean pass must keep
+      the input in the graph).
+    - ``default_lam``: λ when the user gives none.
+    - ``task_weight``: weight of the clean task loss when this penalty is the method (1 for a
+      regularizer; Madry's PGD-AT uses 0, the Goodfellow mix α).
+    - ``input_dependent``: False for penalties of the weights alone (weight decay, spectral
+      norm), which the "zero for a model that ignores its input" test skips.
+    """
+
+    needs_input_grad: ClassVar[bool] = False
+    default_lam: ClassVar[float] = 1.0
+    task_weight: ClassVar[float] = 1.0
+    input_dependent: ClassVar[bool] = True
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None) -> CleanPass:
+        """The shared clean pass, or a fresh one when called on its own."""
+        if ctx is not None and (ctx.x_in.requires_grad or not self.needs_input_grad):
+            return ctx
+        return CleanPass(model, x, y, need_input_grad=self.needs_input_grad)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")

@@ -1,0 +1,49 @@
+"""Shared fixtures: small trained models on the embedded digits data set."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from gradreg import data, models
+
+
+@pytest.fixture(scope="session")
+def digits() -> data.DataBundle:
+    return data.load("digits")
+
+
+def _fit(model: torch.nn.Module, bundle: data.DataBundle, *, epochs: int, seed: int) -> torch.nn.Module:
+    """A minimal independent training loop (not gradreg.train), so attack and evaluation tests
+    do not depend on the code they would be judging."""
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = bundle.train_x, bundle.train_y
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), 64):
+            idx = perm[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def digits_cw(digits: data.DataBundle) -> torch.nn.Module:
+    """C&W CNN (padded) trained clean on digits, eval mode; ~97% test accuracy."""
+    torch.manual_seed(0)
+    model = models.make("cw", in_shape=digits.in_shape, num_classes=10, mean=digits.mean, std=digits.std)
+    return _fit(model, digits, epochs=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def digits_mlp(digits: data.DataBundle) -> torch.nn.Module:
+    """Small MLP trained clean on digits, eval mode."""
+    torch.manual_seed(0)
+    model = models.make("mlp", in_shape=digits.in_shape, num_classes=10, hidden=(64,), mean=digits.mean,
+                        std=digits.std)
+    return _fit(model, digits, epochs=20, seed=0)
