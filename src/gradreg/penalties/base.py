@@ -89,6 +89,11 @@ class Penalty(nn.Module):
     task_weight: ClassVar[float] = 1.0
     input_dependent: ClassVar[bool] = True
 
+    def setup(self, train_x: torch.Tensor) -> None:
+        """Called once by the training loop before the first step with the whole training set
+        ``(N, C, H, W)`` (e.g. for data-covariance standardization or to size per-example
+        warm-start buffers). Must be deterministic: resume calls it again before loading state."""
+
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         raise NotImplementedError
 
