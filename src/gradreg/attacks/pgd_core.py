@@ -1,7 +1,18 @@
 """The projected-gradient core shared by the attacks and the penalties that need an inner
 maximization (FGSM-AT, PGD-AT, ARR, TRADES, the operator-norm adversarial counterpart).
 
-FGSM/FGM are this loop with one step of size ε and no random start (foolbox's view).
+Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to
+Adversarial Attacks", ICLR 2018 (arXiv 1706.06083)::
+
+    x⁰ = x (or a random point of the ball),   xᵗ⁺¹ = Π_{B_ε(x) ∩ [lo, hi]} ( xᵗ + α·d(∇ₓ loss(xᵗ)) )
+
+with d the steepest-ascent direction of unit norm (sign for ℓ∞, g/‖g‖₂ for ℓ2) and
+α = ``rel_stepsize``·ε. FGSM/FGM are this loop with one step of size ε and no random start
+(foolbox's view; Goodfellow et al. 2015).
+
+Each step first clips to the box and then projects onto the ball (as IBM ART does). For ℓ∞ the
+order does not matter; for ℓ2 clipping first means the part of a step that would leave the box
+does not use up budget before the rescaling (our choice; any order gives a feasible point).
 """
 from __future__ import annotations
 
@@ -29,7 +40,11 @@ def ce_loss(y: torch.Tensor, *, targeted: bool = False) -> LossFn:
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: LossFn) -> torch.Tensor:
-    """∇ₓ Σᵢ loss_fn(f(x))ᵢ, detached: each row is that sample's own gradient."""
+    """∇ₓ Σᵢ loss_fn(f(x))ᵢ, detached: each row is that sample's own gradient.
+
+    (Samples do not interact in eval mode, so the gradient of the *summed* loss gives every
+    sample's gradient in one backward pass.)
+    """
     x = x.detach().requires_grad_(True)
     loss = loss_fn(model(x), x).sum()
     (g,) = torch.autograd.grad(loss, x)
@@ -49,16 +64,28 @@ def pgd(
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     bn_policy: BNPolicy = "eval",
+    abs_stepsize: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Maximize ``loss_fn`` over the threat model by ``steps`` steepest-ascent steps of size
-    ``rel_stepsize·ε`` (sign for ℓ∞, normalized gradient for ℓ2), each followed by projection.
+    ``rel_stepsize·ε`` (sign for ℓ∞, normalized gradient for ℓ2), each followed by clipping to
+    the bounds and projection onto the ball.
 
-    ``eps`` overrides ``threat.eps``, possibly per sample ``(N,)``. ``start`` is an explicit
-    starting point (TRADES starts at x + 0.001·N(0, I)). The model runs under ``bn_policy``
-    and its modes are restored afterwards. The result is detached.
+    ``eps`` overrides ``threat.eps``, possibly per sample ``(N,)``. ``abs_stepsize`` (input
+    units, scalar or ``(N,)``) overrides ``rel_stepsize·ε``. ``start`` is an explicit starting
+    point (TRADES starts at x + 0.001·N(0, I)). The model runs under ``bn_policy`` and its
+    modes are restored afterwards. The result is detached and always feasible.
+
+    Example::
+
+        x_adv = pgd(model, x, ThreatModel("linf", 0.3, (0, 1)), ce_loss(y),
+                    steps=40, rel_stepsize=2.5 / 40, random_start=True)
     """
     eps_t = threat._eps_tensor(x, eps)  # (N,)
-    step = (rel_stepsize * eps_t).view(-1, *([1] * (x.dim() - 1)))
+    if abs_stepsize is None:
+        step_t = rel_stepsize * eps_t  # (N,)
+    else:
+        step_t = threat._eps_tensor(x, abs_stepsize)
+    step = step_t.view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
     x = x.detach()
     with run_mode(model, bn_policy):
         if start is not None:
@@ -69,5 +96,5 @@ def pgd(
             x_adv = x.clone()
         for _ in range(steps):
             g = input_gradient(model, x_adv, loss_fn)
-            x_adv = threat.project(x, x_adv + step * threat.normalize(g), eps_t)
+            x_adv = threat.project(x, threat.clip(x_adv + step * threat.normalize(g)), eps_t)
     return x_adv.detach()

@@ -12,6 +12,7 @@ DATASETS: Registry[DataBundle] = Registry("data set")
 
 from . import digits  # noqa: E402,F401  (registration side effects)
 from . import idx, cifar  # noqa: E402,F401
+from . import augment, download  # noqa: E402,F401  (gradreg.data.augment.augment, .download.download)
 
 AUX_TASKS = ("parity",)
 

@@ -37,6 +37,9 @@ class WeightDecay(Penalty):
         if p not in (1, 2):
             raise ValueError(f"wdecay p must be 1 or 2, got {p}")
         self.p = p
+        # ‖W‖₁ grows like the parameter count, not its square: a smaller default keeps the two
+        # variants of comparable strength on the C&W CNN (our choice).
+        self.default_lam = 5e-4 if p == 2 else 1e-5  # type: ignore[misc]
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         weights = [w for name, w in model.named_parameters() if w.dim() > 1 and w.requires_grad]

@@ -1,0 +1,71 @@
+"""The ``gradreg`` command line. Every input error is one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+
+# subcommand → module in gradreg.commands (each has HELP, add_arguments, run)
+COMMANDS = ("train", "attack", "eval", "transfer", "lrc", "analyze", "reproduce", "demo", "list")
+
+
+def _available() -> dict[str, object]:
+    found = {}
+    for name in COMMANDS:
+        try:
+            found[name] = importlib.import_module(f"gradreg.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"gradreg.commands.{name}":
+                raise
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradreg", description=(
+        "Adversarially robust training by input-gradient regularization (DataGrad, Lyu, GN/SGR, "
+        "ARR/TRADES, operator norm), with the attacks and evaluation to judge it."))
+    parser.add_argument("--version", action="version", version=f"gradreg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in _available().items():
+        p = sub.add_parser(name, help=getattr(module, "HELP", None), description=getattr(module, "HELP", None))
+        module.add_arguments(p)  # type: ignore[attr-defined]
+        p.set_defaults(_run=module.run)  # type: ignore[attr-defined]
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .registry import UnknownNameError
+    from .runs import NotARunError
+
+    return (ConfigError, UnknownNameError, NotARunError, CheckpointError, FileNotFoundError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    from .train import NonFiniteError, TrainingInterrupted
+
+    try:
+        return int(args._run(args) or 0)
+    except TrainingInterrupted as err:
+        print(f"gradreg: {err}", file=sys.stderr)
+        return 130
+    except NonFiniteError as err:
+        print(f"gradreg: error: {err}", file=sys.stderr)
+        return 3
+    except _user_errors() as err:
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"gradreg: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""``gradreg list``: what the registries hold (data sets, models, methods, attacks)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "list the registered data sets, models, methods and attacks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", nargs="?", choices=("data", "models", "methods", "attacks"), help="one registry only")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import attacks, data, models, penalties
+
+    registries = {"data": data.DATASETS, "models": models.MODELS, "methods": penalties.PENALTIES,
+                  "attacks": attacks.ATTACKS}
+    for key, reg in registries.items():
+        if args.what and args.what != key:
+            continue
+        print(f"{key}:")
+        for name, doc in reg.describe().items():
+            print(f"  {name:<14} {doc}")
+    return 0

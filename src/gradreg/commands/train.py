@@ -1,0 +1,60 @@
+"""``gradreg train``: one run of any method, flags mapping one-to-one onto TrainConfig."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from ..config import TrainConfig, apply_overrides, load_toml, parse_set
+from ..train import train
+
+HELP = "train a model with any method of the family"
+
+# config field → its flag; dict-valued fields are reached through --set / --config
+_FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
+          if f.name not in ("model_params", "penalty")}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per scalar TrainConfig field (defaults None = "not given"), plus --config/--set."""
+    defaults = TrainConfig()
+    for name, flag in _FLAGS.items():
+        default = getattr(defaults, name)
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {default})")
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=name, type=float, nargs="+", default=None, help=f"(default: {default})")
+        else:
+            kind = float if name in ("lam", "task_weight") else (type(default) if default is not None else str)
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=f"(default: {default})")
+    parser.add_argument("--config", dest="config_file", metavar="FILE.toml", help="read configuration from TOML")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="set any field, e.g. --set penalty.sigma=0.1 --set model_params.hidden=[64]")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults ← TOML file ← flags ← --set, each later source winning."""
+    cfg = TrainConfig()
+    if args.config_file:
+        apply_overrides(cfg, load_toml(args.config_file))
+    apply_overrides(cfg, {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None})
+    apply_overrides(cfg, parse_set(args.overrides))
+    return cfg.validate()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--stop-after-epoch", type=int, metavar="K",
+                        help="checkpoint and stop once K epochs are done (continue later with --resume)")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    metrics = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after_epoch)
+    if "stopped_after_epoch" in metrics:
+        print(f"stopped after epoch {metrics['stopped_after_epoch']}; continue with --resume --out {cfg.out}")
+        return 0
+    print(f"{cfg.method}: test accuracy {metrics['test_accuracy']:.4f} "
+          f"({metrics['train_seconds']:.1f} s training) -> {cfg.out}")
+    return 0

@@ -1,0 +1,162 @@
+"""The typed training configuration. CLI flags map one-to-one onto its fields; ``--config
+FILE.toml`` and ``--set key=value`` reach every field (``--set penalty.sigma=0.1`` for a
+penalty's own parameters)."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+NONFINITE = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. Defaults are our choices unless a paper is named."""
+
+    # data
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    augment: bool = False
+    aux: str | None = None  # auxiliary task for multi-task DataGrad ("parity")
+    # model
+    model: str = "auto"
+    model_params: dict[str, Any] = field(default_factory=dict)
+    # method: task_weight·task loss + lam·penalty
+    method: str = "clean"
+    lam: float | None = None  # None: the method's default
+    task_weight: float | None = None  # None: the method's default (1; PGD-AT 0; FGSM-AT α)
+    penalty: dict[str, Any] = field(default_factory=dict)  # the penalty's keyword parameters
+    # optimization
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step schedule, fractions of training
+    lr_gamma: float = 0.1
+    seed: int = 0
+    # running
+    device: str = "auto"
+    eval_batch_size: int = 500
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    on_nonfinite: str = "stop"
+    out: str = "runs/run"
+    quiet: bool = False
+
+    def validate(self) -> TrainConfig:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.epochs >= 0, f"epochs must be ≥ 0, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.weight_decay >= 0, f"weight_decay must be ≥ 0, got {self.weight_decay}")
+        need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+        need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        need(self.device in DEVICES, f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
+        need(self.on_nonfinite in NONFINITE, f"on_nonfinite must be one of {', '.join(NONFINITE)}")
+        need(self.checkpoint_every >= 0, "checkpoint_every must be ≥ 0")
+        need(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions of training in (0, 1)")
+        need(self.lam is None or self.lam >= 0, f"lam must be ≥ 0, got {self.lam}")
+        need(self.task_weight is None or self.task_weight >= 0, f"task_weight must be ≥ 0, got {self.task_weight}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_HINTS = get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a value against the field's annotation (ints are accepted for floats)."""
+    hint = str(_HINTS[name])
+    if value is None:
+        if "None" not in hint:
+            raise ConfigError(f"{name} cannot be empty")
+        return None
+    if hint.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of key = value")
+        return dict(value)
+    if hint.startswith("list"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [float(v) for v in value]
+    if "bool" in hint:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if "float" in hint:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if "int" in hint:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as a TOML literal (``1e-3``, ``true``, ``[1, 2]``, ``"x"``); anything
+    that is not a TOML literal is taken as a bare string, so ``--set data=mnist`` works."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
+    """Set fields from a flat or nested mapping; ``penalty.sigma`` style keys reach dict fields."""
+    for key, value in values.items():
+        name, _, sub = key.partition(".")
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown configuration key {key!r} (known: {', '.join(_FIELDS)})")
+        if sub:
+            current = getattr(cfg, name)
+            if not isinstance(current, dict):
+                raise ConfigError(f"{name} has no sub-keys (got {key!r})")
+            current[sub.replace("-", "_")] = value
+        else:
+            setattr(cfg, name, _coerce(name, value))
+    return cfg
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip().replace("-", "_")] = parse_value(text.strip())
+    return out
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {str(p)!r} is not valid TOML: {err}") from None

@@ -1,0 +1,368 @@
+"""One method-agnostic training loop for every member of the family.
+
+The method only changes the :class:`~gradreg.objective.Objective`; the loop, optimizer,
+schedule, checkpointing, logging and evaluation are shared. State is checkpointed exactly
+(model, optimizer, penalty state, global RNG, position in the epoch); data order and
+augmentation are pure functions of (seed, epoch, step), so a resumed run repeats the
+uninterrupted one bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__, checkpoint, data, models, penalties
+from .config import TrainConfig
+from .inference import accuracy
+from .objective import Objective
+
+LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient became NaN/inf; the message names the step and the terms."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Stopped by a signal after saving a checkpoint; ``--resume`` continues."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+    """The model and the spec that rebuilds it (saved in config.json)."""
+    name = models.auto_name(bundle.name, bundle.in_shape) if cfg.model == "auto" else cfg.model
+    models.MODELS.get(name)  # clear error for an unknown name before anything else
+    params: dict[str, Any] = {
+        "in_shape": list(bundle.in_shape), "num_classes": bundle.num_classes,
+        "mean": list(bundle.mean), "std": list(bundle.std),
+        "aux_classes": [2] if cfg.aux else [],
+        **cfg.model_params,
+    }
+    try:
+        model = models.make(name, **{k: tuple(v) if k == "in_shape" else v for k, v in params.items()})
+    except TypeError as err:
+        raise ValueError(f"bad model parameters for {name!r}: {err}") from None
+    return model, {"name": name, "params": params}
+
+
+def build_objective(cfg: TrainConfig) -> tuple[Objective, float, float]:
+    try:
+        pen = penalties.make(cfg.method, **cfg.penalty)
+    except TypeError as err:
+        raise ValueError(f"bad parameters for method {cfg.method!r}: {err}") from None
+    lam = pen.default_lam if cfg.lam is None else cfg.lam
+    task_weight = pen.task_weight if cfg.task_weight is None else cfg.task_weight
+    return Objective([(cfg.method, pen, lam)], task_weight=task_weight), lam, task_weight
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The schedule as a pure function of the global step (nothing to checkpoint)."""
+    if cfg.schedule == "constant" or total_steps == 0:
+        return cfg.lr
+    frac = step / total_steps
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * cfg.lr_gamma ** sum(frac >= m for m in cfg.lr_milestones)
+
+
+def build_optimizer(cfg: TrainConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The permutation of the training set for one epoch; the same on every rank and resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A generator for per-step data randomness (augmentation), a pure function of position."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + step) % (2**63))
+
+
+def make_targets(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` labels, or ``(N, 2)`` [label, auxiliary label] for a multi-task run."""
+    if not cfg.aux:
+        return y
+    return torch.stack([y, data.aux_labels(cfg.aux, y)], dim=1)
+
+
+@dataclass
+class RunState:
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # steps of the current epoch completed
+    global_step: int = 0
+    train_seconds: float = 0.0
+    skipped_steps: int = 0
+
+
+@contextmanager
+def _interrupt_guard() -> Iterator[dict[str, bool]]:
+    """Turn SIGINT/SIGTERM into a flag checked between steps, so a stop never lands in the
+    middle of an optimizer update and the loop can checkpoint before exiting."""
+    flag = {"stop": False}
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not in the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    """Holds everything of one run; :meth:`fit` trains, checkpoints, evaluates and writes it."""
+
+    def __init__(self, cfg: TrainConfig, *, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg.validate()
+        self.log = log
+        self.rank, self.world = dist_info()
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out)
+        torch.manual_seed(cfg.seed)
+        self.bundle = data.load(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
+        self.model, self.model_spec = build_model(cfg, self.bundle)
+        self.model.to(self.device)
+        self.objective, self.lam, self.task_weight = build_objective(cfg)
+        self.objective.to(self.device)
+        self.train_x = self.bundle.train_x.to(self.device)
+        self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
+        self.test_x = self.bundle.test_x.to(self.device)
+        self.test_y = self.bundle.test_y.to(self.device)
+        for pen in self.objective.penalties.values():
+            pen.setup(self.train_x)
+        self.optimizer = build_optimizer(cfg, self.model.parameters())
+        self.steps_per_epoch = math.ceil(len(self.train_y) / cfg.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.state = RunState()
+        self.history: list[dict[str, Any]] = []
+
+    # ----- run directory --------------------------------------------------------------
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def run_config(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "resolved": {"model": self.model_spec, "lam": self.lam, "task_weight": self.task_weight,
+                         "penalty": repr(self.objective.penalties[self.cfg.method]),
+                         "data": self.bundle.summary(), "device": str(self.device), "world_size": self.world},
+            "seed": self.cfg.seed,
+            "versions": {"gradreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "git_commit": git_commit(),
+        }
+
+    def save_checkpoint(self) -> None:
+        if not self.is_writer:
+            return
+        opt_tensors, opt_rest = checkpoint.flatten_optimizer(self.optimizer.state_dict())
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        groups = {"model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                  "optim": opt_tensors, "rng": rng}
+        meta = {"state": vars(self.state), "optimizer": opt_rest, "history": self.history,
+                "config": self.cfg.to_dict()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        checkpoint.save(self.out / checkpoint.CURRENT, groups, meta)
+
+    def restore(self) -> bool:
+        found = checkpoint.load_latest(self.out, warn=self.log)
+        if found is None:
+            return False
+        groups, meta = found
+        self._check_compatible(meta["config"])
+        self.model.load_state_dict(groups.get("model", {}))
+        self.objective.load_state_dict(groups.get("objective", {}))
+        self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(groups.get("optim", {}), meta["optimizer"]))
+        torch.set_rng_state(groups["rng"]["torch"])
+        if "cuda" in groups["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(groups["rng"]["cuda"])
+        self.state = RunState(**meta["state"])
+        self.history = meta["history"]
+        return True
+
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        """Resuming may extend ``epochs`` or change where and how quietly it runs, nothing else."""
+        free = {"epochs", "out", "quiet", "device", "checkpoint_every", "on_nonfinite", "eval_batch_size",
+                "data_dir", "download"}
+        now = self.cfg.to_dict()
+        diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+        if diff:
+            raise ValueError(f"cannot resume {self.out}: the configuration differs in {', '.join(diff)}")
+
+    def write_log(self) -> None:
+        with (self.out / "log.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    # ----- training -------------------------------------------------------------------
+    def train_step(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[float, float] | None:
+        cfg = self.cfg
+        x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
+        if cfg.augment and self.bundle.augment_kind != "none":
+            from .data.augment import augment
+
+            x = augment(x, kind=self.bundle.augment_kind, generator=step_generator(cfg.seed, epoch, step))
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.objective(self.model, x, y, index=idx)
+        out.loss.backward()
+        bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
+        if not torch.isfinite(out.loss):
+            bad.append("loss")
+        if not bad and any(p.grad is not None and not torch.isfinite(p.grad).all() for p in self.model.parameters()):
+            bad.append("gradient")
+        if bad:
+            where = (f"non-finite {', '.join(sorted(set(bad)))} at epoch {epoch + 1}, step {step + 1} "
+                     f"(method {cfg.method!r}, λ = {self.lam})")
+            if cfg.on_nonfinite == "skip":
+                self.log(f"warning: {where}; step skipped")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.skipped_steps += 1
+                return None
+            raise NonFiniteError(f"{where}; the last good checkpoint is kept in {self.out} "
+                                 "(lower lr or λ, or pass --on-nonfinite skip)")
+        self.optimizer.step()
+        labels = y if y.dim() == 1 else y[:, 0]
+        return float(out.loss.detach()), float((out.logits.argmax(1) == labels).float().sum())
+
+    def fit(self, *, resume: bool = False, stop_after_epoch: int | None = None) -> dict[str, Any]:
+        """Train to ``cfg.epochs`` (or stop, checkpointed, once ``stop_after_epoch`` epochs are
+        done, for time-boxed jobs; ``resume`` continues later with the same schedule)."""
+        cfg = self.cfg
+        if resume and self.restore():
+            self.log(f"resumed {self.out} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch}")
+        elif self.is_writer:
+            if (self.out / checkpoint.CURRENT).exists():
+                raise ValueError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
+            self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_writer:
+            (self.out / "config.json").write_text(json.dumps(self.run_config(), indent=2) + "\n")
+        n = len(self.train_y)
+        with _interrupt_guard() as flag:
+            while self.state.epoch < cfg.epochs:
+                if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
+                    return {"stopped_after_epoch": self.state.epoch}
+                self._run_epoch(n, flag)
+        test_acc = accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size)
+        metrics = {"test_accuracy": test_acc, "train_seconds": self.state.train_seconds,
+                   "epochs": cfg.epochs, "steps": self.state.global_step, "skipped_steps": self.state.skipped_steps,
+                   "method": cfg.method, "lam": self.lam, "data": cfg.data, "model": self.model_spec["name"]}
+        if self.is_writer:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                      str(self.out / "model.safetensors"))
+            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+    def _run_epoch(self, n: int, flag: dict[str, bool]) -> None:
+        cfg, st = self.cfg, self.state
+        epoch = st.epoch
+        order = epoch_order(cfg.seed, epoch, n).to(self.device)
+        loss_sum = correct = seen = 0.0
+        started = time.perf_counter()
+        bar = _progress(total=self.steps_per_epoch, initial=st.step_in_epoch,
+                        desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=cfg.quiet or not self.is_writer)
+        try:
+            for step in range(st.step_in_epoch, self.steps_per_epoch):
+                batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                local = batch[self.rank::self.world]  # this rank's share of the global batch
+                t0 = time.perf_counter()
+                result = self.train_step(local, epoch, step)
+                st.train_seconds += time.perf_counter() - t0
+                st.step_in_epoch = step + 1
+                st.global_step += 1
+                if result is not None:
+                    loss_sum += result[0] * len(local)
+                    correct += result[1]
+                    seen += len(local)
+                    bar.set_postfix(loss=f"{result[0]:.3f}", refresh=False)
+                bar.update(1)
+                if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if flag["stop"]:
+                    self.save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint saved in {self.out} "
+                        "(continue with --resume)")
+        finally:
+            bar.close()
+        test_acc = accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size)
+        row = {"epoch": epoch + 1, "step": st.global_step, "lr": learning_rate(cfg, st.global_step - 1, self.total_steps),
+               "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "test_accuracy": test_acc, "epoch_seconds": time.perf_counter() - started}
+        self.history.append(row)
+        st.epoch += 1
+        st.step_in_epoch = 0
+        if not cfg.quiet and self.is_writer:
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+                     f"train acc {row['train_accuracy']:.4f}, test acc {test_acc:.4f}")
+        if self.is_writer:
+            self.write_log()
+        self.save_checkpoint()
+
+
+def _progress(*, total: int, initial: int, desc: str, disable: bool):  # type: ignore[no-untyped-def]
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
+                disable=disable or not sys.stderr.isatty())
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,
+          log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train one run as configured and write its run directory; returns its metrics."""
+    return Trainer(cfg, log=log).fit(resume=resume, stop_after_epoch=stop_after_epoch)
