@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import distributed
 from .modes import run_mode
 
 
@@ -17,7 +18,15 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 500) -> torc
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500) -> float:
-    """Fraction of ``x`` classified as ``y``."""
+    """Fraction of ``x`` classified as ``y``. Under torch.distributed each rank scores its shard
+    and the counts are summed, so every rank returns the same number."""
     if len(y) == 0:
         return float("nan")
-    return float((predict(model, x, batch_size=batch_size) == y.to(x.device)).float().mean())
+    part = distributed.shard(len(y))
+    correct = (predict(model, x[part], batch_size=batch_size) == y[part].to(x.device)).sum().to(torch.float64)
+    return float(distributed.all_reduce_sum_(correct.reshape(1).to(_reduce_device(x)))) / len(y)
+
+
+def _reduce_device(x: torch.Tensor) -> torch.device:
+    # gloo reduces CPU tensors, nccl CUDA tensors
+    return x.device if x.device.type == "cuda" else torch.device("cpu")

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, checkpoint, data, models, penalties
+from . import __version__, checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
 from .inference import accuracy
 from .objective import Objective
@@ -43,18 +44,12 @@ class TrainingInterrupted(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto``: this rank's CUDA device when there is one, else the CPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
+    if name in ("auto", "cuda"):
+        return distributed.local_device() if name == "cuda" or torch.cuda.is_available() else torch.device("cpu")
     return torch.device(name)
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def git_commit() -> str | None:
@@ -165,13 +160,20 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, log: Callable[[str], None] = print) -> None:
         self.cfg = cfg.validate()
         self.log = log
-        self.rank, self.world = dist_info()
+        self.rank, self.world = distributed.rank_world()
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         self.bundle = data.load(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
         self.model, self.model_spec = build_model(cfg, self.bundle)
         self.model.to(self.device)
+        # the module that takes training steps: DDP averages gradients over ranks
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # 1-channel convs
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.objective, self.lam, self.task_weight = build_objective(cfg)
         self.objective.to(self.device)
         self.train_x = self.bundle.train_x.to(self.device)
@@ -248,7 +250,11 @@ class Trainer:
             writer.writerows(self.history)
 
     # ----- training -------------------------------------------------------------------
-    def train_step(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[float, float] | None:
+    def train_step(self, idx: torch.Tensor, epoch: int, step: int, *, share: float = 1.0) -> tuple[float, float] | None:
+        """One optimizer step on this rank's rows ``idx`` of the global batch. ``share`` is this
+        rank's fraction of the global batch: DDP averages gradients over ranks, so scaling the
+        local mean loss by ``share·world`` makes the result the global-batch mean even when the
+        last batch does not split evenly."""
         cfg = self.cfg
         x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
         if cfg.augment and self.bundle.augment_kind != "none":
@@ -259,8 +265,8 @@ class Trainer:
             group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.objective(self.model, x, y, index=idx)
-        out.loss.backward()
+        out = self.objective(self.net, x, y, index=idx)
+        (out.loss * (share * self.world)).backward()
         bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
         if not torch.isfinite(out.loss):
             bad.append("loss")
@@ -321,7 +327,7 @@ class Trainer:
                 batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 local = batch[self.rank::self.world]  # this rank's share of the global batch
                 t0 = time.perf_counter()
-                result = self.train_step(local, epoch, step)
+                result = self.train_step(local, epoch, step, share=len(local) / len(batch))
                 st.train_seconds += time.perf_counter() - t0
                 st.step_in_epoch = step + 1
                 st.global_step += 1
@@ -341,6 +347,9 @@ class Trainer:
         finally:
             bar.close()
         test_acc = accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size)
+        totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
+                              device=self.device if self.device.type == "cuda" else "cpu")
+        loss_sum, correct, seen = distributed.all_reduce_sum_(totals).tolist()
         row = {"epoch": epoch + 1, "step": st.global_step, "lr": learning_rate(cfg, st.global_step - 1, self.total_steps),
                "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
                "test_accuracy": test_acc, "epoch_seconds": time.perf_counter() - started}

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
-from ..config import TrainConfig, apply_overrides, load_toml, parse_set
+from .. import distributed
+from ..config import ConfigError, TrainConfig, apply_overrides, load_toml, parse_set
 from ..train import train
 
 HELP = "train a model with any method of the family"
@@ -45,15 +47,39 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    parser.add_argument("--nproc", type=int, default=1, metavar="N",
+                        help="train on N data-parallel processes (shortcut for torchrun --nproc_per_node N)")
     parser.add_argument("--stop-after-epoch", type=int, metavar="K",
                         help="checkpoint and stop once K epochs are done (continue later with --resume)")
 
 
+def strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
+    if args.nproc > 1 and not distributed.init_from_env():
+        return distributed.launch(args.nproc, strip_nproc(sys.argv[1:]))
+    distributed.init_from_env()
     metrics = train(cfg, resume=args.resume, stop_after_epoch=args.stop_after_epoch)
-    if "stopped_after_epoch" in metrics:
+    if "stopped_after_epoch" in metrics and distributed.rank_world()[0] == 0:
         print(f"stopped after epoch {metrics['stopped_after_epoch']}; continue with --resume --out {cfg.out}")
+        return 0
+    if distributed.rank_world()[0] != 0:
         return 0
     print(f"{cfg.method}: test accuracy {metrics['test_accuracy']:.4f} "
           f"({metrics['train_seconds']:.1f} s training) -> {cfg.out}")

@@ -1,1 +1,193 @@
-"""(being written)"""
+"""DataGrad: a norm of the input gradient of the loss, and its multi-task form (SPEC §1).
+
+Ororbia, Kifer, Giles, "Unifying Adversarial Training Algorithms with Flexible Deep Data
+Gradient Regularization", Neural Computation 2017 (arXiv 1601.07213):
+
+    J(θ) = λ₀·L₀(x, y) + Σ_t λ_t · R( ∇ₓ L_t(x, y) ),    R(g) = ‖g‖₁ (DGL1) or ‖g‖₂ (DGL2)
+
+Per sample, g_i = ∇_{x_i} Σ_j L(x_j, y_j) (row i of the gradient of the *summed* loss, i.e.
+sample i's own gradient) and the penalty is the batch mean, mean_i R(g_i).
+
+Two solvers:
+
+- ``solver="exact"``: double backprop through g (``CleanPass.input_grad`` keeps the graph).
+- ``solver="fd"``: the paper's finite-difference view. With d = ∇_g R(g) detached
+  (sign(g) for ℓ1, g/‖g‖₂ for ℓ2, g for ½‖g‖₂²) and step φ (``fd_step``),
+
+      ∇_θ R(g) = (∂g/∂θ)ᵀ d ≈ [∇_θ L(x + φ·d) − ∇_θ L(x)] / φ .
+
+  We return the surrogate ``R(g) + s − stop_grad(s)`` with s = [L(x + φd) − L(x)]/φ, where x
+  and d are detached and L(x) is the shared clean pass: its *value* is the exact R(g) (so logs
+  are comparable between solvers) and its *parameter gradient* is the finite difference.
+  With λ/φ = 1 − α and ℓ1 this is Goodfellow's FGSM mix α·L(x) + (1−α)·L(x + φ·sign g).
+  The perturbed pass runs in the mode of the clean pass with BatchNorm running statistics
+  restored afterwards (``_same_mode_frozen_stats``), so the difference compares one function
+  at two inputs; a model with dropout draws other masks in the two passes (the difference is
+  then noisy — avoid dropout with ``fd``).
+
+Multi-task (MT-DG): for a model with auxiliary heads and targets ``(N, T)``, one term per
+task, each on the gradient of that task's own loss, weighted by ``task_lams``.
+
+Warning — our choices, not the paper's:
+  * ``squared=True`` gives ½‖g‖₂² (the paper's exact ℓ2 form is unknown; SPEC §1).
+  * ``task_lams`` defaults to 1 for every task; the global λ of the objective multiplies
+    the whole sum Σ_t λ_t·R_t.
+  * The number of tasks is min(#heads, #target columns): a multi-head model trained on
+    main labels only gets the main-task term alone.
+  * ``default_lam`` 0.05 for ℓ1: the FGSM-mix equivalence λ = (1 − α)·φ at α = 0.5 and an
+    ℓ∞ step of 0.1; 1.0 for ℓ2 and ½‖g‖₂² (ℓ2 radii are ~√d larger). Not tuned.
+  * ``fd_step`` φ = 0.01 by default (in input units along d).
+
+Example::
+
+    pen = make("datagrad", p=1, solver="fd", fd_step=0.01)
+    loss = F.cross_entropy(model(x), y) + 0.05 * pen(model, x, y)
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..models.base import forward_all
+from . import PENALTIES
+from .base import CleanPass, Penalty, split_targets
+
+_TINY = 1e-30
+
+
+def safe_l2(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample ‖g_i‖₂ ``(N, ...) -> (N,)`` whose first and second derivatives are finite
+    (zero) at g_i = 0, so a model that ignores its input gives no NaN under double backprop."""
+    sq = g.flatten(1).pow(2).sum(dim=1)
+    return torch.where(sq > 0, sq.clamp_min(_TINY).sqrt(), torch.zeros_like(sq))
+
+
+def grad_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample norm of a gradient batch: ``l1``, ``l2``, ``linf`` or ``sq`` (½‖g‖₂²); ``(N,)``."""
+    flat = g.flatten(1)
+    if norm == "l1":
+        return flat.abs().sum(dim=1)
+    if norm == "l2":
+        return safe_l2(g)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "sq":
+        return 0.5 * flat.pow(2).sum(dim=1)
+    raise ValueError(f"unknown gradient norm {norm!r}")
+
+
+def detached_input_grad(ctx: CleanPass, head: int = 0) -> torch.Tensor:
+    """g = ∇ₓ Σᵢ CE for one head, detached. Reuses the shared gradient when another term has
+    already computed it; otherwise backpropagates once without building a second-order graph
+    (cheaper than ``ctx.input_grad``, which keeps the graph for double backprop)."""
+    cached = getattr(ctx, "_input_grads", {}).get(head)
+    if cached is not None:
+        return cached.detach()
+    loss = F.cross_entropy(ctx.outputs[head], split_targets(ctx.y)[head], reduction="sum")
+    (g,) = torch.autograd.grad(loss, ctx.x_in, retain_graph=True)
+    return g.detach()
+
+
+@contextmanager
+def same_mode_frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Leave every module in the mode it is in (the mode of the clean pass) but restore the
+    BatchNorm running statistics on exit, so an extra pass on perturbed inputs uses the same
+    function as the clean pass without leaking the perturbed inputs into the running stats."""
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
+                if buf is not None:
+                    saved.append((buf, buf.detach().clone()))
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
+
+
+def num_tasks(ctx: CleanPass) -> int:
+    """Tasks that have both a head and a target column."""
+    return min(len(ctx.outputs), len(split_targets(ctx.y)))
+
+
+class DataGrad(Penalty):
+    """Σ_t λ_t · mean_i R(∇ₓ L_t(x_i, y_i)), R = ‖·‖₁, ‖·‖₂ or ½‖·‖₂²; exact or finite-difference."""
+
+    needs_input_grad = True
+    default_lam = 0.05
+
+    def __init__(self, *, p: int = 1, squared: bool = False, solver: str = "exact", fd_step: float = 0.01,
+                 task_lams: Sequence[float] | None = None) -> None:
+        super().__init__()
+        if p not in (1, 2):
+            raise ValueError(f"datagrad p must be 1 or 2, got {p!r}")
+        if squared and p != 2:
+            raise ValueError("datagrad squared=True needs p=2 (½‖g‖₂²)")
+        if solver not in ("exact", "fd"):
+            raise ValueError(f"datagrad solver must be 'exact' or 'fd', got {solver!r}")
+        if not fd_step > 0:
+            raise ValueError(f"datagrad fd_step must be > 0, got {fd_step!r}")
+        self.p = p
+        self.squared = bool(squared)
+        self.solver = solver
+        self.fd_step = float(fd_step)
+        self.task_lams = None if task_lams is None else tuple(float(v) for v in task_lams)
+        self.default_lam = 0.05 if p == 1 else 1.0  # instance value: depends on the norm (see module doc)
+        self._rnorm = "sq" if self.squared else f"l{p}"
+
+    def direction(self, g: torch.Tensor) -> torch.Tensor:
+        """d = ∇_g R(g), per sample, detached: sign(g), g/‖g‖₂ (0 at g = 0) or g."""
+        g = g.detach()
+        if self._rnorm == "l1":
+            return g.sign()
+        if self._rnorm == "l2":
+            n = safe_l2(g).view(-1, *([1] * (g.dim() - 1)))
+            return torch.where(n > 0, g / n.clamp_min(_TINY), torch.zeros_like(g))
+        return g
+
+    def _lams(self, tasks: int) -> tuple[float, ...]:
+        if self.task_lams is None:
+            return (1.0,) * tasks
+        if len(self.task_lams) != tasks:
+            raise ValueError(f"datagrad task_lams has {len(self.task_lams)} entries but the batch has {tasks} tasks")
+        return self.task_lams
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+        ctx = self.context(model, x, y, ctx)
+        tasks = num_tasks(ctx)
+        total = x.new_zeros(())
+        for t, lam_t in enumerate(self._lams(tasks)):
+            if lam_t == 0:
+                continue
+            total = total + lam_t * (self._exact(ctx, t) if self.solver == "exact" else self._fd(model, ctx, t))
+        return total
+
+    def _exact(self, ctx: CleanPass, t: int) -> torch.Tensor:
+        g = ctx.input_grad(t)  # (N, C, H, W), differentiable in θ
+        return grad_norm(g, self._rnorm).mean()
+
+    def _fd(self, model: nn.Module, ctx: CleanPass, t: int) -> torch.Tensor:
+        g = detached_input_grad(ctx, t)  # (N, C, H, W)
+        value = grad_norm(g, self._rnorm).mean()  # exact R(g), no graph
+        d = self.direction(g)
+        target = split_targets(ctx.y)[t]
+        x0 = ctx.x.detach()
+        with same_mode_frozen_stats(model):
+            out_fd = forward_all(model, x0 + self.fd_step * d)[t]
+        loss_fd = F.cross_entropy(out_fd, target)
+        loss_clean = F.cross_entropy(ctx.outputs[t], target)
+        s = (loss_fd - loss_clean) / self.fd_step
+        return value + (s - s.detach())
+
+
+@PENALTIES.register("datagrad")
+def datagrad(*, p: int = 1, squared: bool = False, solver: str = "exact", fd_step: float = 0.01,
+             task_lams: Sequence[float] | None = None) -> Penalty:
+    """DataGrad (Ororbia et al. 2017): ‖∇ₓL‖₁ or ‖∇ₓL‖₂ per task; exact or finite-difference solver."""
+    return DataGrad(p=p, squared=squared, solver=solver, fd_step=fd_step, task_lams=task_lams)

@@ -1,1 +1,349 @@
-"""(being written)"""
+"""Data-dependent operator-norm regularization and its baselines (SPEC §5).
+
+Roth, Kilcher, Hofmann, "Adversarial Training is a Form of Data-dependent Operator Norm
+Regularization", NeurIPS 2020 (arXiv 1906.01527). For a ReLU network f(x + Δ) ≈ f(x) + J(x)Δ
+around each x, and ℓp-constrained PGD adversarial training with an ℓq loss on the logits of
+clean and perturbed inputs regularizes (small ε, step → ∞) the data-dependent operator norm
+
+    ‖J(x)‖_{p,q} = max_{‖v‖ₚ = 1} ‖J(x)v‖_q .
+
+``opnorm`` estimates the maximizer v per sample by the power method, with the ReLU pattern
+fixed at x and the model in eval mode (``bn_policy``)::
+
+    v_k = ψ_{p*}( Jᵀ ψ_q( J v_{k−1} ) ),   ψ_r(z) = sign(z)⊙|z|^{r−1} / ‖z‖_r^{r−1}
+
+(p = q = 2: u ← Jv/‖Jv‖, v ← Jᵀu/‖Jᵀu‖; p = ∞: v = sign(·)). ψ_{p*} is the steepest-ascent
+direction of the ℓp ball and ψ_q that of the ℓ_{q*} ball, i.e. ``ThreatModel.normalize``; so
+p, q ∈ {l1, l2, linf} all come for free (ψ_∞ puts the unit mass on the largest entry).
+Jv uses the double-backward trick (Jv = ∂/∂w [Jᵀw]·v, one forward pass and one
+``create_graph`` backward shared by all iterations) and Jᵀu = ∇ₓ(f(x)·u). v is detached.
+The penalty, λ outside:
+
+- ``form="sos"`` (default, the experiments' numerically stable form): ½·‖f(x + εv) − f(x)‖_q²
+- ``form="uJv"``: ½·(uᵀJ(x)v)² with u = ψ_q(Jv), both detached (≈ ½σ², σ the operator norm).
+
+Warm start (``warm_start=True``, our addition for cost): ``setup(train_x)`` allocates a
+buffer of one v per training example ``(N_train, *x.shape[1:])``, initialized from a seeded
+generator; each step starts from the example's last v (looked up by ``ctx.index``) and runs
+``iterations`` (default 1 instead of 10) iterations, then writes v back. The buffer is in
+``state_dict``; ``setup`` must run before ``load_state_dict`` (the loop's contract).
+
+``snr``: the global baseline of Yoshida & Miyato, "Spectral Norm Regularization for Improving
+the Generalizability of Deep Learning", 2017: (λ/2)·Σ_l σ(W_l)² over every ``Linear`` and
+convolution weight (kernels reshaped to out × in·k·k), one power iteration per layer per
+step with a persistent u per layer.
+
+``opnorm-at``: the adversarial-training counterpart L(x) + λ·max_{x*∈B_ε} ½‖f(x) − f(x*)‖₂²,
+ℓ2 PGD with x₀ uniform in the ball. With a large step (``rel_stepsize`` → ∞) its iteration
+*is* the (2, 2) power method on the linearization, which is what the equivalence rests on;
+our default step is ε (``rel_stepsize=1``), already close to that regime.
+
+.. warning::
+   Our choices: x + εv is not clipped to the input bounds (it probes the linearization, not
+   an image); ε = 0 returns an exact 0; the clean branch f(x) is the loop's shared clean pass
+   (train mode), the perturbed pass runs under ``perturbed_bn_policy="frozen"`` (batch
+   statistics, running statistics restored). In train mode BatchNorm couples the samples of
+   a batch, so the Jacobian of the ``uJv`` form then includes that coupling; the power method
+   itself runs in eval mode and is exactly per sample. Default λ, ε and step sizes are ours.
+
+Example::
+
+    pen = make("opnorm", norm="l2", eps=0.5)                   # 10 power iterations per step
+    pen = make("opnorm", warm_start=True); pen.setup(train_x)  # 1 iteration, warm v per example
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..attacks.pgd_core import pgd
+from ..models.base import unwrap
+from ..modes import BNPolicy, run_mode
+from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm
+from . import PENALTIES
+from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
+from .base import CleanPass, Penalty
+
+FORMS = ("sos", "uJv")
+
+
+def steepest(z: torch.Tensor, norm: str) -> torch.Tensor:
+    """ψ_{norm*}: the unit-``norm`` direction maximizing ⟨z, ·⟩, per sample (zero for z = 0)."""
+    return ThreatModel(norm=norm).normalize(z)
+
+
+class PowerResult(NamedTuple):
+    sigma: torch.Tensor  # (N,) estimate of ‖J(x)‖_{p,q} = ‖J v‖_q
+    u: torch.Tensor  # (N, K) ψ_q(J v), ‖u‖_{q*} = 1
+    v: torch.Tensor  # (N, ...) like x, ‖v‖_p = 1
+
+
+class _Linearization:
+    """Products with the Jacobian J = ∂f/∂x ``(N, K, d)`` of the model's main head at x, from
+    one forward pass. Valid per sample when the samples do not interact (eval mode)."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.x = x.detach().requires_grad_(True)
+        self.out = model(self.x)  # (N, K)
+        self.w = torch.zeros_like(self.out, requires_grad=True)  # dummy cotangent
+        jt_w = None
+        if self.out.requires_grad:
+            (jt_w,) = torch.autograd.grad(self.out, self.x, self.w, create_graph=True, allow_unused=True)
+        # Jᵀw is linear in w; differentiating it w.r.t. w along v gives Jv.
+        self.jt_w = jt_w if jt_w is not None and jt_w.requires_grad else None
+
+    def jv(self, v: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, K)
+        if self.jt_w is None:
+            return torch.zeros_like(self.out)
+        (out,) = torch.autograd.grad(self.jt_w, self.w, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.out) if out is None else out.detach()
+
+    def jtu(self, u: torch.Tensor) -> torch.Tensor:  # (N, K) -> (N, ...)
+        if self.jt_w is None:
+            return torch.zeros_like(self.x)
+        (out,) = torch.autograd.grad(self.out, self.x, u, retain_graph=True)
+        return out.detach()
+
+
+def _fill_zero_rows(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Replace all-zero rows (no information, a fixed point of the iteration) by random ones."""
+    zero = flat_norm(v, "linf") == 0
+    if bool(zero.any()):
+        v = torch.where(zero.view(-1, *([1] * (v.dim() - 1))), steepest(torch.randn_like(v), norm), v)
+    return v
+
+
+def power_method(model: nn.Module, x: torch.Tensor, *, norm: str = "l2", out_norm: str = "l2",
+                 iterations: int = 10, v0: torch.Tensor | None = None,
+                 bn_policy: BNPolicy = "eval") -> PowerResult:
+    """Per-sample (p, q) = (``norm``, ``out_norm``) power method for J(x) of the main head.
+
+    ``v0`` (like x) is the start (random when None). Runs the model under ``bn_policy`` and
+    restores its modes. Returns detached σ ``(N,)``, u ``(N, K)`` and v (like x)."""
+    norm, out_norm = canonical_norm(norm), canonical_norm(out_norm)
+    x = x.detach()
+    v = steepest(torch.randn_like(x) if v0 is None else v0.to(x), norm)
+    v = _fill_zero_rows(v, norm)
+    with torch.enable_grad(), run_mode(model, bn_policy):
+        lin = _Linearization(model, x)
+        for _ in range(iterations):
+            u = steepest(lin.jv(v), dual_norm(out_norm))  # ψ_q(Jv)
+            v = steepest(lin.jtu(u), norm)  # ψ_{p*}(Jᵀu)
+        jv = lin.jv(v)
+    return PowerResult(sigma=flat_norm(jv, out_norm), u=steepest(jv, dual_norm(out_norm)), v=v)
+
+
+class OperatorNorm(Penalty):
+    """½‖f(x + εv) − f(x)‖_q² (``sos``) or ½(uᵀJv)² (``uJv``), v from the power method."""
+
+    default_lam = 1.0  # our choice
+
+    def __init__(self, *, norm: str = "l2", out_norm: str = "l2", eps: float | str | None = None,
+                 form: str = "sos", iterations: int | None = None, warm_start: bool = False, seed: int = 0,
+                 bn_policy: BNPolicy = "eval", perturbed_bn_policy: BNPolicy = "frozen") -> None:
+        super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"unknown opnorm form {form!r}; use one of {FORMS}")
+        self.norm = canonical_norm(norm)
+        self.out_norm = canonical_norm(out_norm)
+        # ε only scales the sos probe; the bounds are not used (x + εv is not clipped)
+        self.eps = make_threat(self.norm, eps, (0.0, 1.0)).eps
+        self.form = form
+        self.iterations = (1 if warm_start else 10) if iterations is None else int(iterations)
+        if self.iterations < 0 or (self.iterations == 0 and not warm_start):
+            raise ValueError(f"iterations must be ≥ 1 (≥ 0 with warm start), got {iterations}")
+        self.warm_start = bool(warm_start)
+        self.seed = int(seed)
+        self.bn_policy = check_policy(bn_policy)
+        self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
+        self.register_buffer("v_buf", None)  # (N_train, *x.shape[1:]) after setup, warm start only
+
+    def setup(self, train_x: torch.Tensor) -> None:
+        if not self.warm_start:
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        v = torch.randn(train_x.shape, generator=gen, dtype=torch.float32)  # drawn on the CPU: same on every device
+        self.v_buf = steepest(v, self.norm).to(train_x.device)  # deterministic: resume calls setup, then loads state
+
+    def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None) -> PowerResult:
+        """The power method for this batch (warm-started from, and written back to, the buffer)."""
+        if not self.warm_start:
+            return power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
+                                bn_policy=self.bn_policy)
+        if self.v_buf is None or index is None:
+            raise RuntimeError("opnorm with warm_start=True needs setup(train_x) and the batch's example indices "
+                               "(ctx.index)")
+        idx = index.to(self.v_buf.device)
+        res = power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
+                           v0=self.v_buf[idx], bn_policy=self.bn_policy)
+        self.v_buf[idx] = res.v.to(self.v_buf)
+        return res
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+        if self.form == "sos" and self.eps == 0:
+            return x.new_zeros(())
+        res = self.estimate(model, x, None if ctx is None else ctx.index)
+        policy = perturbed_policy(model, self.perturbed_bn_policy)
+        if self.form == "sos":
+            clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
+            with run_mode(model, policy):
+                pert = model(x + self.eps * res.v)  # (N, K)
+            return 0.5 * (flat_norm(pert - clean, self.out_norm) ** 2).mean()
+        # uJv = ⟨Jᵀu, v⟩; create_graph keeps it differentiable in θ
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if ctx is not None and ctx.x_in.requires_grad and (policy == "eval") == (not model.training):
+                x_in, out = ctx.x_in, ctx.logits
+            else:
+                x_in = x.detach().requires_grad_(True)
+                with run_mode(model, policy):
+                    out = model(x_in)
+            (jtu,) = torch.autograd.grad(out, x_in, res.u, create_graph=create_graph, retain_graph=True,
+                                         allow_unused=True)
+        if jtu is None:
+            return x.new_zeros(())
+        ujv = (jtu * res.v).flatten(1).sum(dim=1)  # (N,)
+        return 0.5 * (ujv ** 2).mean()
+
+
+@PENALTIES.register("opnorm")
+def opnorm(*, norm: str = "l2", out_norm: str = "l2", eps: float | str | None = None, form: str = "sos",
+           iterations: int | None = None, warm_start: bool = False, seed: int = 0, bn_policy: BNPolicy = "eval",
+           perturbed_bn_policy: BNPolicy = "frozen") -> Penalty:
+    """Data-dependent (p, q) operator norm of the input-output Jacobian (Roth et al. 2020).
+
+    p = ``norm`` (input), q = ``out_norm`` (logits); ``iterations`` defaults to 10, or 1 with
+    ``warm_start``; ε defaults to 0.5 (ℓ2) or 8/255 (ℓ∞), our choice."""
+    return OperatorNorm(norm=norm, out_norm=out_norm, eps=eps, form=form, iterations=iterations,
+                        warm_start=warm_start, seed=seed, bn_policy=bn_policy, perturbed_bn_policy=perturbed_bn_policy)
+
+
+def spectral_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose weights ``snr`` regularizes: every Linear and convolution, in module order."""
+    return [m for m in unwrap(model).modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
+
+
+class SpectralNorm(Penalty):
+    """(1/2)·Σ_l σ(W_l)², σ by one power iteration per layer per call with persistent u_l.
+
+    The u vectors are buffers ``u0, u1, …`` (layer order of :func:`spectral_layers`), created
+    by :meth:`bind` — called on the first forward, or explicitly. ``load_state_dict`` creates
+    them from the checkpoint, so it works before the first call too; the first call then
+    checks that their shapes match the model. σ = uᵀWv with u, v detached is differentiable in
+    W (its gradient is u vᵀ). Transposed convolutions are reshaped as stored (in × out·k·k)."""
+
+    default_lam = 0.01  # our choice
+    input_dependent = False
+
+    def __init__(self, *, seed: int = 0) -> None:
+        super().__init__()
+        self.seed = int(seed)
+        self._n_layers = 0
+
+    def bind(self, model: nn.Module) -> None:
+        """Create one u per layer (seeded, deterministic), unless a checkpoint already gave them."""
+        gen = torch.Generator().manual_seed(self.seed)
+        layers = spectral_layers(model)
+        for i, layer in enumerate(layers):
+            w = layer.weight
+            name = f"u{i}"
+            u = getattr(self, name, None)
+            if u is None:
+                u = torch.randn(w.shape[0], generator=gen, dtype=torch.float32)
+                self.register_buffer(name, (u / u.norm()).to(device=w.device, dtype=w.dtype))
+            elif u.shape != (w.shape[0],):
+                raise ValueError(f"snr state {name} has shape {tuple(u.shape)}, but layer {i} of the model has "
+                                 f"{w.shape[0]} outputs: the checkpoint belongs to another architecture")
+        self._n_layers = len(layers)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs) -> None:
+        for key, value in state_dict.items():
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name[:1] == "u" and name[1:].isdigit() and name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        self._n_layers = 0  # re-check the shapes against the model on the next call
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+        layers = spectral_layers(model)
+        if self._n_layers != len(layers):
+            self.bind(model)
+        total = None
+        for i, layer in enumerate(layers):
+            w = layer.weight.flatten(1)  # (out, in·k·k)
+            name = f"u{i}"
+            u = self._buffers[name]
+            if u.device != w.device or u.dtype != w.dtype:
+                u = self._buffers[name] = u.to(w)
+            with torch.no_grad():
+                v = w.t() @ u  # (in·k·k,)
+                v = v / v.norm().clamp_min(1e-12)
+                u_new = w @ v  # (out,)
+                u_new = u_new / u_new.norm().clamp_min(1e-12)
+                u.copy_(u_new)  # the buffer moves on; u_new stays as autograd saved it
+            sigma = u_new @ (w @ v)  # σ(W) estimate, differentiable in W
+            total = 0.5 * sigma ** 2 if total is None else total + 0.5 * sigma ** 2
+        return x.new_zeros(()) if total is None else total
+
+
+@PENALTIES.register("snr")
+def snr(*, seed: int = 0) -> Penalty:
+    """Global spectral-norm regularization (λ/2)·Σ_l σ(W_l)², one power iteration per layer per step."""
+    return SpectralNorm(seed=seed)
+
+
+class OperatorNormAT(Penalty):
+    """max_{x*∈B_ε} ½‖f(x) − f(x*)‖₂² by PGD (mean over the batch)."""
+
+    default_lam = 1.0  # our choice
+
+    def __init__(self, *, eps: float | str | None = None, norm: str = "l2", steps: int = 10,
+                 rel_stepsize: float = 1.0, random_start: bool = True, bounds: tuple[float, float] = (0.0, 1.0),
+                 bn_policy: BNPolicy = "eval", perturbed_bn_policy: BNPolicy = "frozen") -> None:
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be ≥ 1, got {steps}")
+        self.threat = make_threat(norm, eps, bounds)
+        self.steps = int(steps)
+        self.rel_stepsize = float(rel_stepsize)
+        self.random_start = bool(random_start)
+        self.bn_policy = check_policy(bn_policy)
+        self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
+
+    def attack(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The detached maximizer x* of ½‖f(x) − f(x*)‖₂², under ``bn_policy``."""
+        x = x.detach()
+        with torch.no_grad(), run_mode(model, self.bn_policy):
+            target = model(x)  # (N, K)
+
+        def loss_fn(logits: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (logits - target).pow(2).sum(dim=1)
+
+        with torch.enable_grad():
+            return pgd(model, x, self.threat, loss_fn, steps=self.steps, rel_stepsize=self.rel_stepsize,
+                       random_start=self.random_start, generator=generator, bn_policy=self.bn_policy)
+
+    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+        if self.threat.eps == 0:
+            return x.new_zeros(())
+        x_adv = self.attack(model, x)
+        clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
+        with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
+            adv = model(x_adv)  # (N, K)
+        return 0.5 * (clean - adv).pow(2).sum(dim=1).mean()
+
+
+@PENALTIES.register("opnorm-at")
+def opnorm_at(*, eps: float | str | None = None, norm: str = "l2", steps: int = 10, rel_stepsize: float = 1.0,
+              random_start: bool = True, bounds: tuple[float, float] = (0.0, 1.0), bn_policy: BNPolicy = "eval",
+              perturbed_bn_policy: BNPolicy = "frozen") -> Penalty:
+    """Adversarial-training counterpart of opnorm (Roth et al. 2020): λ·max_{x*∈B_ε} ½‖f(x) − f(x*)‖₂².
+
+    ℓ2 PGD from a uniform point of the ball; defaults (our choice) ε = 0.5, 10 steps of size ε: a
+    large step is the regime in which the PGD iteration is the power method (α → ∞)."""
+    return OperatorNormAT(eps=eps, norm=norm, steps=steps, rel_stepsize=rel_stepsize, random_start=random_start,
+                          bounds=bounds, bn_policy=bn_policy, perturbed_bn_policy=perturbed_bn_policy)

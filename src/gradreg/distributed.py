@@ -1,0 +1,93 @@
+"""torch.distributed glue: process-group set-up from torchrun's environment, sharding and
+reductions that are no-ops in a single process.
+
+gradreg's loop is written for data parallelism from the start: every rank holds the whole data
+set in memory, takes rows ``rank::world`` of each *global* batch, and DistributedDataParallel
+averages the gradients, so N ranks with global batch B follow the 1-rank run with batch B.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if is_active():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl
+    on CUDA). Returns True when running distributed."""
+    if is_active():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def local_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if is_active() else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """Average ``t`` over ranks in place (nothing to do in a single process)."""
+    if is_active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if is_active():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def shard(n: int) -> slice:
+    """This rank's contiguous share of ``range(n)`` (for evaluation; sizes differ by ≤ 1)."""
+    rank, world = rank_world()
+    start = n * rank // world
+    return slice(start, n * (rank + 1) // world)
+
+
+def gather_cat(t: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Concatenate every rank's contiguous shard (see :func:`shard`) back into ``n_total`` rows."""
+    if not is_active():
+        return t
+    world = dist.get_world_size()
+    sizes = [n_total * (r + 1) // world - n_total * r // world for r in range(world)]
+    padded = t.new_zeros((max(sizes), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def barrier() -> None:
+    if is_active():
+        dist.barrier()
+
+
+def launch(nproc: int, argv: Sequence[str]) -> int:
+    """Re-run ``gradreg ARGV`` under ``torchrun --standalone --nproc_per_node NPROC``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "gradreg", *argv]
+    return subprocess.call(cmd)

@@ -1,0 +1,108 @@
+"""FGSM-AT and PGD-AT: the objective against an independent Goodfellow mix, the threat-model
+invariants of PGD-AT's examples, and mode / BatchNorm hygiene."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradreg import models
+from gradreg.objective import Objective
+from gradreg.penalties import CleanPass, make
+from gradreg.threat import ThreatModel
+
+
+def bn_net() -> nn.Module:
+    """A tiny conv net with BatchNorm (2d and 1d) on (N, 1, 6, 6) inputs, 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 36, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def batch(n: int = 8, shape: tuple[int, ...] = (1, 6, 6), classes: int = 3, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_fgsm_at_objective_is_goodfellow_mix_multi_head() -> None:
+    torch.manual_seed(0)
+    model = models.make("mlp", in_shape=(1, 4, 4), num_classes=5, hidden=(12,), aux_classes=(2,)).double()
+    x = torch.rand(10, 1, 4, 4, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.stack([torch.randint(0, 5, (10,)), torch.randint(0, 2, (10,))], dim=1)
+    eps = 0.05
+    pen = make("fgsm-at", eps=eps)
+    assert (pen.task_weight, pen.default_lam) == (0.5, 0.5)
+    loss = Objective([("fgsm-at", pen, pen.default_lam)], task_weight=pen.task_weight)(model, x, y).loss
+    got = torch.autograd.grad(loss, list(model.parameters()))
+
+    # independent: g of the main head's loss, x_adv = clip(x + ε sign g), α L(x) + (1−α) L(x_adv)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y[:, 0]), xg)
+    x_adv = (x + eps * g.sign()).clamp(0, 1)
+
+    def task(inp: torch.Tensor) -> torch.Tensor:
+        main, aux = model(inp, all_heads=True)
+        return F.cross_entropy(main, y[:, 0]) + F.cross_entropy(aux, y[:, 1])
+
+    ref = 0.5 * task(x) + 0.5 * task(x_adv)
+    want = torch.autograd.grad(ref, list(model.parameters()))
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_pgd_at_examples_within_threat_and_harder(norm: str, eps: float) -> None:
+    model = bn_net().eval()
+    x, y = batch(16)
+    pen = make("pgd-at", eps=eps, norm=norm, steps=5)
+    assert (pen.task_weight, pen.default_lam) == (0.0, 1.0)
+    x_adv = pen.attack(model, x, y)
+    threat = ThreatModel(norm=norm, eps=eps)
+    assert not x_adv.requires_grad
+    assert bool(threat.contains(x, x_adv).all())
+    assert float(threat.distance(x, x_adv).max()) <= eps * (1 + 1e-5)
+    assert float(threat.distance(x, x_adv).min()) > 0.5 * eps  # it moved
+    clean = F.cross_entropy(model(x), y, reduction="none")
+    adv = F.cross_entropy(model(x_adv), y, reduction="none")
+    assert bool((adv > clean).all())
+    # the value is the loss on the (seeded) PGD examples
+    torch.manual_seed(3)
+    value = pen(model, x, y)
+    torch.manual_seed(3)
+    torch.testing.assert_close(value, F.cross_entropy(model(pen.attack(model, x, y)), y))
+
+
+@pytest.mark.parametrize("name", ["fgsm-at", "pgd-at"])
+@pytest.mark.parametrize("training", [True, False])
+def test_modes_restored_and_bn_stats_untouched(name: str, training: bool) -> None:
+    model = bn_net().train(training)
+    model[5].train(not training)  # a mixed-mode model: every submodule's own mode must come back
+    modes = [m.training for m in model.modules()]
+    x, y = batch(8)
+    ctx = CleanPass(model, x, y)  # the loop's clean pass (it may update BN statistics)
+    before = bn_state(model)
+    value = make(name, eps=0.1, norm="linf")(model, x, y, ctx=ctx)
+    (value + ctx.losses()[0]).backward()  # no in-place conflicts with the restored statistics
+    assert [m.training for m in model.modules()] == modes
+    for k, v in bn_state(model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_perturbed_bn_policy_train_updates_stats() -> None:
+    model = bn_net().train()
+    x, y = batch(8)
+    before = bn_state(model)
+    make("pgd-at", eps=0.1, steps=2, perturbed_bn_policy="train")(model, x, y)
+    assert not torch.equal(bn_state(model)["1.running_mean"], before["1.running_mean"])
+    assert model.training
+
+
+def test_bad_policy_rejected() -> None:
+    with pytest.raises(ValueError, match="BatchNorm policy"):
+        make("pgd-at", bn_policy="batch")
