@@ -380,6 +380,10 @@ def test_download_checksum_mismatch_deletes(tmp_path: Path) -> None:
     with pytest.raises(dl.ChecksumError, match="mismatch"):
         dl.fetch_resource(wrong, directory=target, mirrors=[src.parent.as_uri() + "/"])
     assert list(target.iterdir()) == []  # neither blob.bin nor blob.bin.part remains
+    right_hash_wrong_size = dl.Resource("blob.bin", 3, hashlib.sha256(src.read_bytes()).hexdigest())
+    with pytest.raises(dl.ChecksumError, match="expected 3"):
+        dl.fetch_resource(right_hash_wrong_size, directory=target, mirrors=[src.parent.as_uri() + "/"])
+    assert list(target.iterdir()) == []
     # A pre-existing corrupt file under the real name is refused too, not reused.
     (target / "blob.bin").write_bytes(b"corrupt")
     with pytest.raises(dl.ChecksumError):
@@ -532,3 +536,13 @@ def test_augment_shapes_range_determinism() -> None:
         assert torch.equal(d[b_], x[b_]) or torch.equal(d[b_], x[b_].flip(-1))
     with pytest.raises(ValueError, match="unknown augmentation"):
         aug.augment(x, kind="rotate")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_augment_cuda_with_cpu_generator() -> None:
+    """The trainer passes a CPU generator for a batch that may live on the GPU."""
+    x = torch.rand(32, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cpu = aug.augment(x, kind="crop-flip", generator=torch.Generator().manual_seed(4), pad_pixels=2)
+    gpu = aug.augment(x.cuda(), kind="crop-flip", generator=torch.Generator().manual_seed(4), pad_pixels=2)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0)

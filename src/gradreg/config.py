@@ -32,6 +32,7 @@ class TrainConfig:
     # model
     model: str = "auto"
     model_params: dict[str, Any] = field(default_factory=dict)
+    init_weights: str | None = None  # start from these weights (.safetensors, or .pt read with weights_only=True)
     # method: task_weight·task loss + lam·penalty
     method: str = "clean"
     lam: float | None = None  # None: the method's default

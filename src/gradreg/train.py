@@ -78,6 +78,37 @@ def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, d
     return model, {"name": name, "params": params}
 
 
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a state dict from ``.safetensors`` or a foreign ``.pt``/``.pth`` file. Foreign files
+    are read with ``torch.load(weights_only=True)``, which refuses pickled code: gradreg never
+    unpickles arbitrary objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(p))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{p} is not a readable safetensors file ({err})") from None
+    else:
+        try:
+            state = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling refusal is reported the same way
+            raise ValueError(f"{p} cannot be loaded as plain weights ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{p} does not hold a state dict of tensors")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"weights in {p} do not fit the model: {str(err).splitlines()[0]}") from None
+
+
 def build_objective(cfg: TrainConfig) -> tuple[Objective, float, float]:
     try:
         pen = penalties.make(cfg.method, **cfg.penalty)
@@ -166,6 +197,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.bundle = data.load(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
         self.model, self.model_spec = build_model(cfg, self.bundle)
+        if cfg.init_weights:
+            load_weights(self.model, cfg.init_weights)
         self.model.to(self.device)
         # the module that takes training steps: DDP averages gradients over ranks
         self.net: nn.Module = self.model

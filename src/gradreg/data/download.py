@@ -182,6 +182,11 @@ def fetch_resource(resource: Resource, *, directory: Path, mirrors: Sequence[str
             part.unlink(missing_ok=True)
             errors.append(f"{url}: {err}")
             continue
+        size = part.stat().st_size
+        if size != resource.size_bytes:  # a cut-off transfer: say so plainly before hashing
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"{url}: got {size} bytes, expected {resource.size_bytes} (incomplete or wrong "
+                                f"file; deleted)")
         verify_sha256(part, expected=resource.sha256, delete_on_mismatch=True)
         part.replace(target)
         return target

@@ -1,0 +1,98 @@
+"""Writing results for people: Markdown tables, CSV, JSON and PNG plots (matplotlib, Agg)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+Cell = str | float | int | None
+
+
+def fmt(value: Cell, *, digits: int = 1, percent: bool = True) -> str:
+    """A table cell: fractions as percentages (``0.9734`` → ``97.3``), ``None``/NaN as ``–``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, str):
+        return value
+    return f"{100 * value:.{digits}f}" if percent else f"{value:.{max(digits, 3)}f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON")
+
+
+def _pyplot():  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(path: Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
+                xlabel: str, ylabel: str = "accuracy (%)", percent: bool = True, logx: bool = False) -> Path:
+    """One line per name: ``curves[name] = (xs, ys)``; fractions shown as percentages."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    for name, (xs, ys) in curves.items():
+        ax.plot(list(xs), [100 * y if percent else y for y in ys], marker="o", markersize=3, label=name)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if percent:
+        ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_matrix(path: Path, matrix: Sequence[Sequence[float]], *, rows: Sequence[str], cols: Sequence[str],
+                title: str, xlabel: str, ylabel: str) -> Path:
+    """A heat map with the value (in %) written in every cell."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2.5, 0.7 * len(rows) + 2), dpi=120)
+    data = [[100 * v for v in r] for r in matrix]
+    im = ax.imshow(data, cmap="viridis", vmin=0, vmax=100)
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i, r in enumerate(data):
+        for j, v in enumerate(r):
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < 60 else "black", fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax, label="accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
