@@ -1,0 +1,64 @@
+"""``gradreg analyze RUN --out DIR``: covariance function of PGD perturbations (and its decay
+length) next to the data's, and the softmax along clean → adversarial lines."""
+from __future__ import annotations
+
+import argparse
+
+from ..analysis import perturbation_covariance, softmax_along_line
+from ..report import _pyplot, plot_curves, write_json
+from ..threat import parse_eps
+from .common import add_eval_arguments, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
+
+HELP = "covariance function of a model's PGD perturbations vs the data's; softmax along adversarial lines"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, many=False)
+    add_eval_arguments(parser)
+    parser.add_argument("--at-eps", default=None, help="PGD radius for the perturbations (default: the grid's middle)")
+    parser.add_argument("--examples", type=int, default=4, help="examples in the smoothness plot")
+
+
+def run(args: argparse.Namespace) -> int:
+    (loaded,) = load_runs(args)
+    settings = settings_from_args(args)
+    bundle = loaded.data(data_dir=args.data_dir)
+    grid = settings.grid(bundle.name)
+    eps = parse_eps(args.at_eps) if args.at_eps else grid[len(grid) // 2]
+    out = output_dir(args)
+    cov, x, x_adv = perturbation_covariance(loaded.model, bundle, settings, eps=eps)
+    k = min(args.examples, len(x))
+    probs = softmax_along_line(loaded.model, x[:k], x_adv[:k])  # (T, k, K)
+    if not is_writer():
+        return 0
+    radii = list(range(len(cov.perturbation)))
+    norm = lambda v: [a / v[0] if v[0] else 0.0 for a in v]  # noqa: E731 - normalized to 1 at 0
+    plot_curves(out / "covariance.png", {"PGD perturbations": (radii, norm(cov.perturbation)),
+                                         "data (centred)": (radii, norm(cov.data))},
+                title=f"covariance function, normalized ({loaded.name}, ε = {eps:.4g})",
+                xlabel="displacement (pixels)", ylabel="K(r) / K(0)", percent=False)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3), dpi=120, squeeze=False)
+    ts = [i / (probs.shape[0] - 1) for i in range(probs.shape[0])]
+    for i in range(k):
+        ax = axes[0][i]
+        for c in range(probs.shape[2]):
+            if float(probs[:, i, c].max()) > 0.05:
+                ax.plot(ts, probs[:, i, c].tolist(), label=f"class {c}")
+        ax.set_xlabel("t  (x + t·(x_adv − x))")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("softmax probability")
+    fig.suptitle(f"softmax along clean → PGD lines ({loaded.name})")
+    fig.tight_layout()
+    fig.savefig(out / "smoothness.png")
+    plt.close(fig)
+    decay = lambda d: f"{d:.2f} px" if d is not None else "does not fall to 1/e"  # noqa: E731
+    text = (f"# Perturbation analysis of {loaded.name}\n\nPGD-{settings.pgd_steps} ({settings.norm}, ε = {eps:.4g}) "
+            f"on {len(x)} test points.\n\n| covariance function | decay length (1/e) |\n|---|---|\n"
+            f"| PGD perturbations | {decay(cov.perturbation_decay)} |\n| data (centred) | {decay(cov.data_decay)} |\n\n"
+            "![covariance](covariance.png)\n\n![smoothness](smoothness.png)\n")
+    (out / "report.md").write_text(text)
+    write_json(out / "results.json", {"run": loaded.name, **cov.__dict__})
+    print(text)
+    return 0

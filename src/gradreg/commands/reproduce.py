@@ -1,0 +1,24 @@
+"""``gradreg reproduce EXPERIMENT --budget tiny|cpu|paper --out DIR``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import experiments
+from ..reproduce import run_experiment
+
+HELP = "reproduce a paper's table (experiments: " + ", ".join(experiments.names()) + ")"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("experiment", help=f"one of: {', '.join(experiments.names())}")
+    parser.add_argument("--budget", default="tiny", choices=experiments.BUDGETS,
+                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, about an hour; paper: GPU")
+    parser.add_argument("--out", required=True, help="folder for the runs and report.md (re-running reuses finished runs)")
+    parser.add_argument("--data-dir", help="data directory for the budget's data set")
+    parser.add_argument("--rows", nargs="+", help="only these rows (names or slugs)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_experiment(args.experiment, budget_name=args.budget, out=Path(args.out), data_dir=args.data_dir, rows=args.rows)
+    return 0

@@ -1,0 +1,70 @@
+"""Declarative experiments (TOML files in this folder) that ``gradreg reproduce`` runs.
+
+Each file names the paper's table, its rows (a method with λ and parameters each), its
+columns, the budgets (``tiny`` on digits in minutes, ``cpu`` for a 2-core machine in about an
+hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's reference numbers.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+BUDGETS = ("tiny", "cpu", "paper")
+
+
+@dataclass
+class Row:
+    name: str
+    method: str
+    lam: float | None = None
+    task_weight: float | None = None
+    penalty: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for this row
+
+    @property
+    def slug(self) -> str:
+        return "".join(ch if ch.isalnum() else "-" for ch in self.name.lower()).strip("-")
+
+
+@dataclass
+class Experiment:
+    name: str
+    title: str
+    note: str
+    columns: list[str]
+    transfer_sources: list[str]
+    norm: str
+    budgets: dict[str, dict[str, Any]]
+    rows: list[Row]
+    paper: dict[str, list[float | None]]
+    paper_data: str
+
+    def budget(self, name: str) -> dict[str, Any]:
+        if name not in self.budgets:
+            raise ValueError(f"experiment {self.name!r} has no budget {name!r} (has: {', '.join(self.budgets)})")
+        return dict(self.budgets[name])
+
+
+def names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".toml"))
+
+
+def load(name: str) -> Experiment:
+    """Read the experiment ``name`` shipped with gradreg."""
+    if name not in names():
+        raise ValueError(f"unknown experiment {name!r} (known: {', '.join(names())})")
+    raw = tomllib.loads(resources.files(__name__).joinpath(f"{name}.toml").read_text())
+    if "rows_from" in raw:  # reuse another experiment's rows, so shared settings cannot drift apart
+        base = {r.name: r for r in load(raw["rows_from"]).rows}
+        rows = [base[n] for n in raw["row_names"]]
+    else:
+        rows = [Row(**r) for r in raw["rows"]]
+    missing = [s for s in raw.get("transfer_sources", []) if s not in {r.name for r in rows}]
+    if missing:
+        raise ValueError(f"experiment {name!r}: transfer sources {missing} are not rows")
+    return Experiment(name=name, title=raw["title"], note=raw.get("note", ""), columns=raw["columns"],
+                      transfer_sources=raw.get("transfer_sources", []), norm=raw.get("norm", "linf"),
+                      budgets=raw["budgets"], rows=rows, paper=raw.get("paper", {}),
+                      paper_data=raw.get("paper_data", ""))
