@@ -20,10 +20,10 @@ Two solvers:
   and d are detached and L(x) is the shared clean pass: its *value* is the exact R(g) (so logs
   are comparable between solvers) and its *parameter gradient* is the finite difference.
   With λ/φ = 1 − α and ℓ1 this is Goodfellow's FGSM mix α·L(x) + (1−α)·L(x + φ·sign g).
-  The perturbed pass runs in the mode of the clean pass with BatchNorm running statistics
-  restored afterwards (``_same_mode_frozen_stats``), so the difference compares one function
-  at two inputs; a model with dropout draws other masks in the two passes (the difference is
-  then noisy — avoid dropout with ``fd``).
+  The perturbed pass runs in the mode of the clean pass without updating BatchNorm running
+  statistics (``same_mode_frozen_stats``), so the difference compares one function at two
+  inputs; a model with dropout draws other masks in the two passes (the difference is then
+  noisy — avoid dropout with ``fd``).
 
 Multi-task (MT-DG): for a model with auxiliary heads and targets ``(N, T)``, one term per
 task, each on the gradient of that task's own loss, weighted by ``task_lams``.
@@ -94,21 +94,22 @@ def detached_input_grad(ctx: CleanPass, head: int = 0) -> torch.Tensor:
 
 @contextmanager
 def same_mode_frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Leave every module in the mode it is in (the mode of the clean pass) but restore the
-    BatchNorm running statistics on exit, so an extra pass on perturbed inputs uses the same
-    function as the clean pass without leaking the perturbed inputs into the running stats."""
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                if buf is not None:
-                    saved.append((buf, buf.detach().clone()))
+    """Leave every module in the mode it is in (the mode of the clean pass) but keep BatchNorm
+    from updating its running statistics, so an extra pass on perturbed inputs uses the same
+    function as the clean pass without leaking the perturbed inputs into the running stats.
+
+    Train-mode BatchNorm layers get ``track_running_stats = False`` for the duration (batch
+    statistics, no update) rather than a restore of their buffers afterwards: an in-place
+    restore would bump the buffers' autograd version under a graph that saved them."""
+    switched = [m for m in model.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
     try:
+        for m in switched:
+            m.track_running_stats = False
         yield model
     finally:
-        with torch.no_grad():
-            for buf, copy in saved:
-                buf.copy_(copy)
+        for m in switched:
+            m.track_running_stats = True
 
 
 def num_tasks(ctx: CleanPass) -> int:

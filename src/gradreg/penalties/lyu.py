@@ -26,8 +26,9 @@ Warning — our choices, not the paper's:
   * ``onestep`` does not clip x + r* to the data bounds unless ``bounds`` is given: the
     paper's expansion is unconstrained.
   * For a multi-head model the penalty uses the main task's loss only.
-  * The ``onestep`` perturbed pass runs in the mode of the clean pass with BatchNorm running
-    statistics restored afterwards (perturbed inputs never enter the running statistics).
+  * The ``onestep`` perturbed pass runs in the mode of the clean pass (train-mode BatchNorm
+    normalizes x + r* with its own batch statistics) without updating BatchNorm running
+    statistics: perturbed inputs never enter them.
 
 Example::
 
