@@ -10,15 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
-import torch
 from torch import nn
 
 BNPolicy = Literal["eval", "train", "frozen"]
 BN_POLICIES: tuple[str, ...] = ("eval", "train", "frozen")
 """``eval``: whole model in eval mode (running statistics used, never updated) — the default for
 attacks and power iterations. ``train``: train mode, BatchNorm updates its running statistics.
-``frozen``: train mode (batch statistics, dropout on) but running statistics are restored
-afterwards, so perturbed inputs never leak into them."""
+``frozen``: train mode (batch statistics, dropout on) but running statistics are never updated,
+so perturbed inputs never leak into them."""
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -27,23 +26,24 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 @contextmanager
 def run_mode(model: nn.Module, policy: BNPolicy = "eval") -> Iterator[nn.Module]:
-    """Run ``model`` under ``policy`` and restore every submodule's mode (and, for ``frozen``,
-    BatchNorm buffers) on exit, even when the body raises."""
+    """Run ``model`` under ``policy`` and restore every submodule's mode on exit, even when the
+    body raises.
+
+    ``frozen`` switches BatchNorm's ``track_running_stats`` off for the duration (train-mode
+    BatchNorm then normalizes with batch statistics and updates nothing) instead of restoring
+    the buffers afterwards: an in-place restore would bump their autograd version and break
+    the backward pass of any graph that saved them (an eval-mode BatchNorm in the clean pass)."""
     if policy not in BN_POLICIES:
         raise ValueError(f"unknown BatchNorm policy {policy!r}; use one of {BN_POLICIES}")
     saved_modes = [(m, m.training) for m in model.modules()]
-    saved_buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if policy == "frozen":
-        for bn in _bn_modules(model):
-            for buf in (bn.running_mean, bn.running_var, bn.num_batches_tracked):
-                if buf is not None:
-                    saved_buffers.append((buf, buf.detach().clone()))
+    saved_tracking = [(bn, bn.track_running_stats) for bn in _bn_modules(model)] if policy == "frozen" else []
     try:
+        for bn, _ in saved_tracking:
+            bn.track_running_stats = False
         model.train(policy != "eval")
         yield model
     finally:
-        with torch.no_grad():
-            for buf, copy in saved_buffers:
-                buf.copy_(copy)
+        for bn, tracking in saved_tracking:
+            bn.track_running_stats = tracking
         for m, was_training in saved_modes:
             m.training = was_training

@@ -258,8 +258,9 @@ class SpectralNorm(Penalty):
                                  f"{w.shape[0]} outputs: the checkpoint belongs to another architecture")
         self._n_layers = len(layers)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
-                              unexpected_keys, error_msgs) -> None:
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         for key, value in state_dict.items():
             name = key[len(prefix):]
             if key.startswith(prefix) and name[:1] == "u" and name[1:].isdigit() and name not in self._buffers:
