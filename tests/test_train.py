@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -72,34 +74,15 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path: Path) -> None:
     trainer = Trainer(_cfg(tmp_path, "cut", epochs=2), log=lambda s: None)
     original = trainer.train_step
 
-    def stop_after_5(idx, epoch, step):  # type: ignore[no-untyped-def]
-        out = original(idx, epoch, step)
-        if trainer.state.global_step == 4:  # raise the same flag a SIGINT would
-            flags["f"]["stop"] = True
+    def interrupted_after_step_5(idx, epoch, step, **kw):  # type: ignore[no-untyped-def]
+        out = original(idx, epoch, step, **kw)
+        if trainer.state.global_step == 4:  # the 5th step: a real Ctrl-C arrives during it
+            os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    flags: dict = {}
-    import gradreg.train as tr
-
-    guard = tr._interrupt_guard
-
-    def capture():  # type: ignore[no-untyped-def]
-        cm = guard()
-        class Wrap:
-            def __enter__(self):  # type: ignore[no-untyped-def]
-                flags["f"] = cm.__enter__()
-                return flags["f"]
-            def __exit__(self, *a):  # type: ignore[no-untyped-def]
-                return cm.__exit__(*a)
-        return Wrap()
-
-    trainer.train_step = stop_after_5  # type: ignore[method-assign]
-    tr._interrupt_guard = capture  # type: ignore[assignment]
-    try:
-        with pytest.raises(TrainingInterrupted):
-            trainer.fit()
-    finally:
-        tr._interrupt_guard = guard  # type: ignore[assignment]
+    trainer.train_step = interrupted_after_step_5  # type: ignore[method-assign]
+    with pytest.raises(TrainingInterrupted, match="step 5"):
+        trainer.fit()
     _, meta = checkpoint.load(tmp_path / "cut" / checkpoint.CURRENT)
     assert meta["state"]["global_step"] == 5 and meta["state"]["step_in_epoch"] == 5
     train(_cfg(tmp_path, "cut", epochs=2), resume=True, log=lambda s: None)
