@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.base import forward_all
+from ..modes import run_mode
 
 
 def split_targets(y: torch.Tensor) -> list[torch.Tensor]:
@@ -101,7 +102,10 @@ class Penalty(nn.Module):
         """The shared clean pass, or a fresh one when called on its own."""
         if ctx is not None and (ctx.x_in.requires_grad or not self.needs_input_grad):
             return ctx
-        return CleanPass(model, x, y, need_input_grad=self.needs_input_grad)
+        # A penalty called on its own makes its own clean pass, in the model's mode but without
+        # moving BatchNorm's running statistics: only the training loop's clean pass does that.
+        with run_mode(model, "frozen" if model.training else "eval"):
+            return CleanPass(model, x, y, need_input_grad=self.needs_input_grad)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")

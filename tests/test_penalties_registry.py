@@ -1,0 +1,137 @@
+"""One table for every registered penalty: adding a method adds a row here automatically."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from gradreg import models, penalties
+from gradreg.models.base import Classifier
+from gradreg.objective import Objective
+
+SHAPE = (1, 6, 6)
+NAMES = penalties.PENALTIES.names()
+# parameters that make each member cheap on a tiny input (defaults otherwise)
+PARAMS: dict[str, dict] = {"trades": {"steps": 2}, "pgd-at": {"steps": 2}, "opnorm-at": {"steps": 2},
+                           "sgr": {"source": "pgd", "pgd_steps": 2, "update_every": 1}}
+
+
+class ConstantFeatures(nn.Module):
+    """Features that ignore the input (kept in the graph with weight 0)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.randn(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value.expand(x.shape[0], -1) + 0.0 * x.flatten(1)[:, :1]
+
+
+def _batch(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand((n, *SHAPE), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _make(name: str, train_x: torch.Tensor) -> penalties.Penalty:
+    pen = penalties.make(name, **PARAMS.get(name, {}))
+    pen.setup(train_x)
+    return pen
+
+
+def _smooth_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = models.make("mlp", in_shape=SHAPE, hidden=(16,))
+    for i, m in enumerate(model.features):  # softplus: second derivatives are not zero
+        if isinstance(m, nn.ReLU):
+            model.features[i] = nn.Softplus()
+    return model
+
+
+def test_registry_has_the_family() -> None:
+    expected = {"clean", "wdecay", "datagrad", "lyu", "gn", "sgr", "arr", "trades", "opnorm", "snr", "fgsm-at",
+                "pgd-at", "opnorm-at"}
+    assert expected <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_differentiable_and_reaches_every_parameter(name: str) -> None:
+    model = _smooth_mlp().train()
+    x, y = _batch()
+    pen = _make(name, x)
+    value = pen(model, x, y)
+    assert value.dim() == 0 and torch.isfinite(value)
+    if name == "clean":
+        assert value.item() == 0
+        return
+    grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+    named = dict(zip([n for n, _ in model.named_parameters()], grads))
+    for pname, g in named.items():
+        if name == "wdecay" and pname.endswith("bias"):
+            continue  # weight decay leaves biases alone (documented)
+        if name == "snr" and (pname.endswith("bias") or "normalize" in pname):
+            continue
+        if name in ("datagrad", "lyu", "gn", "sgr", "opnorm", "opnorm-at") and pname == "head.bias":
+            continue  # neither ∇ₓ of the loss nor f(x) − f(x') depends on the last bias
+        assert g is not None and torch.isfinite(g).all(), f"{name}: no finite gradient for {pname}"
+        assert g.abs().sum() > 0, f"{name}: zero gradient for {pname}"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if penalties.make(n, **PARAMS.get(n, {})).input_dependent])
+def test_zero_for_a_model_that_ignores_its_input(name: str) -> None:
+    torch.manual_seed(0)
+    model = Classifier(ConstantFeatures(5), 5, in_shape=SHAPE, num_classes=10)
+    x, y = _batch()
+    pen = _make(name, x)
+    value = pen(model, x, y)
+    if pen.task_weight < 1:  # adversarial training: the loss at x_adv, which is the clean loss here
+        assert value.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+    else:
+        assert abs(value.item()) < 1e-7, f"{name}: {value.item()}"
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    return Classifier(features, 4 * 36, in_shape=SHAPE, num_classes=10)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("training", [True, False])
+def test_modes_restored_and_running_stats_untouched(name: str, training: bool) -> None:
+    model = _bn_model().train(training)
+    x, y = _batch()
+    pen = _make(name, x)
+    bn = model.features[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    value = pen(model, x, y)
+    if value.requires_grad:
+        value.backward()
+    assert all(m.training == training for m in model.modules())
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert int(bn.num_batches_tracked) == before[2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_objective_with_shared_clean_pass_equals_standalone(name: str) -> None:
+    """The training loop's shared clean pass must not change a penalty's value."""
+    model = _smooth_mlp().eval()  # eval: no dropout/BN differences between the two calls
+    x, y = _batch()
+    torch.manual_seed(1)
+    alone = _make(name, x)(model, x, y).item()
+    torch.manual_seed(1)
+    out = Objective([(name, _make(name, x), 1.0)])(model, x, y, index=torch.arange(len(y)))
+    assert out.parts.get(name, torch.tensor(0.0)).item() == pytest.approx(alone, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name: str) -> None:
+    model = _smooth_mlp().train()
+    x, y = _batch()
+    pen = _make(name, x)
+    for _ in range(2):
+        pen(model, x, y, ctx=None)
+    clone = _make(name, x)
+    clone.load_state_dict(pen.state_dict())
+    for (k, a), (k2, b) in zip(pen.state_dict().items(), clone.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
