@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from gradreg.models.base import Classifier
 from gradreg.objective import Objective
+from gradreg.penalties.base import CleanPass
 from gradreg.penalties import make
 from gradreg.penalties.datagrad import DataGrad, datagrad
 
@@ -154,7 +155,8 @@ def test_fd_pass_keeps_mode_and_batchnorm_statistics() -> None:
     model = tiny_model(bn=True).train()
     reference = tiny_model(bn=True).train()
     x, y = batch(n=8)
-    value = DataGrad(solver="fd", fd_step=0.5)(model, x, y)  # clean pass + perturbed pass
+    ctx = CleanPass(model, x, y, need_input_grad=True)  # the training loop's clean pass (train mode)
+    value = DataGrad(solver="fd", fd_step=0.5)(model, x, y, ctx=ctx)  # + the perturbed pass
     assert torch.isfinite(param_grads(value, model)).all()  # the graph survives the extra pass
     reference(x)  # the clean pass alone
     bn, bn_ref = model.features[2], reference.features[2]

@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
+from gradreg.penalties.base import CleanPass
 from gradreg.models.base import Classifier
 from gradreg.penalties import make
 from gradreg.penalties.sgr import GN, SGR, CovFunCovariance, FullCovariance
@@ -281,7 +282,8 @@ def test_fgsm_source_runs_in_eval_mode_and_restores_the_model() -> None:
     x, y = batch(n=8, seed=2)
     pen = SGR(representation="full", source="fgsm", eps=0.1, bounds=(0.0, 1.0), standardize="none").double()
     pen.setup(batch()[0])
-    pen(model, x, y)
+    ctx = CleanPass(model, x, y, need_input_grad=True)  # the training loop's clean pass (train mode)
+    pen(model, x, y, ctx=ctx)
     # reference: the clean pass in train mode, then FGSM on the eval-mode model, clipped to bounds
     reference(x)
     reference.eval()
