@@ -13,6 +13,7 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
+AMP = ("none", "bf16")
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,9 @@ class TrainConfig:
     seed: int = 0
     # running
     device: str = "auto"
+    amp: str = "none"  # "bf16": autocast the forward passes (penalty norms stay float32)
+    channels_last: bool = False  # NHWC memory layout for convolutions (faster on recent GPUs)
+    compile: bool = False  # torch.compile the model (not with double-backprop penalties)
     eval_batch_size: int = 500
     checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
     on_nonfinite: str = "stop"
@@ -70,6 +74,7 @@ class TrainConfig:
         need(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
         need(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         need(self.device in DEVICES, f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
+        need(self.amp in AMP, f"amp must be one of {', '.join(AMP)}, got {self.amp!r}")
         need(self.on_nonfinite in NONFINITE, f"on_nonfinite must be one of {', '.join(NONFINITE)}")
         need(self.checkpoint_every >= 0, "checkpoint_every must be ≥ 0")
         need(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions of training in (0, 1)")

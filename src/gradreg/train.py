@@ -200,14 +200,21 @@ class Trainer:
         if cfg.init_weights:
             load_weights(self.model, cfg.init_weights)
         self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         # the module that takes training steps: DDP averages gradients over ranks
         self.net: nn.Module = self.model
+        if cfg.compile:
+            self.net = torch.compile(self.model)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # 1-channel convs
-            self.net = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self.net = DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.objective, self.lam, self.task_weight = build_objective(cfg)
+        if cfg.compile and any(p.uses_double_backward for p in self.objective.penalties.values()):
+            raise ValueError(f"method {cfg.method!r} differentiates a gradient (double backward), which "
+                             "torch.compile does not support; train it without --compile")
         self.objective.to(self.device)
         self.train_x = self.bundle.train_x.to(self.device)
         self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
@@ -296,9 +303,13 @@ class Trainer:
             x = augment(x, kind=self.bundle.augment_kind, generator=step_generator(cfg.seed, epoch, step))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.objective(self.net, x, y, index=idx)
+        # bf16 autocast covers the forward passes; CleanPass hands penalties float32 gradients
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            out = self.objective(self.net, x, y, index=idx)
         (out.loss * (share * self.world)).backward()
         bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
         if not torch.isfinite(out.loss):

@@ -67,7 +67,9 @@ class CleanPass:
         if head not in self._input_grads:
             loss = F.cross_entropy(self.outputs[head], split_targets(self.y)[head], reduction="sum")
             (g,) = torch.autograd.grad(loss, self.x_in, create_graph=True)
-            self._input_grads[head] = g
+            # under bf16 autocast the gradient may come back in low precision; norms and
+            # quadratic forms of it are computed in float32 (the input's dtype)
+            self._input_grads[head] = g.to(self.x_in.dtype)
         return self._input_grads[head]
 
 
@@ -78,6 +80,8 @@ class Penalty(nn.Module):
 
     - ``needs_input_grad``: the penalty reads ``ctx.input_grad()`` (so the clean pass must keep
       the input in the graph).
+    - ``double_backward``: the penalty differentiates through an input gradient or a
+      Jacobian product (not possible under ``torch.compile``); defaults to ``needs_input_grad``.
     - ``default_lam``: λ when the user gives none.
     - ``task_weight``: weight of the clean task loss when this penalty is the method (1 for a
       regularizer; Madry's PGD-AT uses 0, the Goodfellow mix α).
@@ -86,9 +90,14 @@ class Penalty(nn.Module):
     """
 
     needs_input_grad: ClassVar[bool] = False
+    double_backward: ClassVar[bool | None] = None  # differentiates a gradient (None: = needs_input_grad)
     default_lam: ClassVar[float] = 1.0
     task_weight: ClassVar[float] = 1.0
     input_dependent: ClassVar[bool] = True
+
+    @property
+    def uses_double_backward(self) -> bool:
+        return self.needs_input_grad if self.double_backward is None else self.double_backward
 
     def setup(self, train_x: torch.Tensor) -> None:
         """Called once by the training loop before the first step with the whole training set

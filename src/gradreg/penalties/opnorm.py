@@ -138,6 +138,8 @@ def power_method(model: nn.Module, x: torch.Tensor, *, norm: str = "l2", out_nor
 class OperatorNorm(Penalty):
     """½‖f(x + εv) − f(x)‖_q² (``sos``) or ½(uᵀJv)² (``uJv``), v from the power method."""
 
+    double_backward = True  # Jv by the double-backward trick
+
     default_lam = 1.0  # our choice
 
     def __init__(self, *, norm: str = "l2", out_norm: str = "l2", eps: float | str | None = None,

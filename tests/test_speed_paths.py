@@ -1,0 +1,67 @@
+"""The GPU speed paths (bf16 autocast, channels-last, torch.compile), checked on the CPU.
+
+On CUDA they are the same code; a CPU without bf16 units runs them slowly, so the tests take
+single steps rather than training runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradreg.config import ConfigError, TrainConfig
+from gradreg.penalties.base import CleanPass
+from gradreg.models import make as make_model
+from gradreg.train import Trainer
+
+
+def _trainer(tmp_path: Path, **kw: object) -> Trainer:
+    cfg = TrainConfig(data="digits", model="cw", epochs=1, batch_size=32, quiet=True, out=str(tmp_path / "r"), **kw)  # type: ignore[arg-type]
+    return Trainer(cfg, log=lambda s: None)
+
+
+def test_bf16_autocast_step_keeps_penalty_gradients_float32(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, amp="bf16", method="gn", lam=1.0)
+    idx = torch.arange(32)
+    loss, _ = trainer.train_step(idx, 0, 0)
+    assert torch.isfinite(torch.tensor(loss))
+    model = make_model("cw", in_shape=(1, 8, 8))
+    x, y = trainer.train_x[:4], trainer.train_y[:4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ctx = CleanPass(model, x, y, need_input_grad=True)
+        assert ctx.logits.dtype == torch.bfloat16  # the forward pass really ran in bf16
+        assert ctx.input_grad().dtype == torch.float32
+
+
+def test_channels_last_step_matches_contiguous(tmp_path: Path) -> None:
+    a = _trainer(tmp_path / "a", channels_last=True)
+    b = _trainer(tmp_path / "b")
+    idx = torch.arange(32)
+    la, _ = a.train_step(idx, 0, 0)
+    lb, _ = b.train_step(idx, 0, 0)
+    assert la == pytest.approx(lb, rel=1e-5)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_amp_value_is_validated() -> None:
+    with pytest.raises(ConfigError, match="amp"):
+        TrainConfig(amp="fp8").validate()
+
+
+def test_compile_refuses_double_backward_methods(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="double backward"):
+        _trainer(tmp_path, compile=True, method="gn")
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(tmp_path: Path) -> None:
+    """torch.compile (inductor, C++ on the CPU) gives the eager step to float tolerance."""
+    a = _trainer(tmp_path / "a", compile=True, model="mlp")
+    b = _trainer(tmp_path / "b", model="mlp")
+    idx = torch.arange(32)
+    la, _ = a.train_step(idx, 0, 0)
+    lb, _ = b.train_step(idx, 0, 0)
+    assert la == pytest.approx(lb, rel=1e-5)
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
