@@ -16,7 +16,8 @@ from gradreg.train import Trainer
 
 
 def _trainer(tmp_path: Path, **kw: object) -> Trainer:
-    cfg = TrainConfig(data="digits", model="cw", epochs=1, batch_size=32, quiet=True, out=str(tmp_path / "r"), **kw)  # type: ignore[arg-type]
+    base: dict = dict(data="digits", model="cw", epochs=1, batch_size=32, quiet=True, out=str(tmp_path / "r"))
+    cfg = TrainConfig(**{**base, **kw})
     return Trainer(cfg, log=lambda s: None)
 
 
