@@ -32,16 +32,26 @@ def _compare(a: Path, b: Path, *, atol: float) -> None:
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert worst < atol, worst
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
-    assert ma["test_accuracy"] == pytest.approx(mb["test_accuracy"], abs=1 / 360 + 1e-9)
+    assert ma["test_accuracy"] == pytest.approx(mb["test_accuracy"], abs=2 / 360 + 1e-9)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["clean"])
-def test_two_ranks_match_one(tmp_path: Path, method: str) -> None:
-    args = [*COMMON, "--method", method]
+@pytest.mark.parametrize("method,extra,atol", [
+    ("clean", [], 1e-5),
+    ("gn", ["--lam", "1"], 1e-5),
+    ("sgr", ["--lam", "1", "--set", "penalty.source=\"pgd\"", "--set", "penalty.update_every=2"], 1e-5),
+    # TRADES' inner attack takes sign steps: a per-sample gradient component near 0 can change
+    # sign when a batch of 32 instead of 64 reorders float sums, and that pixel then moves by 2η.
+    # The runs agree at the first step exactly and stay within 2e-3 after an epoch.
+    ("trades", ["--set", "penalty.steps=3", "--set", "penalty.eps=0.1"], 2e-3),
+])
+def test_two_ranks_match_one(tmp_path: Path, method: str, extra: list[str], atol: float) -> None:
+    """Same global batch and seed: DDP's averaged gradients, the rank-averaged SGR covariance
+    and the rank-independent random starts reproduce the 1-process run."""
+    args = [*COMMON, "--method", method, *extra]
     _run([*args, "--out", str(tmp_path / "one")], 1)
     _run([*args, "--out", str(tmp_path / "two")], 2)
-    _compare(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    _compare(tmp_path / "one", tmp_path / "two", atol=atol)
     assert not (tmp_path / "two" / "checkpoint.safetensors.tmp").exists()
 
 
@@ -52,3 +62,19 @@ def test_resume_under_other_world_size(tmp_path: Path) -> None:
     _run([*args, "--out", str(tmp_path / "mixed"), "--stop-after-epoch", "1"], 2)
     _run([*args, "--out", str(tmp_path / "mixed"), "--resume"], 1)
     _compare(tmp_path / "ref", tmp_path / "mixed", atol=1e-5)
+
+
+def test_batch_noise_is_independent_of_the_split() -> None:
+    """The penalties' random draws for a global batch are the same however it is split."""
+    import torch
+
+    from gradreg.penalties.base import BatchNoise
+    from gradreg.threat import ThreatModel
+
+    x = torch.rand(10, 1, 4, 4)
+    threat = ThreatModel("l2", 0.3, (0, 1))
+    whole = threat.random_start(x, sampler=BatchNoise(5, torch.arange(10), 10))
+    halves = [threat.random_start(x[r::2], sampler=BatchNoise(5, torch.arange(10)[r::2], 10)) for r in range(2)]
+    assert torch.equal(whole[0::2], halves[0]) and torch.equal(whole[1::2], halves[1])
+    other_step = threat.random_start(x, sampler=BatchNoise(6, torch.arange(10), 10))
+    assert not torch.equal(whole, other_step)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .penalties.base import CleanPass, Penalty
+from .penalties.base import BatchNoise, CleanPass, Penalty
 
 
 @dataclass
@@ -37,10 +37,10 @@ class Objective(nn.Module):
         self.task_weight = float(task_weight)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                index: torch.Tensor | None = None) -> ObjectiveOutput:
+                index: torch.Tensor | None = None, noise: BatchNoise | None = None) -> ObjectiveOutput:
         active = {n: p for n, p in self.penalties.items() if self.lams[n] != 0}
         need_grad = any(p.needs_input_grad for p in active.values())
-        ctx = CleanPass(model, x, y, need_input_grad=need_grad, index=index)
+        ctx = CleanPass(model, x, y, need_input_grad=need_grad, index=index, noise=noise)
         task = sum(ctx.losses())
         loss = self.task_weight * task
         parts = {"task": task.detach()}

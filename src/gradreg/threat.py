@@ -7,12 +7,15 @@ takes its bounds from here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from fractions import Fraction
 
 import torch
 
 NORMS = ("linf", "l2", "l1")
+# sampler(torch.rand | torch.randn, shape) -> tensor of that shape; shape[0] is the batch size
+Sampler = Callable[[Callable[..., torch.Tensor], tuple[int, ...]], torch.Tensor]
 _ALIASES = {"inf": "linf", "linf": "linf", "Linf": "linf", "l_inf": "linf", "2": "l2", "l2": "l2",
             "L2": "l2", "1": "l1", "l1": "l1", "L1": "l1"}
 
@@ -139,18 +142,21 @@ class ThreatModel:
         return d.view_as(g)
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None,
-                     eps: float | torch.Tensor | None = None) -> torch.Tensor:
+                     eps: float | torch.Tensor | None = None, *, sampler: Sampler | None = None) -> torch.Tensor:
         """A uniform random point of the ε-ball around ``x``, clipped to the bounds.
 
         linf: uniform in the cube; l2: uniform in the ball; l1: uniform in the ball via the
         exponential-spacings trick. ``eps`` overrides ``self.eps`` (optionally per sample).
         Random numbers are drawn on the CPU so a seeded ``generator`` gives the same start on
-        every device.
+        every device. ``sampler(fn, shape)`` replaces the draws (every shape starts with N);
+        the training loop uses it to make draws independent of how a batch is split over ranks.
         """
         eps_t = self._eps_tensor(x, eps)
         n, d = x.shape[0], x[0].numel()
 
         def draw(fn, shape):  # type: ignore[no-untyped-def]
+            if sampler is not None:
+                return sampler(fn, tuple(shape)).to(x.device, x.dtype)
             return fn(shape, generator=generator, device="cpu", dtype=x.dtype).to(x.device)
 
         if self.norm == "linf":
@@ -163,7 +169,7 @@ class ThreatModel:
         else:
             e = -torch.log(draw(torch.rand, (n, d + 1)).clamp_min(1e-12))
             w = (e / e.sum(dim=1, keepdim=True))[:, :d]  # uniform on the simplex interior
-            s = torch.randint(0, 2, (n, d), generator=generator, device="cpu").to(x.device, x.dtype) * 2 - 1
+            s = (draw(torch.rand, (n, d)) < 0.5).to(x.dtype) * 2 - 1  # random signs
             delta = (w * s * eps_t[:, None]).view_as(x)
         return self.clip(x + delta)
 

@@ -31,6 +31,7 @@ from . import __version__, checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
 from .inference import accuracy
 from .objective import Objective
+from .penalties.base import BatchNoise
 
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")
 
@@ -290,7 +291,8 @@ class Trainer:
             writer.writerows(self.history)
 
     # ----- training -------------------------------------------------------------------
-    def train_step(self, idx: torch.Tensor, epoch: int, step: int, *, share: float = 1.0) -> tuple[float, float] | None:
+    def train_step(self, idx: torch.Tensor, epoch: int, step: int, *, share: float = 1.0,
+                   rows: torch.Tensor | None = None, global_size: int | None = None) -> tuple[float, float] | None:
         """One optimizer step on this rank's rows ``idx`` of the global batch. ``share`` is this
         rank's fraction of the global batch: DDP averages gradients over ranks, so scaling the
         local mean loss by ``share·world`` makes the result the global-batch mean even when the
@@ -303,13 +305,17 @@ class Trainer:
             x = augment(x, kind=self.bundle.augment_kind, generator=step_generator(cfg.seed, epoch, step))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
+        # the penalties' random draws (random starts, TRADES' start noise): a pure function of
+        # the position in training, identical for any number of ranks
+        noise = BatchNoise(int(step_generator(cfg.seed, epoch, step).initial_seed()),
+                           torch.arange(len(idx)) if rows is None else rows, len(idx) if global_size is None else global_size)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         # bf16 autocast covers the forward passes; CleanPass hands penalties float32 gradients
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            out = self.objective(self.net, x, y, index=idx)
+            out = self.objective(self.net, x, y, index=idx, noise=noise)
         (out.loss * (share * self.world)).backward()
         bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
         if not torch.isfinite(out.loss):
@@ -371,7 +377,8 @@ class Trainer:
                 batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 local = batch[self.rank::self.world]  # this rank's share of the global batch
                 t0 = time.perf_counter()
-                result = self.train_step(local, epoch, step, share=len(local) / len(batch))
+                result = self.train_step(local, epoch, step, share=len(local) / len(batch),
+                                         rows=torch.arange(len(batch))[self.rank::self.world], global_size=len(batch))
                 st.train_seconds += time.perf_counter() - t0
                 st.step_in_epoch = step + 1
                 st.global_step += 1

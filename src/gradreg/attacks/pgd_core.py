@@ -4,7 +4,8 @@ maximization (FGSM-AT, PGD-AT, ARR, TRADES, the operator-norm adversarial counte
 Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to
 Adversarial Attacks", ICLR 2018 (arXiv 1706.06083)::
 
-    x⁰ = x (or a random point of the ball),   xᵗ⁺¹ = Π_{B_ε(x) ∩ [lo, hi]} ( xᵗ + α·d(∇ₓ loss(xᵗ)) )
+    x⁰ = x (or a random point of the ball),
+    xᵗ⁺¹ = Π_{B_ε(x) ∩ [lo, hi]} ( xᵗ + α·d(∇ₓ loss(xᵗ)) )
 
 with d the steepest-ascent direction of unit norm (sign for ℓ∞, g/‖g‖₂ for ℓ2) and
 α = ``rel_stepsize``·ε. FGSM/FGM are this loop with one step of size ε and no random start
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..modes import BNPolicy, run_mode
-from ..threat import ThreatModel
+from ..threat import Sampler, ThreatModel
 
 # loss_fn(logits (N, K), x_adv (N, ...)) -> per-sample loss (N,) to *maximize*
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,9 +46,10 @@ def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: LossFn) -> torch.
     (Samples do not interact in eval mode, so the gradient of the *summed* loss gives every
     sample's gradient in one backward pass.)
     """
-    x = x.detach().requires_grad_(True)
-    loss = loss_fn(model(x), x).sum()
-    (g,) = torch.autograd.grad(loss, x)
+    with torch.enable_grad():  # also inside an outer torch.no_grad()
+        x = x.detach().requires_grad_(True)
+        loss = loss_fn(model(x), x).sum()
+        (g,) = torch.autograd.grad(loss, x)
     return g
 
 
@@ -63,6 +65,7 @@ def pgd(
     eps: torch.Tensor | float | None = None,
     start: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    sampler: Sampler | None = None,
     bn_policy: BNPolicy = "eval",
     abs_stepsize: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
@@ -91,7 +94,7 @@ def pgd(
         if start is not None:
             x_adv = threat.project(x, start.detach(), eps_t)
         elif random_start:
-            x_adv = threat.project(x, threat.random_start(x, generator, eps_t), eps_t)
+            x_adv = threat.project(x, threat.random_start(x, generator, eps_t, sampler=sampler), eps_t)
         else:
             x_adv = x.clone()
         for _ in range(steps):

@@ -46,7 +46,7 @@ from ..models.base import forward_all
 from ..modes import BN_POLICIES, BNPolicy, run_mode
 from ..threat import ThreatModel, canonical_norm
 from . import PENALTIES
-from .base import CleanPass, Penalty, main_targets, split_targets
+from .base import CleanPass, Penalty, main_targets, sampler_of, split_targets
 
 # Default radii in input units for [0, 1] images of CIFAR scale (our choice; the usual ones).
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 10.0}
@@ -104,15 +104,15 @@ class AdversarialLoss(Penalty):
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, ctx: CleanPass | None = None) -> torch.Tensor:
         """The detached adversarial batch, computed under ``bn_policy``."""
         with torch.enable_grad():
             return pgd(model, x, self.threat, ce_loss(main_targets(y)), steps=self.steps,
                        rel_stepsize=self.rel_stepsize, random_start=self.random_start, generator=generator,
-                       bn_policy=self.bn_policy)
+                       sampler=sampler_of(ctx), bn_policy=self.bn_policy)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        x_adv = self.attack(model, x, y)
+        x_adv = self.attack(model, x, y, ctx=ctx)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             outputs = forward_all(model, x_adv)  # per head: (N, K_h)
         return sum(F.cross_entropy(out, t) for out, t in zip(outputs, split_targets(y)))

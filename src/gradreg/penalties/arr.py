@@ -45,7 +45,7 @@ from ..attacks.pgd_core import LossFn, ce_loss, pgd
 from ..modes import BNPolicy, run_mode
 from . import PENALTIES
 from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
-from .base import CleanPass, Penalty, main_targets
+from .base import CleanPass, Penalty, main_targets, noise_like, sampler_of
 
 DIVERGENCES = ("kl", "l2-logits", "l2-probs")
 TRADES_REL_STEPSIZE = 0.007 / 0.031  # η/ε of TRADES on CIFAR-10 ≈ 0.226
@@ -100,7 +100,7 @@ class OutputConsistency(Penalty):
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
 
-    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         """The detached ``x_adv``; the model runs under ``bn_policy`` and its modes are restored."""
         x = x.detach()
         if self.inner == "ce":
@@ -108,15 +108,16 @@ class OutputConsistency(Penalty):
         else:
             with torch.no_grad(), run_mode(model, self.bn_policy):
                 loss_fn = kl_loss(model(x))  # p(x) in the attack's mode, as in TRADES
-        start = x + self.start_std * torch.randn_like(x) if self.start_std > 0 else None
+        start = x + self.start_std * noise_like(ctx, torch.randn, x) if self.start_std > 0 else None
         with torch.enable_grad():
             return pgd(model, x, self.threat, loss_fn, steps=self.steps, rel_stepsize=self.rel_stepsize,
-                       random_start=self.random_start, start=start, bn_policy=self.bn_policy)
+                       random_start=self.random_start, start=start, sampler=sampler_of(ctx),
+                       bn_policy=self.bn_policy)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         if self.threat.eps == 0:
             return x.new_zeros(())  # x_adv = x: nothing to add, exactly
-        x_adv = self.attack(model, x, y)
+        x_adv = self.attack(model, x, y, ctx=ctx)
         clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             adv = model(x_adv)  # (N, K)

@@ -33,6 +33,43 @@ def main_targets(y: torch.Tensor) -> torch.Tensor:
     return y if y.dim() == 1 else y[:, 0]
 
 
+class BatchNoise:
+    """Random numbers for one training step that do not depend on how the global batch is
+    split over ranks: every draw is made for the whole global batch from a generator seeded
+    by the step, and each rank keeps its own rows. A 2-rank run then draws exactly what the
+    1-rank run draws, and a resumed run what the uninterrupted one drew."""
+
+    def __init__(self, seed: int, rows: torch.Tensor, global_size: int) -> None:
+        self.seed = int(seed)
+        self.rows = rows.cpu()  # (n_local,) positions of this rank's examples in the global batch
+        self.global_size = int(global_size)
+        self.calls = 0
+
+    def __call__(self, fn, shape: tuple[int, ...]) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """``fn((global_size, *shape[1:]))[rows]`` from a fresh generator per call."""
+        if shape[0] != len(self.rows):
+            raise ValueError(f"noise for {shape[0]} rows requested, this rank holds {len(self.rows)}")
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.calls) % (2**63))
+        self.calls += 1
+        return fn((self.global_size, *shape[1:]), generator=gen)[self.rows]
+
+    def like(self, fn, x: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        return self(fn, tuple(x.shape)).to(x.device, x.dtype)
+
+
+def noise_like(ctx: CleanPass | None, fn, x: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """``fn`` (torch.rand / torch.randn) noise shaped like ``x``: rank-independent inside the
+    training loop, from the global generator otherwise."""
+    if ctx is not None and ctx.noise is not None:
+        return ctx.noise.like(fn, x)
+    return fn(x.shape, device=x.device, dtype=x.dtype)
+
+
+def sampler_of(ctx: CleanPass | None) -> BatchNoise | None:
+    """The loop's rank-independent sampler for ``ThreatModel.random_start`` (None outside it)."""
+    return None if ctx is None else ctx.noise
+
+
 class CleanPass:
     """Lazily computed quantities of a clean batch, shared by the task loss and the penalties.
 
@@ -41,11 +78,12 @@ class CleanPass:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, need_input_grad: bool = False,
-                 index: torch.Tensor | None = None) -> None:
+                 index: torch.Tensor | None = None, noise: BatchNoise | None = None) -> None:
         self.model = model
         self.x = x
         self.y = y
         self.index = index  # (N,) positions of these examples in the training set, when known
+        self.noise = noise  # rank-independent random numbers of this step, inside the training loop
         self.x_in = x.detach().clone().requires_grad_(need_input_grad)
         self.outputs = forward_all(model, self.x_in)  # per head: (N, classes_h)
         self._input_grads: dict[int, torch.Tensor] = {}

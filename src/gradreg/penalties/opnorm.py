@@ -64,7 +64,7 @@ from ..modes import BNPolicy, run_mode
 from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm
 from . import PENALTIES
 from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
-from .base import CleanPass, Penalty
+from .base import CleanPass, Penalty, sampler_of
 
 FORMS = ("sos", "uJv")
 
@@ -317,7 +317,8 @@ class OperatorNormAT(Penalty):
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
 
-    def attack(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def attack(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None,
+               ctx: CleanPass | None = None) -> torch.Tensor:
         """The detached maximizer x* of ½‖f(x) − f(x*)‖₂², under ``bn_policy``."""
         x = x.detach()
         with torch.no_grad(), run_mode(model, self.bn_policy):
@@ -328,12 +329,13 @@ class OperatorNormAT(Penalty):
 
         with torch.enable_grad():
             return pgd(model, x, self.threat, loss_fn, steps=self.steps, rel_stepsize=self.rel_stepsize,
-                       random_start=self.random_start, generator=generator, bn_policy=self.bn_policy)
+                       random_start=self.random_start, generator=generator, sampler=sampler_of(ctx),
+                       bn_policy=self.bn_policy)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         if self.threat.eps == 0:
             return x.new_zeros(())
-        x_adv = self.attack(model, x)
+        x_adv = self.attack(model, x, ctx=ctx)
         clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             adv = model(x_adv)  # (N, K)

@@ -86,7 +86,7 @@ from ..attacks.pgd_core import ce_loss, pgd
 from ..modes import BN_POLICIES
 from ..threat import ThreatModel, canonical_norm
 from . import PENALTIES
-from .base import CleanPass, Penalty, main_targets
+from .base import CleanPass, Penalty, main_targets, sampler_of
 from .datagrad import safe_l2
 
 REPRESENTATIONS = ("full", "covfun", "auto")
@@ -591,7 +591,7 @@ class SGR(Penalty):
                         bn_policy=self.bn_policy)  # type: ignore[arg-type]
         else:
             x_adv = pgd(model, x, threat, loss_fn, steps=self.pgd_steps, rel_stepsize=self.pgd_rel_stepsize,
-                        random_start=True, bn_policy=self.bn_policy)  # type: ignore[arg-type]
+                        random_start=True, sampler=sampler_of(ctx), bn_policy=self.bn_policy)  # type: ignore[arg-type]
         return (x_adv - x).detach()
 
     # ---- the penalty
