@@ -56,6 +56,22 @@ def test_two_ranks_match_one(tmp_path: Path, method: str, extra: list[str], atol
 
 
 @pytest.mark.slow
+def test_opnorm_warm_start_buffer_is_complete_under_two_ranks(tmp_path: Path) -> None:
+    """Every example's warm-start vector reaches rank 0's checkpoint, whichever rank saw it."""
+    from gradreg import checkpoint
+
+    args = [*COMMON, "--method", "opnorm", "--set", "penalty.warm_start=true", "--set", "penalty.norm=\"l2\"",
+            "--set", "penalty.eps=0.5"]
+    _run([*args, "--out", str(tmp_path / "one")], 1)
+    _run([*args, "--out", str(tmp_path / "two")], 2)
+    g1, _ = checkpoint.load(tmp_path / "one" / checkpoint.CURRENT)
+    g2, _ = checkpoint.load(tmp_path / "two" / checkpoint.CURRENT)
+    v1, v2 = g1["objective"]["penalties.opnorm.v_buf"], g2["objective"]["penalties.opnorm.v_buf"]
+    assert v1.shape == v2.shape
+    assert float((v1 - v2).abs().max()) < 1e-3
+
+
+@pytest.mark.slow
 def test_resume_under_other_world_size(tmp_path: Path) -> None:
     args = [*COMMON, "--epochs", "2", "--method", "clean"]
     _run([*args, "--out", str(tmp_path / "ref")], 1)
@@ -78,3 +94,15 @@ def test_batch_noise_is_independent_of_the_split() -> None:
     assert torch.equal(whole[0::2], halves[0]) and torch.equal(whole[1::2], halves[1])
     other_step = threat.random_start(x, sampler=BatchNoise(6, torch.arange(10), 10))
     assert not torch.equal(whole, other_step)
+
+
+@pytest.mark.slow
+def test_two_rank_evaluation_equals_one(tmp_path: Path) -> None:
+    _run([*COMMON, "--method", "clean", "--out", str(tmp_path / "run")], 1)
+    ev = ["eval", str(tmp_path / "run"), "--n-test", "150", "--steps", "5", "--batch-size", "32",
+          "--eps", "0", "0.05", "0.1", "--no-deepfool"]
+    _run([*ev, "--out", str(tmp_path / "e1")], 1)
+    _run([*ev, "--out", str(tmp_path / "e2")], 2)
+    r1, r2 = (json.loads((tmp_path / e / "results.json").read_text())["runs"][0] for e in ("e1", "e2"))
+    assert r1["curves"] == r2["curves"] and r1["clean"] == r2["clean"]
+    assert r1["curves"]["pgd"][-1] < r1["clean"]  # the attack did something

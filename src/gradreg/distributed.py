@@ -81,6 +81,30 @@ def gather_cat(t: torch.Tensor, n_total: int) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+def all_gather_rows(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's (index ``(n_r,)``, rows ``(n_r, ...)``) concatenated, on every rank. Ranks
+    may hold different numbers of rows (a global batch split unevenly)."""
+    if not is_active():
+        return index, rows
+    world = dist.get_world_size()
+    dev = rows.device if rows.device.type == "cuda" else torch.device("cpu")
+    count = torch.tensor([index.numel()], device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    most = int(max(int(c) for c in counts))
+    pad_i = torch.full((most,), -1, dtype=torch.long, device=dev)
+    pad_i[: index.numel()] = index.to(dev)
+    pad_r = rows.new_zeros((most, *rows.shape[1:])).to(dev)
+    pad_r[: rows.shape[0]] = rows.to(dev)
+    all_i = [torch.empty_like(pad_i) for _ in range(world)]
+    all_r = [torch.empty_like(pad_r) for _ in range(world)]
+    dist.all_gather(all_i, pad_i)
+    dist.all_gather(all_r, pad_r)
+    idx, out = torch.cat(all_i), torch.cat(all_r)
+    keep = idx >= 0
+    return idx[keep].to(index.device), out[keep].to(rows.device)
+
+
 def barrier() -> None:
     if is_active():
         dist.barrier()

@@ -102,13 +102,16 @@ def test_subset(bundle: DataBundle, n_test: int | None) -> tuple[torch.Tensor, t
 
 def _sharded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
                     eps: Sequence[float], settings: EvalSettings, *, source: nn.Module | None = None) -> list[float]:
-    """Robust accuracy per ε; under torch.distributed every rank attacks its shard and the
-    per-input results are gathered, so the numbers equal a single-process run."""
-    part = distributed.shard(len(y))
-    rep = evaluate_attack(model, x[part], y[part], attack, threat, eps, batch_size=settings.batch_size,
-                          source_model=source)
-    robust = rep.robust.t().contiguous()  # (n_shard, K)
-    robust = distributed.gather_cat(robust.to(_comm_device(model)), len(y)).cpu()  # (N, K)
+    """Robust accuracy per ε. Under torch.distributed rank r attacks batches r, r + world, …
+    and the per-input results are gathered: every batch sees the same inputs and random draws
+    as in a single process, so the numbers are the same."""
+    rank, world = distributed.rank_world()
+    bs = settings.batch_size
+    mine = torch.cat([torch.arange(i, min(i + bs, len(y))) for i in range(rank * bs, len(y), world * bs)] or
+                     [torch.zeros(0, dtype=torch.long)])  # (n_rank,) whole batches, in order
+    rep = evaluate_attack(model, x[mine], y[mine], attack, threat, eps, batch_size=bs, source_model=source)
+    idx, robust = distributed.all_gather_rows(mine.to(_comm_device(model)), rep.robust.t().contiguous().to(_comm_device(model)))
+    robust = robust.cpu()[idx.cpu().argsort()]  # (N, K) in the original order
     return robust.float().mean(dim=0).tolist() if len(y) else [math.nan] * len(eps)
 
 

@@ -64,6 +64,7 @@ from ..modes import BNPolicy, run_mode
 from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm
 from . import PENALTIES
 from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
+from .. import distributed
 from .base import CleanPass, Penalty, sampler_of
 
 FORMS = ("sos", "uJv")
@@ -180,7 +181,11 @@ class OperatorNorm(Penalty):
         idx = index.to(self.v_buf.device)
         res = power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
                            v0=self.v_buf[idx], bn_policy=self.bn_policy)
-        self.v_buf[idx] = res.v.to(self.v_buf)
+        # Under torch.distributed every rank keeps the whole buffer (our choice: an epoch's new
+        # permutation sends each example to another rank) and writes every rank's rows, so
+        # the buffers stay identical and rank 0's checkpoint holds them all.
+        all_idx, all_v = distributed.all_gather_rows(idx, res.v.to(self.v_buf))
+        self.v_buf[all_idx] = all_v
         return res
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
