@@ -21,7 +21,7 @@ from . import attacks, distributed
 from .attacks.base import Attack
 from .data import DataBundle
 from .evaluate import clean_accuracy, deepfool_rho, evaluate_attack
-from .threat import ThreatModel
+from .threat import ThreatModel, check_eps_fits
 
 CIFAR_LIKE = ("cifar10", "cifar100")
 
@@ -51,6 +51,13 @@ class EvalSettings:
 
     def grid(self, data_name: str) -> list[float]:
         return list(self.eps) if self.eps is not None else default_grid(data_name)
+
+    def checked_grid(self, bundle: DataBundle) -> list[float]:
+        """The grid, each ε checked against the data's bounds."""
+        grid = self.grid(bundle.name)
+        for e in grid:
+            check_eps_fits(e, self.norm, bundle.bounds, bundle.train_x[0].numel())
+        return grid
 
     def make_attack(self, name: str) -> Attack:
         params: dict[str, Any] = {"labels": self.labels}
@@ -124,7 +131,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
                    progress: bool | None = None) -> ModelEval:
     """Clean accuracy, every attack of ``settings`` over the ε grid, ρ, AutoAttack, checks."""
     x, y = test_subset(bundle, settings.n_test)
-    grid = settings.grid(bundle.name)
+    grid = settings.checked_grid(bundle)
     threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
     clean = clean_accuracy(model, x, y, batch_size=settings.batch_size, progress=progress)
     curves = {a: _sharded_attack(model, x, y, settings.make_attack(a), threat, grid, settings)
@@ -211,7 +218,7 @@ def transfer_matrix(models: dict[str, nn.Module], bundle: DataBundle, settings: 
     """``out[source][target]`` = accuracy of ``target`` per ε on PGD examples crafted on
     ``source`` (white-box on the diagonal). Each source's examples are crafted once."""
     x, y = test_subset(bundle, settings.n_test)
-    grid = settings.grid(bundle.name)
+    grid = settings.checked_grid(bundle)
     threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
     pgd = settings.make_attack("pgd")
     out: dict[str, dict[str, list[float]]] = {}

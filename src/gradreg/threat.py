@@ -47,6 +47,17 @@ def parse_eps(text: str | float) -> float:
     return value
 
 
+def check_eps_fits(eps: float, norm: str, bounds: tuple[float, float], dim: int) -> None:
+    """Refuse a radius larger than the input box allows: beyond the box's diameter in that norm
+    every input can already reach every other, so such an ε is a typo (``8`` for ``8/255``)."""
+    width = float(bounds[1]) - float(bounds[0])
+    norm = canonical_norm(norm)
+    diameter = width if norm == "linf" else width * (math.sqrt(dim) if norm == "l2" else dim)
+    if eps > diameter * (1 + 1e-6):
+        raise ValueError(f"ε = {eps:g} is larger than the {norm} diameter of the input box {tuple(bounds)} "
+                         f"({diameter:g}); did you mean {eps:g}/255?")
+
+
 def flat_norm(z: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample norm of a batch ``(N, ...) -> (N,)``."""
     z = z.flatten(1)

@@ -6,7 +6,7 @@ import argparse
 
 from ..analysis import perturbation_covariance, softmax_along_line
 from ..report import _pyplot, plot_curves, write_json
-from ..threat import parse_eps
+from ..threat import check_eps_fits, parse_eps
 from .common import add_eval_arguments, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
 
 HELP = "covariance function of a model's PGD perturbations vs the data's; softmax along adversarial lines"
@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     (loaded,) = load_runs(args)
     settings = settings_from_args(args)
     bundle = loaded.data(data_dir=args.data_dir)
-    grid = settings.grid(bundle.name)
+    grid = settings.checked_grid(bundle)
     eps = parse_eps(args.at_eps) if args.at_eps else grid[len(grid) // 2]
+    check_eps_fits(eps, settings.norm, bundle.bounds, bundle.train_x[0].numel())
     out = output_dir(args)
     cov, x, x_adv = perturbation_covariance(loaded.model, bundle, settings, eps=eps)
     k = min(args.examples, len(x))

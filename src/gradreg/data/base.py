@@ -36,6 +36,11 @@ class DataBundle:
                 raise ValueError(f"{self.name}: {split} labels must be ({x.shape[0]},), got {tuple(y.shape)}")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
                 raise ValueError(f"{self.name}: {split} labels out of range [0, {self.num_classes})")
+            if x.numel() and (float(x.min()) < self.bounds[0] or float(x.max()) > self.bounds[1]):
+                raise ValueError(f"{self.name}: {split} images have values in [{float(x.min()):g}, {float(x.max()):g}], "
+                                 f"outside the data set's bounds {self.bounds} (normalization belongs in the model)")
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{self.name}: {split} images contain NaN or infinite values")
         if not self.mean:
             dims = (0, 2, 3)
             self.mean = tuple(float(v) for v in self.train_x.mean(dim=dims))
