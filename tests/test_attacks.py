@@ -494,6 +494,11 @@ def test_attack_rejects_unsupported_norm(digits_cw, batch) -> None:  # type: ign
 @pytest.fixture
 def fake_run(monkeypatch, digits_cw, digits):  # type: ignore[no-untyped-def]
     import gradreg.runs
+    from gradreg import cli
+
+    # import every command module first, so none binds the fake at import time (they may
+    # `from ..runs import load_run`; ours looks it up at call time)
+    cli.build_parser()
 
     loaded = SimpleNamespace(model=digits_cw, config={}, data=lambda **_: digits, device=torch.device("cpu"))
     monkeypatch.setattr(gradreg.runs, "load_run", lambda run_dir, device="auto": loaded)

@@ -209,8 +209,11 @@ def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, th
           eps: Sequence[float], *, batch_size: int) -> torch.Tensor:
     """Adversarial examples ``(K, N, ...)`` for every ε, in batches, on the model's device."""
     dev = next(model.parameters()).device
+    # carry_over=False: every input is attacked at every ε, also those the source model already
+    # gets wrong — a transferred example must be a real attempt, not the clean input
     return torch.cat([attack.perturb_multi(model, x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev),
-                                           threat, eps).cpu() for i in range(0, len(y), batch_size)], dim=1)
+                                           threat, eps, carry_over=False).cpu()
+                      for i in range(0, len(y), batch_size)], dim=1)
 
 
 def transfer_matrix(models: dict[str, nn.Module], bundle: DataBundle, settings: EvalSettings,

@@ -50,8 +50,9 @@ class AutoAttack(Attack):
     """AutoAttack (Croce & Hein 2020) via ``pyautoattack``; any bounds, ℓ∞/ℓ2/ℓ1."""
 
     def __init__(self, *, version: Literal["standard", "plus", "rand", "custom"] = "standard",
-                 attacks: Sequence[str] | None = None, n_iter: int | None = None, labels: Labels = "true",
-                 bn_policy: BNPolicy = "eval", seed: int = 0, verbose: bool = False) -> None:
+                 attacks: Sequence[str] | None = None, n_iter: int | None = None, n_restarts: int | None = None,
+                 labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0,
+                 verbose: bool = False) -> None:
         super().__init__(name="autoattack", norms=tuple(_AA_NORMS), labels=labels, bn_policy=bn_policy, seed=seed)
         if importlib.util.find_spec("pyautoattack") is None:  # fail at construction, not mid-evaluation
             raise ImportError(INSTALL_HINT)
@@ -62,6 +63,7 @@ class AutoAttack(Attack):
         self.version = version
         self.attacks = list(attacks) if attacks else None
         self.n_iter = int(n_iter) if n_iter is not None else None
+        self.n_restarts = int(n_restarts) if n_restarts is not None else None
         self.verbose = bool(verbose)
         self.deterministic = False
 
@@ -76,9 +78,12 @@ class AutoAttack(Attack):
         u = x if (threat.lo == 0.0 and scale == 1.0) else (x - threat.lo) / scale
         aa = _AA(_UnitBox(model, threat.lo, scale), attacks=self.attacks, device=x.device,
                  eps=threat.eps / scale, norm=_AA_NORMS[threat.norm], seed=self.seed, version=self.version)
-        if self.n_iter is not None:
-            for sub in (aa.apgd, aa.apgd_targeted, aa.fab):
+        # None keeps the package's settings for the version (e.g. 100 iterations, 1 restart in "standard")
+        for sub in (aa.apgd, aa.apgd_targeted, aa.fab):
+            if self.n_iter is not None:
                 sub.n_iter = self.n_iter
+            if self.n_restarts is not None:
+                sub.n_restarts = self.n_restarts
         logger = logging.getLogger("auto-attack")
         level = logger.level
         if not self.verbose:
@@ -92,8 +97,9 @@ class AutoAttack(Attack):
 
 @ATTACKS.register("autoattack")
 def autoattack(*, version: Literal["standard", "plus", "rand", "custom"] = "standard",
-               attacks: Sequence[str] | None = None, n_iter: int | None = None, labels: Labels = "true",
-               bn_policy: BNPolicy = "eval", seed: int = 0, verbose: bool = False) -> AutoAttack:
+               attacks: Sequence[str] | None = None, n_iter: int | None = None, n_restarts: int | None = None,
+               labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0,
+               verbose: bool = False) -> AutoAttack:
     """AutoAttack (Croce & Hein 2020) via pyautoattack (pip install gradreg[autoattack])."""
-    return AutoAttack(version=version, attacks=attacks, n_iter=n_iter, labels=labels, bn_policy=bn_policy,
-                      seed=seed, verbose=verbose)
+    return AutoAttack(version=version, attacks=attacks, n_iter=n_iter, n_restarts=n_restarts, labels=labels,
+                      bn_policy=bn_policy, seed=seed, verbose=verbose)

@@ -74,23 +74,29 @@ class Attack:
         """Adversarial examples ``(N, ...)`` for the threat model (detached, same device as ``x``)."""
         self.check_threat(threat)
         x = x.detach()
-        with run_mode(model, self.bn_policy):
+        with run_mode(model, self.bn_policy), torch.enable_grad():  # works even under torch.no_grad()
             y_att = self.attack_labels(model, x, y)
             return self._perturb(model, x, y_att, threat).detach()
 
     def perturb_multi(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
-                      eps_list: Sequence[float]) -> torch.Tensor:
+                      eps_list: Sequence[float], *, carry_over: bool = True) -> torch.Tensor:
         """Adversarial examples for every ε of ``eps_list``: ``(K, N, ...)``, in the order given.
 
-        Inputs already misclassified (w.r.t. the attack's labels) at a smaller ε are carried over
-        unchanged to the larger ones, so only the still-robust inputs are attacked again.
+        With ``carry_over`` (the default), inputs already misclassified (w.r.t. the attack's
+        labels) at a smaller ε — or clean — are carried over unchanged to the larger ones, so only
+        the still-robust inputs are attacked again. ``carry_over=False`` attacks every input
+        afresh at every ε (for transfer attacks, where the attacked model is not the judged one).
         """
         self.check_threat(threat)
         eps_values = [parse_eps(e) for e in eps_list]
         x = x.detach()
         out = x.new_empty((len(eps_values), *x.shape))  # (K, N, ...)
-        with run_mode(model, self.bn_policy):
+        with run_mode(model, self.bn_policy), torch.enable_grad():
             y_att = self.attack_labels(model, x, y)
+            if not carry_over:
+                for k, e in enumerate(eps_values):
+                    out[k] = self._perturb(model, x, y_att, threat.with_eps(e)).detach()
+                return out
             with run_mode(model, "eval"):
                 fooled = predict(model, x) != y_att  # (N,) already misclassified at ε = 0
             current = x.clone()
@@ -121,6 +127,7 @@ class Attack:
         :mod:`gradreg.evaluate`, does not trust this: it re-checks and re-judges every point.)
         """
         x_advs = self.perturb_multi(model, x, y, threat, eps_list)  # (K, N, ...)
+        y = y.to(x.device)
         with run_mode(model, "eval"):
             return torch.stack([predict(model, xa) != y for xa in x_advs])
 

@@ -5,7 +5,8 @@ Regularization", arXiv 1805.08736 (2018), SPEC §3. The noise is ξ ~ N(0, Σ_LR
 
     Cov(ξ[c, i], ξ[c', j]) = κ(c, c') · exp(−‖pos(i) − pos(j)‖₂ / ζ),   κ(c, c) = 1, κ(c, c') = 0.5,
 
-ζ the decay length in pixels (the paper sweeps ζ ∈ {1, 2, 4, 8, 16}). Σ_LRC = κ ⊗ Σ_s is a
+ζ the decay length in pixels (the paper sweeps ζ ∈ {1, 2, 4, 8, 16}; our default is ζ = 4, the
+middle of that grid **(our choice)**). Σ_LRC = κ ⊗ Σ_s is a
 Kronecker product of the C×C channel matrix and the HW×HW spatial matrix (both positive
 definite: κ has eigenvalues 1 + 0.5(C − 1) and 0.5, and exp(−r/ζ) is the Matérn-½ kernel), so
 with Cholesky factors κ = L_c L_cᵀ and Σ_s = L_s L_sᵀ a sample is ξ = L_c Z L_sᵀ for a C×HW

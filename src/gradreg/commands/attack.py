@@ -1,0 +1,132 @@
+"""``gradreg attack RUN_DIR``: robust accuracy of a trained run under one attack and a list of ε.
+
+Example::
+
+    gradreg attack runs/sgr --attack pgd --norm linf --eps 0 0.05 0.1 8/255 --steps 40 --json pgd.json
+
+prints a table and, with ``--json``, writes
+``{"clean_accuracy": a, "results": [{"attack": .., "norm": .., "eps": e, "accuracy": r}, ...]}``.
+The evaluation goes through :func:`gradreg.evaluate.evaluate_attack`, which re-checks and
+re-judges every adversarial example.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP = "robust accuracy of a trained run under an attack, for a list of ε"
+
+# flag dest → attack factory parameter (passed only when given and accepted by the attack)
+_PARAM_FLAGS = {"steps": "steps", "rel_stepsize": "rel_stepsize", "random_start": "random_start",
+                "samples": "samples", "zeta_px": "zeta_px", "seed": "seed", "aa_version": "version",
+                "bn_policy": "bn_policy"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (config.json + model.safetensors)")
+    parser.add_argument("--attack", default="pgd", help="registered attack name (see `gradreg list attacks`)")
+    parser.add_argument("--norm", default="linf", help="threat norm: linf, l2 or l1 (default: linf)")
+    parser.add_argument("--eps", nargs="+", required=True, metavar="EPS",
+                        help="radii in input units, fractions allowed: --eps 0 0.1 8/255")
+    parser.add_argument("--labels", choices=("true", "predicted"), default="true",
+                        help="attack the true labels or the model's predictions (no label leaking)")
+    parser.add_argument("--steps", type=int, default=None, help="iterations (pgd, tpgd)")
+    parser.add_argument("--rel-stepsize", dest="rel_stepsize", type=float, default=None,
+                        help="step size relative to ε (pgd, tpgd; default 2.5/steps)")
+    parser.add_argument("--random-start", dest="random_start", action=argparse.BooleanOptionalAction,
+                        default=None, help="random start in the ball (pgd, tpgd; default on)")
+    parser.add_argument("--samples", type=int, default=None, help="worst-of-k copies (lrc, uniform, gaussian)")
+    parser.add_argument("--zeta-px", dest="zeta_px", type=float, default=None, help="LRC decay length in pixels")
+    parser.add_argument("--seed", type=int, default=None, help="seed of random attacks")
+    parser.add_argument("--aa-version", dest="aa_version", default=None,
+                        help="AutoAttack version: standard, plus, rand (autoattack)")
+    parser.add_argument("--bn-policy", dest="bn_policy", choices=("eval", "train", "frozen"), default=None,
+                        help="mode the model runs in during the attack (default: eval)")
+    parser.add_argument("--param", dest="params", metavar="KEY=VALUE", action="append", default=[],
+                        help="any other attack parameter, e.g. --param overshoot=0.05")
+    parser.add_argument("--limit", type=int, default=None, help="attack only the first N test images")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: only on a terminal)")
+    parser.add_argument("--json", dest="json_file", metavar="FILE", default=None, help="write the results as JSON")
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def attack_params(args: argparse.Namespace) -> dict[str, Any]:
+    """The attack factory's keyword arguments given on the command line, checked against it."""
+    from ..attacks import ATTACKS
+
+    factory = ATTACKS.get(args.attack)  # UnknownNameError lists the known names
+    accepted = set(inspect.signature(factory).parameters)
+    params: dict[str, Any] = {"labels": args.labels}
+    for dest, name in _PARAM_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            params[name] = value
+    for item in args.params:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
+        params[key.strip().replace("-", "_")] = _literal(value.strip())
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(f"attack {args.attack!r} has no parameter {', '.join(unknown)} "
+                         f"(it takes: {', '.join(sorted(accepted))})")
+    return params
+
+
+def format_table(rows: list[dict[str, Any]], clean: float) -> str:
+    lines = [f"{'attack':<12} {'norm':<5} {'eps':>10} {'accuracy':>9}"]
+    for r in rows:
+        lines.append(f"{r['attack']:<12} {r['norm']:<5} {r['eps']:>10.6g} {r['accuracy']:>9.4f}")
+    lines.append(f"clean accuracy {clean:.4f}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import attacks
+    from ..evaluate import evaluate_attack
+    from ..runs import load_run
+    from ..threat import ThreatModel, canonical_norm, parse_eps
+
+    norm = canonical_norm(args.norm)
+    eps_list = [parse_eps(e) for e in args.eps]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be ≥ 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    attack = attacks.make(args.attack, **attack_params(args))
+    if norm not in attack.norms:  # fail before loading anything
+        raise ValueError(f"attack {attack.name!r} supports norms {', '.join(attack.norms)}, not {norm!r}")
+
+    loaded = load_run(args.run_dir, device=args.device)
+    bundle = loaded.data()
+    x, y = bundle.test_x, bundle.test_y
+    if args.limit is not None:
+        x, y = x[:args.limit], y[:args.limit]
+    threat = ThreatModel(norm, 0.0, bundle.bounds)
+    report = evaluate_attack(loaded.model, x, y, attack, threat, eps_list, batch_size=args.batch_size,
+                             progress=args.progress)
+    rows = report.rows()
+    print(f"{Path(args.run_dir).name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
+          f"of {bundle.name}")
+    print(format_table(rows, report.clean_accuracy))
+    if args.json_file:
+        out = Path(args.json_file)
+        if out.parent and not out.parent.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"clean_accuracy": report.clean_accuracy, "results": rows}, indent=2) + "\n")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
