@@ -57,8 +57,9 @@ def test_transfer_diagonal_equals_white_box(digits_cw: nn.Module, digits_mlp: nn
     settings = EvalSettings(pgd_steps=5, n_test=80, eps=[0.0, 0.05, 0.1])
     matrix = transfer_matrix({"cw": digits_cw, "mlp": digits_mlp}, digits, settings)
     x, y = digits.test_x[:80], digits.test_y[:80]
+    # the same examples crafted and judged through evaluate_attack's own transfer path
     white = evaluate_attack(digits_mlp, x, y, settings.make_attack("pgd"), ThreatModel("linf", 0, (0, 1)),
-                            settings.eps, batch_size=settings.batch_size).robust_accuracy
+                            settings.eps, batch_size=settings.batch_size, source_model=digits_mlp).robust_accuracy
     assert matrix["mlp"]["mlp"] == pytest.approx(white)
     # transferred examples are weaker than white-box ones on the same target
     assert sum(matrix["cw"]["mlp"]) >= sum(matrix["mlp"]["mlp"]) - 0.05

@@ -107,7 +107,7 @@ def test_subset(bundle: DataBundle, n_test: int | None) -> tuple[torch.Tensor, t
     return bundle.test_x[:n], bundle.test_y[:n]
 
 
-def _sharded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
+def sharded_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
                     eps: Sequence[float], settings: EvalSettings, *, source: nn.Module | None = None) -> list[float]:
     """Robust accuracy per ε. Under torch.distributed rank r attacks batches r, r + world, …
     and the per-input results are gathered: every batch sees the same inputs and random draws
@@ -119,7 +119,7 @@ def _sharded_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     rep = evaluate_attack(model, x[mine], y[mine], attack, threat, eps, batch_size=bs, source_model=source)
     idx, robust = distributed.all_gather_rows(mine.to(_comm_device(model)), rep.robust.t().contiguous().to(_comm_device(model)))
     robust = robust.cpu()[idx.cpu().argsort()]  # (N, K) in the original order
-    return robust.float().mean(dim=0).tolist() if len(y) else [math.nan] * len(eps)
+    return robust.double().mean(dim=0).tolist() if len(y) else [math.nan] * len(eps)
 
 
 def _comm_device(model: nn.Module) -> torch.device:
@@ -134,7 +134,7 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
     grid = settings.checked_grid(bundle)
     threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
     clean = clean_accuracy(model, x, y, batch_size=settings.batch_size, progress=progress)
-    curves = {a: _sharded_attack(model, x, y, settings.make_attack(a), threat, grid, settings)
+    curves = {a: sharded_accuracy(model, x, y, settings.make_attack(a), threat, grid, settings)
               for a in settings.attacks}
     result = ModelEval(name=name, eps=grid, clean=clean, curves=curves)
     if settings.deepfool:
@@ -142,12 +142,12 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
                                   batch_size=settings.batch_size, progress=progress)
     if settings.unbounded_check:
         whole_box = (bundle.bounds[1] - bundle.bounds[0]) * (1.0 if threat.norm == "linf" else math.sqrt(x[0].numel()))
-        result.unbounded = _sharded_attack(model, x, y, settings.make_attack("pgd"), threat, [whole_box], settings)[0]
+        result.unbounded = sharded_accuracy(model, x, y, settings.make_attack("pgd"), threat, [whole_box], settings)[0]
     if settings.autoattack_eps is not None:
         aa = attacks.make("autoattack", version="standard", seed=settings.seed)
         eps_aa = settings.autoattack_eps
-        acc = _sharded_attack(model, x, y, aa, threat, [eps_aa], settings)[0]
-        pgd = _sharded_attack(model, x, y, settings.make_attack("pgd"), threat, [eps_aa], settings)[0]
+        acc = sharded_accuracy(model, x, y, aa, threat, [eps_aa], settings)[0]
+        pgd = sharded_accuracy(model, x, y, settings.make_attack("pgd"), threat, [eps_aa], settings)[0]
         result.autoattack = {"eps": eps_aa, "accuracy": acc, "pgd": pgd}
     result.checks = masking_checks(result, tolerance=settings.tolerance)
     return result
@@ -244,5 +244,5 @@ def lrc_curves(model: nn.Module, bundle: DataBundle, *, zetas: Sequence[float], 
     out = {}
     for zeta in zetas:
         attack = attacks.make("lrc", zeta_px=zeta, samples=samples, labels=settings.labels, seed=settings.seed)
-        out[float(zeta)] = _sharded_attack(model, x, y, attack, threat, list(eps), settings)
+        out[float(zeta)] = sharded_accuracy(model, x, y, attack, threat, list(eps), settings)
     return out

@@ -97,9 +97,11 @@ def format_table(rows: list[dict[str, Any]], clean: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .. import attacks
-    from ..evaluate import evaluate_attack
+    from .. import distributed
+    from ..evaluate import clean_accuracy
+    from ..harness import EvalSettings, sharded_accuracy
     from ..runs import load_run
-    from ..threat import ThreatModel, canonical_norm, parse_eps
+    from ..threat import ThreatModel, canonical_norm, check_eps_fits, parse_eps
 
     norm = canonical_norm(args.norm)
     eps_list = [parse_eps(e) for e in args.eps]
@@ -111,22 +113,28 @@ def run(args: argparse.Namespace) -> int:
     if norm not in attack.norms:  # fail before loading anything
         raise ValueError(f"attack {attack.name!r} supports norms {', '.join(attack.norms)}, not {norm!r}")
 
+    distributed.init_from_env()
     loaded = load_run(args.run_dir, device=args.device)
     bundle = loaded.data()
     x, y = bundle.test_x, bundle.test_y
     if args.limit is not None:
         x, y = x[:args.limit], y[:args.limit]
+    for e in eps_list:
+        check_eps_fits(e, norm, bundle.bounds, x[0].numel())
     threat = ThreatModel(norm, 0.0, bundle.bounds)
-    report = evaluate_attack(loaded.model, x, y, attack, threat, eps_list, batch_size=args.batch_size,
-                             progress=args.progress)
-    rows = report.rows()
+    # under torchrun every rank attacks its share of the batches and the results are gathered
+    accs = sharded_accuracy(loaded.model, x, y, attack, threat, eps_list, EvalSettings(batch_size=args.batch_size))
+    clean = clean_accuracy(loaded.model, x, y, batch_size=args.batch_size, progress=args.progress)
+    rows = [{"attack": attack.name, "norm": norm, "eps": e, "accuracy": a} for e, a in zip(eps_list, accs)]
+    if distributed.rank_world()[0] != 0:
+        return 0
     print(f"{Path(args.run_dir).name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
           f"of {bundle.name}")
-    print(format_table(rows, report.clean_accuracy))
+    print(format_table(rows, clean))
     if args.json_file:
         out = Path(args.json_file)
         if out.parent and not out.parent.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"clean_accuracy": report.clean_accuracy, "results": rows}, indent=2) + "\n")
+        out.write_text(json.dumps({"clean_accuracy": clean, "results": rows}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0
