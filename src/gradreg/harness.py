@@ -158,7 +158,9 @@ def masking_checks(ev: ModelEval, *, tolerance: float = 0.02,
     """Signs of gradient masking (Athalye et al. 2018; Carlini et al. 2019, "On Evaluating
     Adversarial Robustness"): each check that fails is a reason to distrust the numbers.
 
-    - accuracy must not rise with ε (for any attack);
+    - accuracy must not rise with ε (for any attack). Radius attacks carry every example they
+      find to the larger radii and the judge makes their curves monotone, so in practice this
+      watches noise-strength attacks (LRC) and curves loaded from elsewhere;
     - PGD with ε covering the whole input box must reach ≈ 0% (≤ ``tolerance``);
     - noise, single-step and transfer attacks must not beat white-box PGD;
     - AutoAttack, when run, must not be far below PGD (≤ 5 points lower, our choice).
