@@ -32,7 +32,9 @@ def run_once(nproc: int, method: str, args: argparse.Namespace, out: Path) -> fl
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // nproc))}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text())
     return metrics["train_seconds"]
 

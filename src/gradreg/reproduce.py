@@ -125,7 +125,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
                  matrix: dict[str, dict[str, list[float]]], out: Path, settings: EvalSettings, *,
                  elapsed: float) -> dict[str, Any]:
     data = budget["data"]
-    clean_time = results["clean"].train_seconds if "clean" in results else None
+    clean_time = next((r.train_seconds for r in results.values() if r.method == "clean"), None)
     header = ["method", *exp.columns, "cost ×clean", "checks"]
     rows, raw_rows = [], []
     for name, res in results.items():

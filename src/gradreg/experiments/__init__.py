@@ -64,7 +64,9 @@ def load(name: str) -> Experiment:
     missing = [s for s in raw.get("transfer_sources", []) if s not in {r.name for r in rows}]
     if missing:
         raise ValueError(f"experiment {name!r}: transfer sources {missing} are not rows")
+    paper = {row: [*numbers, *([None] * (len(raw["columns"]) - len(numbers)))]  # a paper may report fewer columns
+             for row, numbers in raw.get("paper", {}).items()}
     return Experiment(name=name, title=raw["title"], note=raw.get("note", ""), columns=raw["columns"],
                       transfer_sources=raw.get("transfer_sources", []), norm=raw.get("norm", "linf"),
-                      budgets=raw["budgets"], rows=rows, paper=raw.get("paper", {}),
+                      budgets=raw["budgets"], rows=rows, paper=paper,
                       paper_data=raw.get("paper_data", ""))
