@@ -82,7 +82,6 @@ def test_resume_under_other_world_size(tmp_path: Path) -> None:
 
 def test_batch_noise_is_independent_of_the_split() -> None:
     """The penalties' random draws for a global batch are the same however it is split."""
-    import torch
 
     from gradreg.penalties.base import BatchNoise
     from gradreg.threat import ThreatModel

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradreg import ThreatModel, attacks
+from gradreg import ThreatModel
 from gradreg.analysis import decay_length, softmax_along_line
 from gradreg.cli import main
 from gradreg.config import TrainConfig
