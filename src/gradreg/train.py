@@ -354,7 +354,9 @@ class Trainer:
                 if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
                     return {"stopped_after_epoch": self.state.epoch}
                 self._run_epoch(n, flag)
-        test_acc = accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size)
+        # the last epoch already scored the final weights
+        test_acc = (self.history[-1]["test_accuracy"] if self.history else
+                    accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size))
         metrics = {"test_accuracy": test_acc, "train_seconds": self.state.train_seconds,
                    "epochs": cfg.epochs, "steps": self.state.global_step, "skipped_steps": self.state.skipped_steps,
                    "method": cfg.method, "lam": self.lam, "data": cfg.data, "model": self.model_spec["name"]}
