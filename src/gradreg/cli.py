@@ -51,10 +51,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from . import distributed
     from .train import NonFiniteError, TrainingInterrupted
 
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        distributed.shutdown()
+        return code
     except TrainingInterrupted as err:
         print(f"gradreg: {err}", file=sys.stderr)
         return 130

@@ -105,6 +105,14 @@ def all_gather_rows(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tens
     return idx[keep].to(index.device), out[keep].to(rows.device)
 
 
+def shutdown() -> None:
+    """Wait for every rank, then leave the process group. Exiting with the group still up lets
+    gloo's threads die mid-flight ("terminate called without an active exception", SIGABRT)."""
+    if is_active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_active():
         dist.barrier()
