@@ -44,6 +44,11 @@ def _compare(a: Path, b: Path, *, atol: float) -> None:
     # sign when a batch of 32 instead of 64 reorders float sums, and that pixel then moves by 2η.
     # The runs agree at the first step exactly and stay within 2e-3 after an epoch.
     ("trades", ["--set", "penalty.steps=3", "--set", "penalty.eps=0.1"], 2e-3),
+    # fused clean pass: the clean parameter gradient enters through a surrogate (DataGrad fd,
+    # clean weight 1 − λ/φ = 0.5) or not at all (Lyu one-step with λ = 1); ℓ2 directions, which
+    # do not flip with float reordering
+    ("datagrad", ["--lam", "0.005", "--set", "penalty.p=2", "--set", "penalty.solver=\"fd\""], 1e-5),
+    ("lyu", ["--lam", "1", "--set", "penalty.norm=\"l2\"", "--set", "penalty.solver=\"onestep\""], 1e-5),
 ])
 def test_two_ranks_match_one(tmp_path: Path, method: str, extra: list[str], atol: float) -> None:
     """Same global batch and seed: DDP's averaged gradients, the rank-averaged SGR covariance

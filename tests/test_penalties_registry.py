@@ -135,3 +135,49 @@ def test_state_dict_round_trip(name: str) -> None:
     clone.load_state_dict(pen.state_dict())
     for (k, a), (k2, b) in zip(pen.state_dict().items(), clone.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
+
+
+def _small_cnn() -> nn.Module:
+    """Convolutions and ReLUs (the layers gradreg.autodiff reroutes), mode-invariant, float64."""
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(4, 6, 2, stride=1), nn.ReLU(), nn.Flatten())
+    return Classifier(features, 6 * 2 * 2, in_shape=SHAPE, num_classes=10).double()
+
+
+# every member with its defaults, plus the variants that take other paths through the objective
+COMPOSITION_CASES = [(name, {}) for name in NAMES] + [
+    ("datagrad", {"solver": "fd", "fd_step": 0.05}), ("datagrad", {"p": 2, "solver": "fd"}),
+    ("lyu", {"solver": "onestep"}), ("lyu", {"norm": "l2", "solver": "onestep"}),
+    ("arr", {"attack": "pgd", "steps": 2}), ("opnorm", {"form": "uJv"}), ("opnorm", {"warm_start": True}),
+]
+
+
+@pytest.mark.parametrize("name,extra", COMPOSITION_CASES)
+@pytest.mark.parametrize("lam", [1.0, 0.3])
+def test_objective_gradient_equals_the_plain_composition(name: str, extra: dict, lam: float) -> None:
+    """The objective's shortcuts — fused clean pass, one-step attacks and TRADES' p(x) read from
+    the shared pass, first-order kernels for double backprop, the task term dropped at weight 0 —
+    give the value and parameter gradient of task_weight·CE(f(x), y) + λ·penalty computed plainly
+    (the penalty on its own clean pass, standard autograd)."""
+    model = _small_cnn().train()
+    x, y = _batch()
+    x = x.double()
+    pen_a, pen_b = (penalties.make(name, **{**PARAMS.get(name, {}), **extra}) for _ in range(2))
+    for pen in (pen_a, pen_b):
+        pen.setup(x)
+    params = list(model.parameters())
+    torch.manual_seed(1)
+    # a clean pass without the input in the graph: penalties that need ∇ₓL build their own
+    ctx = penalties.CleanPass(model, x, y, index=torch.arange(len(y)))
+    plain = pen_a.task_weight * F.cross_entropy(model(x), y) + lam * pen_a(model, x, y, ctx=ctx)
+    want = torch.autograd.grad(plain, params, allow_unused=True)
+    torch.manual_seed(1)
+    out = Objective([(name, pen_b, lam)], task_weight=pen_b.task_weight)(model, x, y, index=torch.arange(len(y)))
+    got = torch.autograd.grad(out.loss, params, allow_unused=True)
+    assert out.loss.item() == pytest.approx(plain.item(), rel=1e-9, abs=1e-12)
+    for w, g in zip(want, got):
+        w = torch.zeros_like(g) if w is None and g is not None else w
+        g = torch.zeros_like(w) if g is None and w is not None else g
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-7, atol=1e-10)

@@ -47,3 +47,28 @@ def run_mode(model: nn.Module, policy: BNPolicy = "eval") -> Iterator[nn.Module]
             bn.track_running_stats = tracking
         for m, was_training in saved_modes:
             m.training = was_training
+
+
+# Layers whose forward does not read ``self.training`` (an allow-list: an unknown module type is
+# assumed to depend on the mode). Containers are listed because their children are checked.
+_MODE_FREE: tuple[type[nn.Module], ...] = (
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+
+
+def mode_invariant(model: nn.Module) -> bool:
+    """Whether the model computes the same function in train and eval mode: no BatchNorm,
+    dropout or other mode-dependent layer. Modules of other types count as mode-free only when
+    they say so with a class attribute ``mode_free = True`` (their own forward ignores the mode).
+
+    Penalties use it to share the loop's train-mode clean pass with passes that their method
+    runs in eval mode (a one-step attack's gradient, TRADES' p(x)): the same numbers, computed once.
+    """
+    while (inner := getattr(model, "module", None) or getattr(model, "_orig_mod", None)) is not None:
+        model = inner  # look inside DistributedDataParallel / torch.compile wrappers
+    return all(isinstance(m, _MODE_FREE) or getattr(type(m), "mode_free", False) for m in model.modules())

@@ -53,6 +53,13 @@ def input_gradient(model: nn.Module, x: torch.Tensor, loss_fn: LossFn) -> torch.
     return g
 
 
+def ascent_step(threat: ThreatModel, x: torch.Tensor, x_adv: torch.Tensor, g: torch.Tensor,
+                step: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """One step of the iteration: Π_{B_ε(x) ∩ [lo, hi]}(x_adv + step·d(g)); ``step`` broadcasts
+    against x (``(N, 1, ..., 1)``), ``eps`` is per sample ``(N,)``."""
+    return threat.project(x, threat.clip(x_adv + step * threat.normalize(g)), eps)
+
+
 def pgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -99,5 +106,5 @@ def pgd(
             x_adv = x.clone()
         for _ in range(steps):
             g = input_gradient(model, x_adv, loss_fn)
-            x_adv = threat.project(x, threat.clip(x_adv + step * threat.normalize(g)), eps_t)
+            x_adv = ascent_step(threat, x, x_adv, g, step, eps_t)
     return x_adv.detach()

@@ -10,6 +10,8 @@ from torch import nn
 class Normalize(nn.Module):
     """(x − mean) / std per channel; lives inside the model so attacks see raw pixels."""
 
+    mode_free = True  # the same in train and eval mode (gradreg.modes.mode_invariant)
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
@@ -24,6 +26,8 @@ class Classifier(nn.Module):
     multi-task DataGrad variant); ``forward`` returns the main logits only, so attacks and
     evaluation never see the auxiliary outputs.
     """
+
+    mode_free = True  # its own forward ignores the mode; its children decide (modes.mode_invariant)
 
     def __init__(
         self,

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..attacks.pgd_core import ce_loss, pgd
+from ..attacks.pgd_core import ascent_step, ce_loss, pgd
 from ..models.base import forward_all
 from ..modes import BN_POLICIES, BNPolicy, run_mode
 from ..threat import ThreatModel, canonical_norm
@@ -85,6 +85,21 @@ def clean_logits(model: nn.Module, x: torch.Tensor, ctx: CleanPass | None, polic
         return model(x)
 
 
+def one_step_from_clean_pass(ctx: CleanPass | None, model: nn.Module, threat: ThreatModel, *,
+                             rel_stepsize: float, bn_policy: BNPolicy) -> torch.Tensor | None:
+    """x_adv of one CE-ascent step without random start (FGSM/FGM: ``rel_stepsize`` 1) from the
+    shared clean pass's input gradient, detached; None when that pass cannot stand in for the
+    attack's own pass under ``bn_policy`` (then the caller runs the attack). Same numbers as
+    ``pgd(..., steps=1, random_start=False)``: the gradient of Σᵢ CE(f(xᵢ), yᵢ) at x."""
+    if ctx is None or not ctx.x_in.requires_grad or not ctx.shares_mode(model, bn_policy):
+        return None
+    g = ctx.detached_input_grad(0)  # (N, ...)
+    x = ctx.x.detach()
+    eps_t = threat._eps_tensor(x, None)  # (N,)
+    step = (rel_stepsize * eps_t).view(-1, *([1] * (x.dim() - 1)))
+    return ascent_step(threat, x, x, g, step, eps_t).detach()
+
+
 class AdversarialLoss(Penalty):
     """``L(x_adv)`` with ``x_adv`` from the shared PGD core (FGSM is PGD with one step of size ε
     and no random start). Mean over the batch; summed over the heads of a multi-task model."""
@@ -102,6 +117,12 @@ class AdversarialLoss(Penalty):
         self.random_start = bool(random_start)
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
+        # A one-step attack without random start (FGSM-AT) reads the shared clean pass's input
+        # gradient when that pass ran in the attack's mode, instead of a pass of its own.
+        self.needs_input_grad = self.steps == 1 and not self.random_start  # type: ignore[misc]
+        self.double_backward = False  # type: ignore[misc]
+
+    uses_clean_graph = False  # L(x_adv) only; the clean term is the objective's task weight
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                generator: torch.Generator | None = None, ctx: CleanPass | None = None) -> torch.Tensor:
@@ -112,7 +133,12 @@ class AdversarialLoss(Penalty):
                        sampler=sampler_of(ctx), bn_policy=self.bn_policy)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        x_adv = self.attack(model, x, y, ctx=ctx)
+        x_adv = None
+        if self.needs_input_grad:
+            x_adv = one_step_from_clean_pass(ctx, model, self.threat, rel_stepsize=self.rel_stepsize,
+                                             bn_policy=self.bn_policy)
+        if x_adv is None:
+            x_adv = self.attack(model, x, y, ctx=ctx)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             outputs = forward_all(model, x_adv)  # per head: (N, K_h)
         return sum(F.cross_entropy(out, t) for out, t in zip(outputs, split_targets(y)))

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from ..attacks.pgd_core import LossFn, ce_loss, pgd
 from ..modes import BNPolicy, run_mode
 from . import PENALTIES
-from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
+from .advtrain import check_policy, clean_logits, make_threat, one_step_from_clean_pass, perturbed_policy
 from .base import CleanPass, Penalty, main_targets, noise_like, sampler_of
 
 DIVERGENCES = ("kl", "l2-logits", "l2-probs")
@@ -99,6 +99,11 @@ class OutputConsistency(Penalty):
         self.start_std = float(start_std)
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
+        # a one-step CE attack without random start (ARR's FGSM) reads the shared clean pass's
+        # input gradient when that pass ran in the attack's mode
+        self.needs_input_grad = (inner == "ce" and self.steps == 1 and not self.random_start  # type: ignore[misc]
+                                 and self.start_std == 0)
+        self.double_backward = False  # type: ignore[misc]
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         """The detached ``x_adv``; the model runs under ``bn_policy`` and its modes are restored."""
@@ -106,8 +111,11 @@ class OutputConsistency(Penalty):
         if self.inner == "ce":
             loss_fn = ce_loss(main_targets(y))
         else:
-            with torch.no_grad(), run_mode(model, self.bn_policy):
-                loss_fn = kl_loss(model(x))  # p(x) in the attack's mode, as in TRADES
+            if ctx is not None and ctx.shares_mode(model, self.bn_policy):
+                loss_fn = kl_loss(ctx.logits)  # the shared clean pass computed p(x) already
+            else:
+                with torch.no_grad(), run_mode(model, self.bn_policy):
+                    loss_fn = kl_loss(model(x))  # p(x) in the attack's mode, as in TRADES
         start = x + self.start_std * noise_like(ctx, torch.randn, x) if self.start_std > 0 else None
         with torch.enable_grad():
             return pgd(model, x, self.threat, loss_fn, steps=self.steps, rel_stepsize=self.rel_stepsize,
@@ -117,7 +125,12 @@ class OutputConsistency(Penalty):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         if self.threat.eps == 0:
             return x.new_zeros(())  # x_adv = x: nothing to add, exactly
-        x_adv = self.attack(model, x, y, ctx=ctx)
+        x_adv = None
+        if self.needs_input_grad:
+            x_adv = one_step_from_clean_pass(ctx, model, self.threat, rel_stepsize=self.rel_stepsize,
+                                             bn_policy=self.bn_policy)
+        if x_adv is None:
+            x_adv = self.attack(model, x, y, ctx=ctx)
         clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             adv = model(x_adv)  # (N, K)

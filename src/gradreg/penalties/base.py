@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..autodiff import GradRequest, efficient_second_order
 from ..models.base import forward_all
-from ..modes import run_mode
+from ..modes import BNPolicy, mode_invariant, run_mode
 
 
 def split_targets(y: torch.Tensor) -> list[torch.Tensor]:
@@ -78,15 +79,36 @@ class CleanPass:
     """
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, need_input_grad: bool = False,
-                 index: torch.Tensor | None = None, noise: BatchNoise | None = None) -> None:
+                 second_order: bool = False, index: torch.Tensor | None = None,
+                 noise: BatchNoise | None = None) -> None:
         self.model = model
         self.x = x
         self.y = y
         self.index = index  # (N,) positions of these examples in the training set, when known
         self.noise = noise  # rank-independent random numbers of this step, inside the training loop
         self.x_in = x.detach().clone().requires_grad_(need_input_grad)
-        self.outputs = forward_all(model, self.x_in)  # per head: (N, classes_h)
+        # With second_order, convolutions record nodes whose double backward is cheap
+        # (gradreg.autodiff); the request marks input-gradient passes so they skip weights.
+        self.request = GradRequest(root=self.x_in)
+        if second_order and need_input_grad:
+            with efficient_second_order(model, self.request):
+                self.outputs = forward_all(model, self.x_in)  # per head: (N, classes_h)
+        else:
+            self.outputs = forward_all(model, self.x_in)
         self._input_grads: dict[int, torch.Tensor] = {}
+        self._detached_grads: dict[int, torch.Tensor] = {}
+        # Fused mode (set by the objective when no term backpropagates through this pass): the
+        # first input-gradient pass also returns the parameter gradient of the mean main-task
+        # loss, so the step needs no second backward through the clean graph. Penalties then
+        # leave their multiple of ∇θL(x) (``Penalty.clean_weight``) to the objective.
+        self.fused = False
+        self.fused_weight = 0.0  # weight of ∇θ mean CE(x) in the objective's gradient
+        self.param_grads: list[tuple[nn.Parameter, torch.Tensor]] | None = None
+
+    def finish(self) -> None:
+        """No more input gradients will be taken from this pass: the training step's backward
+        then skips the input gradient of the first convolution (only ``x_in.grad`` wanted it)."""
+        self.request.params_only = True
 
     @property
     def logits(self) -> torch.Tensor:
@@ -104,11 +126,35 @@ class CleanPass:
             raise RuntimeError("CleanPass was built with need_input_grad=False")
         if head not in self._input_grads:
             loss = F.cross_entropy(self.outputs[head], split_targets(self.y)[head], reduction="sum")
-            (g,) = torch.autograd.grad(loss, self.x_in, create_graph=True)
+            with self.request.inputs_only():
+                (g,) = torch.autograd.grad(loss, self.x_in, create_graph=True)
             # under bf16 autocast the gradient may come back in low precision; norms and
             # quadratic forms of it are computed in float32 (the input's dtype)
             self._input_grads[head] = g.to(self.x_in.dtype)
         return self._input_grads[head]
+
+    def detached_input_grad(self, head: int = 0) -> torch.Tensor:
+        """g of :meth:`input_grad`, detached. Reuses the graph-keeping gradient when a term has
+        already computed it; otherwise backpropagates once without building a second-order graph."""
+        cached = self._input_grads.get(head, self._detached_grads.get(head))
+        if cached is not None:
+            return cached.detach()
+        loss = F.cross_entropy(self.outputs[head], split_targets(self.y)[head], reduction="sum")
+        if self.fused and head == 0 and self.fused_weight != 0:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            g, *grads = torch.autograd.grad(loss, [self.x_in, *params], allow_unused=True)
+            n = self.x_in.shape[0]  # the sum's gradient / N = the mean loss's gradient
+            self.param_grads = [(p, gp / n) for p, gp in zip(params, grads) if gp is not None]
+        else:
+            with self.request.inputs_only():
+                (g,) = torch.autograd.grad(loss, self.x_in, retain_graph=not self.fused)
+        self._detached_grads[head] = g = g.detach().to(self.x_in.dtype)
+        return g
+
+    def shares_mode(self, model: nn.Module, policy: BNPolicy) -> bool:
+        """Whether a pass of ``model`` under ``policy`` computes what this (clean) pass computed, so
+        a penalty may reuse it: the model is mode-invariant, or the modes agree."""
+        return mode_invariant(model) or (policy == "eval") == (not model.training)
 
 
 class Penalty(nn.Module):
@@ -125,6 +171,14 @@ class Penalty(nn.Module):
       regularizer; Madry's PGD-AT uses 0, the Goodfellow mix α).
     - ``input_dependent``: False for penalties of the weights alone (weight decay, spectral
       norm), which the "zero for a model that ignores its input" test skips.
+    - ``uses_clean_graph``: the value is differentiated through the shared clean pass (its
+      logits or a graph-keeping input gradient). When no active term does, the objective runs
+      the clean pass in fused mode (one backward pass gives the input gradient and the clean
+      parameter gradient).
+    - ``clean_weight``: w such that the penalty's parameter gradient contains w·∇θ mean CE(x)
+      of the main head (−1/φ for DataGrad's finite difference, −1 for Lyu's one step). In fused
+      mode (``ctx.fused``) the penalty detaches that part and the objective adds w·λ to the
+      task weight, so a step whose total clean weight is 0 skips ∇θL(x) altogether.
     """
 
     needs_input_grad: ClassVar[bool] = False
@@ -132,6 +186,8 @@ class Penalty(nn.Module):
     default_lam: ClassVar[float] = 1.0
     task_weight: ClassVar[float] = 1.0
     input_dependent: ClassVar[bool] = True
+    uses_clean_graph: ClassVar[bool] = True  # conservative default
+    clean_weight: ClassVar[float] = 0.0
 
     @property
     def uses_double_backward(self) -> bool:

@@ -13,6 +13,7 @@ class NoPenalty(Penalty):
 
     default_lam = 0.0
     input_dependent = False
+    uses_clean_graph = False
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         return x.new_zeros(())
@@ -31,6 +32,7 @@ class WeightDecay(Penalty):
 
     default_lam = 5e-4
     input_dependent = False
+    uses_clean_graph = False
 
     def __init__(self, *, p: int = 2) -> None:
         super().__init__()

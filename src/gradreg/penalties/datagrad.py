@@ -80,18 +80,6 @@ def grad_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
     raise ValueError(f"unknown gradient norm {norm!r}")
 
 
-def detached_input_grad(ctx: CleanPass, head: int = 0) -> torch.Tensor:
-    """g = ∇ₓ Σᵢ CE for one head, detached. Reuses the shared gradient when another term has
-    already computed it; otherwise backpropagates once without building a second-order graph
-    (cheaper than ``ctx.input_grad``, which keeps the graph for double backprop)."""
-    cached = getattr(ctx, "_input_grads", {}).get(head)
-    if cached is not None:
-        return cached.detach()
-    loss = F.cross_entropy(ctx.outputs[head], split_targets(ctx.y)[head], reduction="sum")
-    (g,) = torch.autograd.grad(loss, ctx.x_in, retain_graph=True)
-    return g.detach()
-
-
 @contextmanager
 def same_mode_frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
     """Leave every module in the mode it is in (the mode of the clean pass) but keep BatchNorm
@@ -140,6 +128,11 @@ class DataGrad(Penalty):
         self.fd_step = float(fd_step)
         self.task_lams = None if task_lams is None else tuple(float(v) for v in task_lams)
         self.default_lam = 0.05 if p == 1 else 1.0  # instance value: depends on the norm (see module doc)
+        # exact: double backprop through the clean pass; fd: a detached gradient, and the
+        # −L(x)/φ part of the difference can be left to the objective (fused mode)
+        self.double_backward = self.uses_clean_graph = solver == "exact"  # type: ignore[misc]
+        main_lam = 1.0 if self.task_lams is None else self.task_lams[0]
+        self.clean_weight = -main_lam / self.fd_step if solver == "fd" else 0.0  # type: ignore[misc]
         self._rnorm = "sq" if self.squared else f"l{p}"
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
@@ -174,7 +167,7 @@ class DataGrad(Penalty):
         return grad_norm(g, self._rnorm).mean()
 
     def _fd(self, model: nn.Module, ctx: CleanPass, t: int) -> torch.Tensor:
-        g = detached_input_grad(ctx, t)  # (N, C, H, W)
+        g = ctx.detached_input_grad(t)  # (N, C, H, W)
         value = grad_norm(g, self._rnorm).mean()  # exact R(g), no graph
         d = self.direction(g)
         target = split_targets(ctx.y)[t]
@@ -183,6 +176,8 @@ class DataGrad(Penalty):
             out_fd = forward_all(model, x0 + self.fd_step * d)[t]
         loss_fd = F.cross_entropy(out_fd, target)
         loss_clean = F.cross_entropy(ctx.outputs[t], target)
+        if ctx.fused:  # the objective adds −(λ/φ)·∇θL(x) itself (clean_weight)
+            loss_clean = loss_clean.detach()
         s = (loss_fd - loss_clean) / self.fd_step
         return value + (s - s.detach())
 

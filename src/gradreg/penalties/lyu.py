@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from ..threat import ThreatModel, canonical_norm, dual_norm
 from . import PENALTIES
 from .base import CleanPass, Penalty, main_targets
-from .datagrad import detached_input_grad, grad_norm, same_mode_frozen_stats
+from .datagrad import grad_norm, same_mode_frozen_stats
 
 DEFAULT_SIGMA = {"linf": 0.1, "l2": 1.0, "l1": 10.0}
 
@@ -71,6 +71,10 @@ class Lyu(Penalty):
             raise ValueError(f"lyu solver must be 'exact' or 'onestep', got {solver!r}")
         self.solver = solver
         self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
+        # onestep uses a detached gradient and leaves its −L(x) to the objective in fused mode:
+        # with λ = 1 the step is then exactly one forward/backward pass on x + r*
+        self.double_backward = self.uses_clean_graph = solver == "exact"  # type: ignore[misc]
+        self.clean_weight = -1.0 if solver == "onestep" else 0.0  # type: ignore[misc]
 
     def perturbation(self, g: torch.Tensor) -> torch.Tensor:
         """r* = σ·ψ(g) for the threat norm, detached ``(N, C, H, W)``."""
@@ -81,14 +85,15 @@ class Lyu(Penalty):
         if self.solver == "exact":
             g = ctx.input_grad(0)  # (N, C, H, W), differentiable
             return self.sigma * grad_norm(g, dual_norm(self.norm)).mean()
-        g = detached_input_grad(ctx, 0)
+        g = ctx.detached_input_grad(0)
         x_adv = ctx.x.detach() + self.perturbation(g)
         if self.bounds is not None:
             x_adv = x_adv.clamp(*self.bounds)
         target = main_targets(ctx.y)
         with same_mode_frozen_stats(model):
             loss_adv = F.cross_entropy(model(x_adv), target)
-        return loss_adv - F.cross_entropy(ctx.logits, target)
+        loss_clean = F.cross_entropy(ctx.logits, target)
+        return loss_adv - (loss_clean.detach() if ctx.fused else loss_clean)
 
 
 @PENALTIES.register("lyu")

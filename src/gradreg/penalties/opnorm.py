@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from ..attacks.pgd_core import pgd
+from ..autodiff import GradRequest, efficient_second_order
 from ..models.base import unwrap
 from ..modes import BNPolicy, run_mode
 from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm
@@ -83,28 +84,40 @@ class PowerResult(NamedTuple):
 
 class _Linearization:
     """Products with the Jacobian J = ∂f/∂x ``(N, K, d)`` of the model's main head at x, from
-    one forward pass. Valid per sample when the samples do not interact (eval mode)."""
+    one forward pass (its own, or the shared clean pass ``shared`` when that pass ran in the
+    power method's mode). Valid per sample when the samples do not interact (eval mode, or a
+    mode-invariant model). Every product is an input-gradient pass (no parameter gradients),
+    through convolutions whose double backward uses first-order kernels (gradreg.autodiff)."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
-        self.x = x.detach().requires_grad_(True)
-        self.out = model(self.x)  # (N, K)
+    def __init__(self, model: nn.Module, x: torch.Tensor, shared: CleanPass | None = None) -> None:
+        if shared is not None:
+            self.x, self.out, self.req = shared.x_in, shared.logits, shared.request  # (N, ...), (N, K)
+        else:
+            self.x = x.detach().requires_grad_(True)
+            self.req = GradRequest(root=self.x)
+            with efficient_second_order(model, self.req):
+                self.out = model(self.x)  # (N, K)
         self.w = torch.zeros_like(self.out, requires_grad=True)  # dummy cotangent
         jt_w = None
         if self.out.requires_grad:
-            (jt_w,) = torch.autograd.grad(self.out, self.x, self.w, create_graph=True, allow_unused=True)
+            with self.req.inputs_only():
+                (jt_w,) = torch.autograd.grad(self.out, self.x, self.w, create_graph=True, retain_graph=True,
+                                              allow_unused=True)
         # Jᵀw is linear in w; differentiating it w.r.t. w along v gives Jv.
         self.jt_w = jt_w if jt_w is not None and jt_w.requires_grad else None
 
     def jv(self, v: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, K)
         if self.jt_w is None:
             return torch.zeros_like(self.out)
-        (out,) = torch.autograd.grad(self.jt_w, self.w, v, retain_graph=True, allow_unused=True)
+        with self.req.inputs_only():
+            (out,) = torch.autograd.grad(self.jt_w, self.w, v, retain_graph=True, allow_unused=True)
         return torch.zeros_like(self.out) if out is None else out.detach()
 
     def jtu(self, u: torch.Tensor) -> torch.Tensor:  # (N, K) -> (N, ...)
         if self.jt_w is None:
             return torch.zeros_like(self.x)
-        (out,) = torch.autograd.grad(self.out, self.x, u, retain_graph=True)
+        with self.req.inputs_only():
+            (out,) = torch.autograd.grad(self.out, self.x, u, retain_graph=True)
         return out.detach()
 
 
@@ -117,21 +130,27 @@ def _fill_zero_rows(v: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def power_method(model: nn.Module, x: torch.Tensor, *, norm: str = "l2", out_norm: str = "l2",
-                 iterations: int = 10, v0: torch.Tensor | None = None,
-                 bn_policy: BNPolicy = "eval") -> PowerResult:
+                 iterations: int = 10, v0: torch.Tensor | None = None, bn_policy: BNPolicy = "eval",
+                 shared: CleanPass | None = None, final_product: bool = True) -> PowerResult:
     """Per-sample (p, q) = (``norm``, ``out_norm``) power method for J(x) of the main head.
 
     ``v0`` (like x) is the start (random when None). Runs the model under ``bn_policy`` and
-    restores its modes. Returns detached σ ``(N,)``, u ``(N, K)`` and v (like x)."""
+    restores its modes; ``shared`` is a clean pass of x (with its input in the graph) to use
+    instead of a forward pass of its own, when it ran in that mode. Returns detached σ
+    ``(N,)``, u ``(N, K)`` and v (like x); with ``final_product=False`` the closing product Jv
+    is skipped and σ, u are NaN (for callers that need v alone, one pass cheaper)."""
     norm, out_norm = canonical_norm(norm), canonical_norm(out_norm)
     x = x.detach()
     v = steepest(torch.randn_like(x) if v0 is None else v0.to(x), norm)
     v = _fill_zero_rows(v, norm)
     with torch.enable_grad(), run_mode(model, bn_policy):
-        lin = _Linearization(model, x)
+        lin = _Linearization(model, x, shared)
         for _ in range(iterations):
             u = steepest(lin.jv(v), dual_norm(out_norm))  # ψ_q(Jv)
             v = steepest(lin.jtu(u), norm)  # ψ_{p*}(Jᵀu)
+        if not final_product:
+            nan = torch.full((x.shape[0],), float("nan"), device=x.device, dtype=x.dtype)
+            return PowerResult(sigma=nan, u=torch.full_like(lin.out, float("nan")).detach(), v=v)
         jv = lin.jv(v)
     return PowerResult(sigma=flat_norm(jv, out_norm), u=steepest(jv, dual_norm(out_norm)), v=v)
 
@@ -140,6 +159,9 @@ class OperatorNorm(Penalty):
     """½‖f(x + εv) − f(x)‖_q² (``sos``) or ½(uᵀJv)² (``uJv``), v from the power method."""
 
     double_backward = True  # Jv by the double-backward trick
+    # the clean pass keeps its input in the graph so the power method can run on it when the
+    # model is mode-invariant (forward): one forward pass less per step
+    needs_input_grad = True
 
     default_lam = 1.0  # our choice
 
@@ -170,17 +192,19 @@ class OperatorNorm(Penalty):
         v = torch.randn(train_x.shape, generator=gen, dtype=torch.float32)  # drawn on the CPU: same on every device
         self.v_buf = steepest(v, self.norm).to(train_x.device)  # deterministic: resume calls setup, then loads state
 
-    def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None) -> PowerResult:
-        """The power method for this batch (warm-started from, and written back to, the buffer)."""
+    def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None, *,
+                 shared: CleanPass | None = None, final_product: bool = True) -> PowerResult:
+        """The power method for this batch (warm-started from, and written back to, the buffer);
+        ``shared`` and ``final_product`` as in :func:`power_method`."""
         if not self.warm_start:
             return power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
-                                bn_policy=self.bn_policy)
+                                bn_policy=self.bn_policy, shared=shared, final_product=final_product)
         if self.v_buf is None or index is None:
             raise RuntimeError("opnorm with warm_start=True needs setup(train_x) and the batch's example indices "
                                "(ctx.index)")
         idx = index.to(self.v_buf.device)
         res = power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
-                           v0=self.v_buf[idx], bn_policy=self.bn_policy)
+                           v0=self.v_buf[idx], bn_policy=self.bn_policy, shared=shared, final_product=final_product)
         # Under torch.distributed every rank keeps the whole buffer (our choice: an epoch's new
         # permutation sends each example to another rank) and writes every rank's rows, so
         # the buffers stay identical and rank 0's checkpoint holds them all.
@@ -191,7 +215,10 @@ class OperatorNorm(Penalty):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         if self.form == "sos" and self.eps == 0:
             return x.new_zeros(())
-        res = self.estimate(model, x, None if ctx is None else ctx.index)
+        shared = ctx if ctx is not None and ctx.x_in.requires_grad and ctx.shares_mode(model, self.bn_policy) else None
+        # the sos form needs v alone; uJv needs u = ψ_q(Jv) too
+        res = self.estimate(model, x, None if ctx is None else ctx.index, shared=shared,
+                            final_product=self.form == "uJv")
         policy = perturbed_policy(model, self.perturbed_bn_policy)
         if self.form == "sos":
             clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
@@ -243,6 +270,7 @@ class SpectralNorm(Penalty):
 
     default_lam = 0.01  # our choice
     input_dependent = False
+    uses_clean_graph = False
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()
