@@ -8,13 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from gradreg import ThreatModel
 from gradreg.analysis import decay_length, softmax_along_line
 from gradreg.cli import main
 from gradreg.config import TrainConfig
 from gradreg.evaluate import evaluate_attack
-from gradreg.harness import EvalSettings, default_grid, evaluate_model, transfer_matrix
+from gradreg.harness import (
+    EvalSettings,
+    ModelEval,
+    default_grid,
+    evaluate_model,
+    masking_checks,
+    rising,
+    transfer_matrix,
+)
 from gradreg.train import train
 
 
@@ -28,6 +37,27 @@ class Rounded(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(torch.round(x * self.levels) / self.levels)
+
+
+class OffDataMask(nn.Module):
+    """A planted gradient-masking model whose *raw* PGD curve rises with ε: an input farther
+    than ``radius`` (ℓ∞) from every stored clean input gets a constant, confident answer — the
+    stored label of the nearest one — so the gradient vanishes there (as for a defence that
+    "purifies" off-data inputs). PGD in a small ball works on the inner network; in a large ball
+    its random start already lands in the flat region and never leaves it, so attacking a
+    larger ball succeeds *less*."""
+
+    def __init__(self, inner: nn.Module, anchors: torch.Tensor, labels: torch.Tensor, radius: float) -> None:
+        super().__init__()
+        self.inner, self.radius = inner, radius
+        self.register_buffer("anchors", anchors.flatten(1))  # (M, d)
+        self.register_buffer("labels", labels)  # (M,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dist = (x.flatten(1)[:, None, :] - self.anchors[None]).abs().amax(dim=2)  # (N, M) ℓ∞ distances
+        nearest, idx = dist.min(dim=1)  # (N,)
+        canned = 10.0 * F.one_hot(self.labels[idx], 10).to(x.dtype)  # (N, 10), constant in x
+        return torch.where((nearest > self.radius)[:, None], canned, self.inner(x))
 
 
 SETTINGS = EvalSettings(attacks=("fgsm", "pgd", "uniform"), pgd_steps=10, n_test=120, deepfool=False)
@@ -44,6 +74,10 @@ def test_masking_checks_quiet_on_a_normal_model(digits_cw: nn.Module, digits) ->
     assert all(c.passed for c in ev.checks), [c for c in ev.checks if not c.passed]
     assert ev.curves["pgd"][0] == pytest.approx(ev.clean)  # ε = 0 is clean accuracy
     assert ev.curves["pgd"][-1] < ev.clean
+    # the raw curve (every ε attacked afresh) exists, falls, and is within noise of the reported one
+    raw = ev.raw_curves["pgd"]
+    assert len(raw) == len(ev.eps) and raw[0] == pytest.approx(ev.clean) and not rising(ev.eps, raw, 0.0)
+    assert all(r >= c - 1e-12 and r <= c + 0.02 for r, c in zip(raw, ev.curves["pgd"]))
 
 
 def test_masking_checks_fire_on_a_rounding_model(digits_cw: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]
@@ -51,6 +85,44 @@ def test_masking_checks_fire_on_a_rounding_model(digits_cw: nn.Module, digits) -
     ev = evaluate_model(masked, digits, SETTINGS, name="rounded")
     failed = {c.name for c in ev.checks if not c.passed}
     assert "unbounded PGD reaches 0%" in failed
+
+
+def test_raw_pgd_check_fires_when_a_larger_ball_succeeds_less(digits_cw: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]
+    n = SETTINGS.n_test
+    masked = OffDataMask(digits_cw, digits.test_x[:n], digits.test_y[:n], radius=10 / 255).eval()
+    ev = evaluate_model(masked, digits, SETTINGS, name="off-data mask")
+    raw, cumulative = ev.raw_curves["pgd"], ev.curves["pgd"]
+    grid = ev.eps  # [0, 4, 8, …, 32]/255: PGD works up to 8/255 and fails from 12/255 on
+    assert raw[2] < ev.clean - 0.03 and raw[-1] == pytest.approx(ev.clean)  # rises back to clean accuracy
+    assert cumulative[-1] == pytest.approx(cumulative[2])  # carry-over hides it: the reported curve is flat
+    check = next(c for c in ev.checks if c.name == "accuracy falls with ε")
+    assert not check.passed and "raw pgd" in check.detail and f"{grid[3]:.4g}" in check.detail
+    # without the raw curve the check has no teeth on this model
+    no_raw = evaluate_model(masked, digits, EvalSettings(**{**SETTINGS.__dict__, "raw_pgd": False}))
+    assert not no_raw.raw_curves
+    assert next(c for c in no_raw.checks if c.name == "accuracy falls with ε").passed
+
+
+def test_rising_compares_with_the_running_minimum() -> None:
+    eps = [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert rising(eps, [0.9, 0.8, 0.81, 0.7, 0.7], 0.02) == []
+    assert rising(eps, [0.9, 0.5, 0.515, 0.53, 0.545], 0.02) == [3, 4]  # a slow climb of small steps
+    assert rising(list(reversed(eps)), [0.7, 0.7, 0.81, 0.8, 0.9], 0.02) == []  # order of ε, not of the list
+    ev = ModelEval(name="m", eps=eps, clean=0.9, curves={"pgd": [0.9, 0.8, 0.7, 0.6, 0.5]},
+                   raw_curves={"pgd": [0.9, 0.5, 0.9, 0.9, 0.9]})
+    check = masking_checks(ev)[0]
+    assert not check.passed and "raw pgd (every ε attacked afresh) at ε=0.2, 0.3, 0.4 (90.0% > 50.0%" in check.detail
+
+
+def test_evaluate_attack_without_carry_over_keeps_the_raw_judgement(digits_cw: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]
+    x, y = digits.test_x[:60], digits.test_y[:60]
+    attack = EvalSettings(pgd_steps=5).make_attack("pgd")
+    eps = [0.0, 0.05, 0.1]
+    rep = evaluate_attack(digits_cw, x, y, attack, ThreatModel("linf", 0, (0, 1)), eps, carry_over=False)
+    assert rep.raw_robust is not None and rep.raw_robust.shape == (3, 60)
+    cumulative = torch.cummin(rep.raw_robust.int(), dim=0).values.bool()  # robust at ε only if at every ε' ≤ ε
+    assert torch.equal(rep.robust, cumulative)
+    assert rep.raw_accuracy[0] == rep.robust_accuracy[0] == rep.clean_accuracy
 
 
 def test_transfer_diagonal_equals_white_box(digits_cw: nn.Module, digits_mlp: nn.Module, digits) -> None:  # type: ignore[no-untyped-def]

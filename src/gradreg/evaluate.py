@@ -13,7 +13,10 @@ An input is robust at ε when it is classified correctly clean *and* at the atta
 Since an adversarial example found at a smaller radius lies in every larger ball, robustness is
 also made monotone over the radii (robust at ε only if robust at every ε' ≤ ε in the list) —
 this only uses points the harness has itself checked. ε = 0 therefore gives the clean accuracy
-exactly.
+exactly. The judgements before that step are kept as ``raw_robust``: with
+``carry_over=False`` (every input attacked afresh at every ε) they are the honest per-ε curve
+that the gradient-masking check "accuracy falls with ε" needs (a curve made monotone cannot
+rise).
 
 Everything is batched over the data (``batch_size``), device-agnostic (batches move to the
 model's device) and shows a tqdm progress bar on a terminal.
@@ -61,6 +64,13 @@ class AttackReport:
     robust: torch.Tensor  # (K, N) bool on the CPU: input n is robust at eps[k]
     max_distance: list[float]  # largest ‖x_adv − x‖ the attack returned (before re-projection)
     violations: list[int] = field(default_factory=list)  # points outside ball/bounds beyond tolerance
+    raw_robust: torch.Tensor | None = None  # (K, N) bool: the per-ε judgement before monotonicity
+
+    @property
+    def raw_accuracy(self) -> list[float]:
+        """Accuracy per ε before robustness is made monotone over the radii (see module doc)."""
+        raw = self.robust if self.raw_robust is None else self.raw_robust
+        return [_fraction(row) for row in raw]
 
     def rows(self) -> list[dict[str, object]]:
         return [{"attack": self.attack, "norm": self.norm, "eps": e, "accuracy": a}
@@ -111,12 +121,15 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                     eps_list: Sequence[float | str], *, batch_size: int = 256, labels: str | None = None,
                     progress: bool | None = None, device: torch.device | str | None = None,
                     source_model: nn.Module | None = None, on_violation: OnViolation = "raise",
-                    atol: float = 1e-5) -> AttackReport:
+                    atol: float = 1e-5, carry_over: bool | None = None) -> AttackReport:
     """Run ``attack`` for every ε of ``eps_list`` on ``(x, y)`` in batches and judge it.
 
     ``labels`` (``"true"``/``"predicted"``) overrides the attack's own label setting.
     ``source_model``: craft the examples on this model and judge them on ``model`` (transfer
     attack); it must live on the same device. ``threat.eps`` is ignored (the list gives ε).
+    ``carry_over``: passed to :meth:`Attack.perturb_multi`; ``None`` carries successes over to
+    larger radii for a white-box attack and not for a transfer attack. ``False`` attacks every
+    input at every ε, so ``raw_robust`` is an independent per-ε judgement.
     """
     if on_violation not in ("raise", "warn"):
         raise ValueError(f"on_violation must be 'raise' or 'warn', got {on_violation!r}")
@@ -138,8 +151,8 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
             # a transfer attack cannot know what fools the judged model: no carry-over there
-            x_advs = attack.perturb_multi(attacker, xb, yb, threat, eps_values,
-                                          carry_over=source_model is None)  # (K, B, ...)
+            carry = source_model is None if carry_over is None else carry_over
+            x_advs = attack.perturb_multi(attacker, xb, yb, threat, eps_values, carry_over=carry)  # (K, B, ...)
             if tuple(x_advs.shape) != (k, *xb.shape):
                 raise AttackViolation(f"attack {attack.name!r} returned shape {tuple(x_advs.shape)}, "
                                       f"expected {(k, *xb.shape)}")
@@ -170,6 +183,7 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                     x_adv = th.project(xb, x_adv) if attack.eps_is_radius else th.clip(x_adv)
                     robust[j, i:i + batch_size] = (ok & (predict(model, x_adv) == yb)).cpu()
             bar.update(len(yb))
+    raw = robust.clone()
     if attack.eps_is_radius:
         # an example found at a smaller radius is a valid one at every larger radius
         order = sorted(range(k), key=lambda j: eps_values[j])
@@ -177,7 +191,8 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
             robust[cur] &= robust[prev]
     acc = [_fraction(row) for row in robust]
     return AttackReport(attack=attack.name, norm=threat.norm, eps=eps_values, clean_accuracy=_fraction(clean),
-                        robust_accuracy=acc, robust=robust, max_distance=max_dist, violations=violations)
+                        robust_accuracy=acc, robust=robust, max_distance=max_dist, violations=violations,
+                        raw_robust=raw)
 
 
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,

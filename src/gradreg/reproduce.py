@@ -1,8 +1,24 @@
 """Run a declarative experiment: train every row, evaluate, build the paper's table with our
-number beside the paper's in every cell that has one."""
+number beside the paper's in every cell that has one.
+
+Columns: ``test`` (clean accuracy), attack columns averaged over the ε grid (``rand``, ``PGD``,
+``T-PGD``, ``FGSM``), transfer columns ``←ROW``, ``ρ`` (DeepFool), and the LRC columns of the
+SGR paper's long-range-correlated noise attack at the one strength ``[lrc] eps`` of the
+experiment file, worst-of-``samples``:
+
+- ``LRC ζ=Z``: ξ ~ N(0, Σ_LRC) with decay length Z pixels (:mod:`gradreg.attacks.lrc`), unit
+  marginal variance times s, where ``[lrc] scale = "unit"`` gives s = 1 (SPEC §3) and
+  ``"data"`` gives s = σ_data, the square root of the training inputs' mean per-pixel variance
+  (Σ_LRC standardized to the data's marginal variance, as SGR standardizes its Σ; our reading);
+- ``LRC Σ=data``: ξ ~ N(0, Σ_data), the empirical covariance of the training inputs used as
+  Σ_LRC (our reading of the paper's "data covariance as Σ_LRC"; same mean noise power ε²·σ²_data
+  as the data-scaled ζ columns).
+"""
 from __future__ import annotations
 
 import json
+import math
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -14,8 +30,19 @@ import torch
 
 from . import experiments
 from .config import TrainConfig, apply_overrides
+from .data import DataBundle
 from .data import load as load_data
-from .harness import EvalSettings, ModelEval, evaluate_model, masking_checks, transfer_matrix
+from .harness import (
+    EvalSettings,
+    ModelEval,
+    evaluate_model,
+    lrc_covariance_curve,
+    lrc_curves,
+    lrc_data_factor,
+    lrc_data_std,
+    masking_checks,
+    transfer_matrix,
+)
 from .report import fmt, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
 from .train import train
@@ -25,6 +52,10 @@ ATTACK_COLUMNS = {"rand": "uniform", "PGD": "pgd", "T-PGD": "tpgd", "FGSM": "fgs
 DATA_LABELS = {"mnist10k": "MNIST-10k (8,000 train / 2,000 test from the MNIST test set)",
                "digits": "scikit-learn digits (8×8)", "mnist": "MNIST", "cifar10": "CIFAR-10",
                "fashion-mnist": "Fashion-MNIST", "cifar100": "CIFAR-100"}
+
+LRC_DATA_COLUMN = "LRC Σ=data"
+_LRC_ZETA_COLUMN = re.compile(r"^LRC ζ=([0-9.]+)$")
+LRC_SCALES = ("unit", "data")
 
 TRAIN_KEYS = {"data", "data_dir", "model", "epochs", "batch_size", "lr", "optimizer", "schedule", "momentum",
               "weight_decay", "augment", "seed", "model_params", "lr_milestones", "lr_gamma", "device"}
@@ -38,6 +69,62 @@ class RowResult:
     train_seconds: float
     test_accuracy: float
     transfer: dict[str, float] = field(default_factory=dict)  # source row → grid-average accuracy
+    lrc: dict[str, float] = field(default_factory=dict)  # LRC column → accuracy at the experiment's ε
+
+
+@dataclass
+class LRCSettings:
+    """The LRC columns' protocol: strength ``eps``, worst-of-``samples``, noise scale s."""
+
+    eps: float
+    samples: int
+    scale: str
+    marginal_std: float = 1.0  # s, resolved against the data set by :meth:`resolve`
+    factor: torch.Tensor | None = None  # F with F·Fᵀ = Σ_data, for the "LRC Σ=data" column
+
+    @classmethod
+    def declared(cls, exp: experiments.Experiment, budget: dict[str, Any]) -> LRCSettings:
+        """From the experiment's ``[lrc]`` table; a budget's ``lrc_samples`` overrides ``samples``."""
+        lrc = exp.lrc
+        if "eps" not in lrc:
+            raise ValueError(f"experiment {exp.name!r} has LRC columns but no [lrc] eps")
+        scale = str(lrc.get("scale", "unit"))
+        if scale not in LRC_SCALES:
+            raise ValueError(f"experiment {exp.name!r}: [lrc] scale must be one of {LRC_SCALES}, got {scale!r}")
+        samples = int(budget.get("lrc_samples", lrc.get("samples", 100)))
+        if samples < 1:
+            raise ValueError(f"experiment {exp.name!r}: LRC samples must be ≥ 1, got {samples}")
+        return cls(eps=float(lrc["eps"]), samples=samples, scale=scale)
+
+    def resolve(self, bundle: DataBundle, columns: list[str]) -> LRCSettings:
+        """Compute what depends on the data: s for ``scale="data"``, Σ_data's factor if needed."""
+        self.marginal_std = lrc_data_std(bundle) if self.scale == "data" else 1.0
+        if LRC_DATA_COLUMN in columns:
+            self.factor = lrc_data_factor(bundle)
+        return self
+
+
+def lrc_column(column: str) -> float | str | None:
+    """``"LRC ζ=4"`` → 4.0, ``"LRC Σ=data"`` → ``"data"``, any other column → None."""
+    if column == LRC_DATA_COLUMN:
+        return "data"
+    match = _LRC_ZETA_COLUMN.match(column)
+    return float(match.group(1)) if match else None
+
+
+def lrc_cells(model: Any, bundle: DataBundle, columns: list[str], lrc: LRCSettings,
+              settings: EvalSettings) -> dict[str, float]:
+    """Accuracy at ``lrc.eps`` for every LRC column of ``columns``."""
+    zetas = {c: z for c in columns if isinstance(z := lrc_column(c), float)}
+    out: dict[str, float] = {}
+    if zetas:
+        curves = lrc_curves(model, bundle, zetas=list(zetas.values()), eps=[lrc.eps], samples=lrc.samples,
+                            settings=settings, marginal_std=lrc.marginal_std)
+        out.update({c: curves[z][0] for c, z in zetas.items()})
+    if LRC_DATA_COLUMN in columns:
+        out[LRC_DATA_COLUMN] = lrc_covariance_curve(model, bundle, factor=lrc.factor, eps=[lrc.eps],
+                                                    samples=lrc.samples, settings=settings)[0]
+    return out
 
 
 def _log(msg: str) -> None:
@@ -83,6 +170,8 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
                                                           if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns)),
                             pgd_steps=int(budget.get("pgd_steps", 40)), n_test=budget.get("n_test"),
                             deepfool="ρ" in exp.columns, seed=int(budget.get("seed", 0)))
+    lrc_cols = [c for c in exp.columns if lrc_column(c) is not None]
+    lrc = LRCSettings.declared(exp, budget).resolve(bundle, lrc_cols) if lrc_cols else None
     results: dict[str, RowResult] = {}
     for i, row in enumerate(chosen, 1):
         loaded, metrics = trained[row.name]
@@ -90,6 +179,8 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
         ev = evaluate_model(loaded.model, bundle, settings, name=row.name, progress=False)
         results[row.name] = RowResult(row.name, row.method, ev, metrics.get("train_seconds", float("nan")),
                                       metrics.get("test_accuracy", ev.clean))
+        if lrc is not None:
+            results[row.name].lrc = lrc_cells(loaded.model, bundle, lrc_cols, lrc, settings)
     sources = [s for s in exp.transfer_sources if s in trained]
     matrix: dict[str, dict[str, list[float]]] = {}
     if sources:
@@ -104,7 +195,7 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
             if not c.passed:
                 print(f"WARNING [{res.name}] gradient-masking check failed: {c.name}: {c.detail}", file=sys.stderr)
     summary = write_report(exp, budget_name, budget, results, matrix, out, settings,
-                           elapsed=time.perf_counter() - started)
+                           elapsed=time.perf_counter() - started, lrc=lrc)
     return summary
 
 
@@ -118,12 +209,46 @@ def cell(res: RowResult, column: str) -> float | None:
         return res.transfer.get(column[1:])
     if column == "ρ":
         return res.eval.rho
+    if lrc_column(column) is not None:
+        return res.lrc.get(column)
     raise ValueError(f"unknown column {column!r}")
+
+
+def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: list[float],
+                     lrc: LRCSettings | None, data_label: str) -> str:
+    """The paragraph under the title that says what every kind of column in the table measures."""
+    has = {"grid": any(c in ATTACK_COLUMNS or c.startswith("←") for c in exp.columns),
+           "transfer": any(c.startswith("←") for c in exp.columns), "rho": "ρ" in exp.columns}
+    points = "all" if settings.n_test is None else f"the first {settings.n_test}"
+    parts = []
+    if has["grid"]:
+        parts.append(f"Accuracies in %, averaged over the ε grid {{{', '.join(f'{e * 255:.3g}/255' for e in grid)}}} "
+                     f"({exp.norm}); PGD-{settings.pgd_steps} with random start on the predicted label; "
+                     f"{points} test points.")
+    else:
+        parts.append(f"Accuracies in %; {points} test points.")
+    if has["transfer"]:
+        parts.append("'←M' is PGD transferred from the model of row M.")
+    if has["rho"]:
+        parts.append("ρ is DeepFool's mean ‖r‖₂/‖x‖₂.")
+    if lrc is not None:
+        scale = (f"s = σ_data = {lrc.marginal_std:.4g}, the square root of the training inputs' mean per-pixel "
+                 "variance (Σ_LRC standardized to the data's marginal variance; our reading)"
+                 if lrc.scale == "data" else "s = 1")
+        parts.append(f"LRC columns: accuracy under worst-of-{lrc.samples} long-range-correlated Gaussian noise "
+                     f"(SGR paper) at strength ε = {lrc.eps:g} on the predicted label: x + ε·s·ξ, clipped to the "
+                     f"bounds; a point counts only if all {lrc.samples} copies are classified correctly. "
+                     f"'LRC ζ=Z': ξ ~ N(0, Σ_LRC) with decay length Z pixels and unit marginal variance, {scale}.")
+        if LRC_DATA_COLUMN in exp.columns:
+            parts.append(f"'{LRC_DATA_COLUMN}': ξ ~ N(0, Σ_data), Σ_data the covariance of the training inputs of "
+                         f"{data_label}, s = 1 (our reading of the paper's \"data covariance as Σ_LRC\").")
+    parts.append("Cost is training time relative to clean training.")
+    return " ".join(parts)
 
 
 def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str, Any], results: dict[str, RowResult],
                  matrix: dict[str, dict[str, list[float]]], out: Path, settings: EvalSettings, *,
-                 elapsed: float) -> dict[str, Any]:
+                 elapsed: float, lrc: LRCSettings | None = None) -> dict[str, Any]:
     data = budget["data"]
     clean_time = next((r.train_seconds for r in results.values() if r.method == "clean"), None)
     header = ["method", *exp.columns, "cost ×clean", "checks"]
@@ -152,11 +277,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         + (f"; the paper's numbers (in parentheses) are on {exp.paper_data}, so they are a reference, not a like-for-like "
            "comparison" if exp.paper_data and data not in exp.paper_data.lower() else "") + ".",
         "",
-        f"Accuracies in %, averaged over the ε grid {{{', '.join(f'{e * 255:.3g}/255' for e in grid)}}} "
-        f"({exp.norm}); PGD-{settings.pgd_steps} with random start on the predicted label; "
-        f"{'all' if settings.n_test is None else f'the first {settings.n_test}'} test points. "
-        "'←M' is PGD transferred from the model of row M; ρ is DeepFool's mean ‖r‖₂/‖x‖₂. "
-        "Cost is training time relative to clean training.", "",
+        describe_columns(exp, settings, grid, lrc, data_label), "",
         table, "",
         f"Budget: {json.dumps(budget)}. Total time {elapsed / 60:.1f} min on {torch.get_num_threads()} threads.", "",
     ]
@@ -166,6 +287,13 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     if pgd_curves:
         plot_curves(out / "pgd.png", pgd_curves, title=f"PGD accuracy vs ε ({data})", xlabel="ε (input units)")
         lines.append("![PGD accuracy](pgd.png)")
+    zeta_cols = [(c, z) for c in exp.columns if isinstance(z := lrc_column(c), float)]
+    if lrc is not None and zeta_cols:
+        lrc_plot = {n: ([z for _, z in zeta_cols], [r.lrc.get(c, math.nan) for c, _ in zeta_cols])
+                    for n, r in results.items()}
+        plot_curves(out / "lrc.png", lrc_plot, title=f"LRC worst-of-{lrc.samples}, ε = {lrc.eps:g} ({data})",
+                    xlabel="decay length ζ (pixels)", logx=True)
+        lines.append("![LRC accuracy](lrc.png)")
     if matrix:
         names = list(results)
         srcs = list(matrix)
@@ -183,6 +311,9 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
                "rows": {n: {"cells": dict(zip(exp.columns, [cell(r, c) for c in exp.columns])),
                             "train_seconds": r.train_seconds, "eval": r.eval.to_dict()} for n, r in results.items()},
                "paper": exp.paper, "transfer": matrix, "table_markdown": table}
+    if lrc is not None:
+        summary["lrc"] = {"eps": lrc.eps, "samples": lrc.samples, "scale": lrc.scale,
+                          "marginal_std": lrc.marginal_std}
     write_json(out / "results.json", summary)
     print(table)
     print(f"report: {out / 'report.md'}")

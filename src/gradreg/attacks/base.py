@@ -85,7 +85,9 @@ class Attack:
         With ``carry_over`` (the default), inputs already misclassified (w.r.t. the attack's
         labels) at a smaller ε — or clean — are carried over unchanged to the larger ones, so only
         the still-robust inputs are attacked again. ``carry_over=False`` attacks every input
-        afresh at every ε (for transfer attacks, where the attacked model is not the judged one).
+        afresh at every ε (for transfer attacks, where the attacked model is not the judged one,
+        and for the harness's raw per-ε curve, which its gradient-masking check needs); the
+        0-ball of a radius attack is then answered with ``x`` itself, without running the attack.
         """
         self.check_threat(threat)
         eps_values = [parse_eps(e) for e in eps_list]
@@ -95,6 +97,9 @@ class Attack:
             y_att = self.attack_labels(model, x, y)
             if not carry_over:
                 for k, e in enumerate(eps_values):
+                    if e == 0 and self.eps_is_radius:  # the 0-ball holds x alone: no attack to run
+                        out[k] = x
+                        continue
                     out[k] = self._perturb(model, x, y_att, threat.with_eps(e)).detach()
                 return out
             with run_mode(model, "eval"):

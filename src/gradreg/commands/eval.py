@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attacks over the grid (default: fgsm pgd tpgd uniform)")
     parser.add_argument("--autoattack-eps", metavar="EPS", help="also run AutoAttack at this ε (needs gradreg[autoattack])")
     parser.add_argument("--no-deepfool", action="store_true", help="skip DeepFool ρ")
+    parser.add_argument("--no-raw-pgd", action="store_true",
+                        help="let PGD carry successes over to larger ε (cheaper) instead of attacking every ε afresh; "
+                             "the masking check 'accuracy falls with ε' then cannot see a raw PGD curve")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     runs = load_runs(args)
     data = check_same_data(runs)
     settings = settings_from_args(args, attacks=tuple(args.attacks), deepfool=not args.no_deepfool,
+                                  raw_pgd=not args.no_raw_pgd,
                                   autoattack_eps=parse_eps(args.autoattack_eps) if args.autoattack_eps else None)
     for name in settings.attacks:
         settings.make_attack(name)  # unknown attack names fail before any work
@@ -72,6 +76,8 @@ def write_eval_report(out, results: list, *, data: str, settings_desc: str) -> N
     for ev in results:
         for a, curve in ev.curves.items():
             per_eps += [[ev.name, a, e, acc] for e, acc in zip(ev.eps, curve)]
+        for a, curve in ev.raw_curves.items():  # every ε attacked afresh (the masking check's curve)
+            per_eps += [[ev.name, f"{a} (raw)", e, acc] for e, acc in zip(ev.eps, curve)]
     write_csv(out / "accuracy_per_eps.csv", ["run", "attack", "eps", "accuracy"], per_eps)
     write_csv(out / "summary.csv", header, rows)
     for a in results[0].curves:

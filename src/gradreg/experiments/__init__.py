@@ -3,9 +3,18 @@
 Each file names the paper's table, its rows (a method with λ and parameters each), its
 columns, the budgets (``tiny`` on digits in minutes, ``cpu`` for a 2-core machine in about an
 hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's reference numbers.
+
+- ``rows_from`` + ``row_names`` reuse another experiment's rows (so shared settings cannot
+  drift apart); ``[[rows]]`` in the same file add rows of its own after them.
+- ``[paper]`` lists one number per column, in column order; ``nan`` marks a cell the paper
+  does not report (TOML has no null), and trailing cells may be left out.
+- ``[lrc]`` configures the LRC columns (``"LRC ζ=4"``, ``"LRC Σ=data"``): ``eps`` (noise
+  strength), ``samples`` (worst-of-k; a budget may override it with ``lrc_samples``) and
+  ``scale`` (``"unit"`` or ``"data"``, see :mod:`gradreg.reproduce`).
 """
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -40,6 +49,7 @@ class Experiment:
     rows: list[Row]
     paper: dict[str, list[float | None]]
     paper_data: str
+    lrc: dict[str, Any] = field(default_factory=dict)  # the LRC columns' eps, samples, scale
 
     def budget(self, name: str) -> dict[str, Any]:
         if name not in self.budgets:
@@ -56,17 +66,20 @@ def load(name: str) -> Experiment:
     if name not in names():
         raise ValueError(f"unknown experiment {name!r} (known: {', '.join(names())})")
     raw = tomllib.loads(resources.files(__name__).joinpath(f"{name}.toml").read_text())
+    rows = []
     if "rows_from" in raw:  # reuse another experiment's rows, so shared settings cannot drift apart
         base = {r.name: r for r in load(raw["rows_from"]).rows}
         rows = [base[n] for n in raw["row_names"]]
-    else:
-        rows = [Row(**r) for r in raw["rows"]]
+    rows += [Row(**r) for r in raw.get("rows", [])]  # the file's own rows, after the reused ones
+    if len({r.name for r in rows}) != len(rows):
+        raise ValueError(f"experiment {name!r}: row names must be unique, got {[r.name for r in rows]}")
     missing = [s for s in raw.get("transfer_sources", []) if s not in {r.name for r in rows}]
     if missing:
         raise ValueError(f"experiment {name!r}: transfer sources {missing} are not rows")
-    paper = {row: [*numbers, *([None] * (len(raw["columns"]) - len(numbers)))]  # a paper may report fewer columns
+    paper = {row: [None if isinstance(v, float) and math.isnan(v) else v for v in numbers]  # nan: not reported
+             + [None] * (len(raw["columns"]) - len(numbers))  # a paper may report fewer columns
              for row, numbers in raw.get("paper", {}).items()}
     return Experiment(name=name, title=raw["title"], note=raw.get("note", ""), columns=raw["columns"],
                       transfer_sources=raw.get("transfer_sources", []), norm=raw.get("norm", "linf"),
                       budgets=raw["budgets"], rows=rows, paper=paper,
-                      paper_data=raw.get("paper_data", ""))
+                      paper_data=raw.get("paper_data", ""), lrc=dict(raw.get("lrc", {})))

@@ -13,7 +13,7 @@ from .base import CleanPass, Penalty, main_targets, split_targets
 PENALTIES: Registry[Penalty] = Registry("method")
 
 # One module per family; importing registers its members.
-_FAMILIES = ("clean", "datagrad", "lyu", "sgr", "arr", "opnorm", "advtrain")
+_FAMILIES = ("clean", "datagrad", "lyu", "sgr", "arr", "opnorm", "advtrain", "noise_aug")
 for _family in _FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")
 
