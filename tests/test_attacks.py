@@ -215,6 +215,9 @@ def test_pgd_matches_art(norm, eps, art_classifier, digits_cw, batch) -> None:  
     from art.attacks.evasion import ProjectedGradientDescent
 
     x, y = batch
+    # NCHW strides, as ART's numpy round trip gives: the same convolution layout on both sides
+    # (gradreg keeps the input's layout through the iterations; the rounding differs by layout)
+    x = x.clone(memory_format=torch.contiguous_format)
     steps, rel = 10, 0.1
     ours = make("pgd", steps=steps, rel_stepsize=rel, random_start=False)(digits_cw, x, y,
                                                                           ThreatModel(norm, eps, (0.0, 1.0)))

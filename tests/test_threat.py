@@ -138,3 +138,17 @@ def test_parse_eps(text, value) -> None:  # type: ignore[no-untyped-def]
 def test_parse_eps_rejects(text) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError):
         parse_eps(text)
+
+
+def test_projection_keeps_the_input_layout() -> None:
+    """A perturbed batch runs through the model in the clean batch's memory format."""
+    from gradreg.threat import same_layout
+
+    x = torch.rand(4, 28, 28, 1).permute(0, 3, 1, 2)  # (N, 1, H, W) with channels-last strides
+    noisy = (x + 0.1 * torch.randn(4, 1, 28, 28)).contiguous()  # NCHW strides
+    for norm in ("linf", "l2", "l1"):
+        out = ThreatModel(norm, 0.05, (0.0, 1.0)).project(x, noisy)
+        assert out.stride() == x.stride()
+    x3 = torch.rand(2, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    moved = same_layout(x3.contiguous(), x3)
+    assert moved.stride() == x3.stride() and torch.equal(moved, x3)

@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .threat import same_layout
+
 _aten = torch.ops.aten
 
 
@@ -115,15 +117,18 @@ class _ConvInputGrad(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        grad_out, weight, _, geom, req = inputs
-        ctx.save_for_backward(grad_out, weight)
+        grad_out, weight, x, geom, req = inputs
+        ctx.save_for_backward(grad_out, weight, x)
         ctx.geom, ctx.req = geom, req
 
     @staticmethod
     def backward(ctx: Any, ggx: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_out, weight = ctx.saved_tensors
+        grad_out, weight, x = ctx.saved_tensors
         g: ConvGeometry = ctx.geom
         g_out = g_w = None
+        # a penalty's cotangent (e.g. from an FFT) may come in another memory format than the
+        # layer's input; the kernels below would then convert their large outputs instead
+        ggx = same_layout(ggx, x)
         if ctx.needs_input_grad[0]:  # ⟨ggx, convᵀ(go, W)⟩ = ⟨conv(ggx, W), go⟩
             g_out = F.conv2d(ggx, weight, None, g.stride, g.padding, g.dilation, g.groups)
         if ctx.needs_input_grad[1] and not ctx.req.input_only:  # the weight gradient of conv(ggx, W) at go

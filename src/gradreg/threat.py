@@ -58,6 +58,17 @@ def check_eps_fits(eps: float, norm: str, bounds: tuple[float, float], dim: int)
                          f"({diameter:g}); did you mean {eps:g}/255?")
 
 
+def same_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with the strides of ``like`` (same shape): a perturbed input then runs through the
+    model in the memory format of the clean one. For a 1-channel image batch both NCHW and
+    channels-last strides describe the same bytes, and which one a tensor carries decides the
+    layout the convolutions pick: on the 2-core CPU the C&W MNIST CNN's input-gradient pass took
+    36 ms with the data's channels-last strides and 41 ms with NCHW ones (batch 128)."""
+    if t.stride() == like.stride() or t.shape != like.shape:
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
 def flat_norm(z: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample norm of a batch ``(N, ...) -> (N,)``."""
     z = z.flatten(1)
@@ -133,7 +144,7 @@ class ThreatModel:
             delta = delta * _bcast(factor, delta)
         else:
             delta = _project_l1(delta, eps_t)
-        return self.clip(x + delta)
+        return same_layout(self.clip(x + delta), x)
 
     def normalize(self, g: torch.Tensor) -> torch.Tensor:
         """Steepest-ascent direction of unit norm for a gradient ``g``.

@@ -316,7 +316,9 @@ class Trainer:
         # bf16 autocast covers the forward passes; CleanPass hands penalties float32 gradients
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
             out = self.objective(self.net, x, y, index=idx, noise=noise)
-        (out.loss * (share * self.world)).backward()
+        # gradients for the parameters only: the clean pass's input may be in the graph (for the
+        # penalties' input gradients), and nobody wants its .grad
+        (out.loss * (share * self.world)).backward(inputs=[p for p in self.model.parameters() if p.requires_grad])
         bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
         if not torch.isfinite(out.loss):
             bad.append("loss")

@@ -53,6 +53,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.base import forward_all
+from ..threat import same_layout
 from . import PENALTIES
 from .base import CleanPass, Penalty, split_targets
 
@@ -173,7 +174,7 @@ class DataGrad(Penalty):
         target = split_targets(ctx.y)[t]
         x0 = ctx.x.detach()
         with same_mode_frozen_stats(model):
-            out_fd = forward_all(model, x0 + self.fd_step * d)[t]
+            out_fd = forward_all(model, same_layout(x0 + self.fd_step * d, x0))[t]
         loss_fd = F.cross_entropy(out_fd, target)
         loss_clean = F.cross_entropy(ctx.outputs[t], target)
         if ctx.fused:  # the objective adds −(λ/φ)·∇θL(x) itself (clean_weight)

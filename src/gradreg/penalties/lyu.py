@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..threat import ThreatModel, canonical_norm, dual_norm
+from ..threat import ThreatModel, canonical_norm, dual_norm, same_layout
 from . import PENALTIES
 from .base import CleanPass, Penalty, main_targets
 from .datagrad import grad_norm, same_mode_frozen_stats
@@ -86,7 +86,7 @@ class Lyu(Penalty):
             g = ctx.input_grad(0)  # (N, C, H, W), differentiable
             return self.sigma * grad_norm(g, dual_norm(self.norm)).mean()
         g = ctx.detached_input_grad(0)
-        x_adv = ctx.x.detach() + self.perturbation(g)
+        x_adv = same_layout(ctx.x.detach() + self.perturbation(g), ctx.x)
         if self.bounds is not None:
             x_adv = x_adv.clamp(*self.bounds)
         target = main_targets(ctx.y)

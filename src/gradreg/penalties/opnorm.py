@@ -62,7 +62,7 @@ from ..attacks.pgd_core import pgd
 from ..autodiff import GradRequest, efficient_second_order
 from ..models.base import unwrap
 from ..modes import BNPolicy, run_mode
-from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm
+from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm, same_layout
 from . import PENALTIES
 from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
 from .. import distributed
@@ -223,7 +223,7 @@ class OperatorNorm(Penalty):
         if self.form == "sos":
             clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
             with run_mode(model, policy):
-                pert = model(x + self.eps * res.v)  # (N, K)
+                pert = model(same_layout(x + self.eps * res.v, x))  # (N, K)
             return 0.5 * (flat_norm(pert - clean, self.out_norm) ** 2).mean()
         # uJv = ⟨Jᵀu, v⟩; create_graph keeps it differentiable in θ
         create_graph = torch.is_grad_enabled()
