@@ -137,14 +137,14 @@ def floors(x: torch.Tensor, y: torch.Tensor, *, rounds: int, clean_ms: float) ->
 def relative_gap(pen: penalties.Penalty, model: torch.nn.Module, x: torch.Tensor,
                  reference: torch.Tensor) -> tuple[float, float]:
     """Median and 95th percentile of |σ_warm − σ_ref| / σ_ref. σ_warm is what the next training
-    step would compute: one iteration from each example's kept v (the buffer is not written)."""
-    warm = power_method(model, x, norm="l2", iterations=1, v0=pen.v_buf).sigma
+    step would compute: one iteration from each example's kept u (the buffer is not written)."""
+    warm = power_method(model, x, norm="l2", iterations=1, u0=pen.u_buf).sigma
     rel = (warm - reference).abs() / reference.clamp_min(1e-12)
     return 100 * float(rel.median()), 100 * float(rel.quantile(0.95))
 
 
 def warm_start_accuracy(x_all: torch.Tensor, y_all: torch.Tensor, *, batch_size: int, epochs: int) -> None:
-    """Train with the warm-started opnorm penalty (1 iteration per step, each example's last v
+    """Train with the warm-started opnorm penalty (1 iteration per step, each example's last u
     kept) and, after every epoch over the pool, compare its σ estimate with a fresh
     10-iteration power method on the same weights; also show how far 10 iterations are from 50."""
     torch.manual_seed(0)

@@ -71,7 +71,7 @@ def test_opnorm_warm_start_buffer_is_complete_under_two_ranks(tmp_path: Path) ->
     _run([*args, "--out", str(tmp_path / "two")], 2)
     g1, _ = checkpoint.load(tmp_path / "one" / checkpoint.CURRENT)
     g2, _ = checkpoint.load(tmp_path / "two" / checkpoint.CURRENT)
-    v1, v2 = g1["objective"]["penalties.opnorm.v_buf"], g2["objective"]["penalties.opnorm.v_buf"]
+    v1, v2 = g1["objective"]["penalties.opnorm.u_buf"], g2["objective"]["penalties.opnorm.u_buf"]
     assert v1.shape == v2.shape
     assert float((v1 - v2).abs().max()) < 1e-3
 

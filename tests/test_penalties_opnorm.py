@@ -133,14 +133,34 @@ def test_warm_start_converges_to_cold_estimate() -> None:
 
     ref = power_method(model, train_x, iterations=200)
     epoch()
-    assert float(cos(pen.v_buf, ref.v).min()) < 0.999  # one iteration from a random start is not enough
+    assert pen.u_buf.shape == (12, 3)  # K numbers per example
+    assert float(cos(pen.u_buf, ref.u).min()) < 0.999  # one iteration from a random start is not enough
     for _ in range(25):
         epoch()
-    assert bool((cos(pen.v_buf, ref.v) > 1 - 1e-6).all())
-    warm = power_method(model, train_x, iterations=0, v0=pen.v_buf).sigma
+    assert bool((cos(pen.u_buf, ref.u) > 1 - 1e-6).all())
+    warm = power_method(model, train_x, iterations=1, u0=pen.u_buf)  # what the next step computes
+    assert bool((cos(warm.v, ref.v) > 1 - 1e-6).all())
     cold10 = power_method(model, train_x, iterations=10).sigma
-    torch.testing.assert_close(warm, cold10, rtol=1e-4, atol=0)
-    torch.testing.assert_close(warm, ref.sigma, rtol=1e-6, atol=0)
+    torch.testing.assert_close(warm.sigma, cold10, rtol=1e-4, atol=0)
+    torch.testing.assert_close(warm.sigma, ref.sigma, rtol=1e-6, atol=0)
+
+
+def test_output_space_start_is_one_half_iteration() -> None:
+    """From u0, v = ψ(Jᵀu0) then u = ψ(Jv): the same as an input-space start at v0 = Jᵀu0."""
+    model = relu_mlp()
+    x = torch.rand(5, 8, dtype=torch.float64)
+    u0 = torch.randn(5, 3, dtype=torch.float64)
+    jac = torch.func.vmap(torch.func.jacrev(model))(x)  # (N, K, d)
+    v0 = torch.einsum("nkd,nk->nd", jac, u0 / u0.norm(dim=1, keepdim=True))
+    for k in (1, 3):
+        a = power_method(model, x, iterations=k, u0=u0)
+        b = power_method(model, x, iterations=k - 1, v0=v0) if k > 1 else None
+        want_v = v0 / v0.norm(dim=1, keepdim=True) if b is None else b.v
+        torch.testing.assert_close(a.v, want_v)
+        jv = torch.einsum("nkd,nd->nk", jac, a.v)
+        torch.testing.assert_close(a.sigma, jv.norm(dim=1))
+    with pytest.raises(ValueError, match="iterations ≥ 1"):
+        power_method(model, x, iterations=0, u0=u0)
 
 
 def test_warm_start_state_is_checkpointed_and_deterministic() -> None:
@@ -150,14 +170,24 @@ def test_warm_start_state_is_checkpointed_and_deterministic() -> None:
     a, b = make("opnorm", warm_start=True, eps=0.1), make("opnorm", warm_start=True, eps=0.1)
     a.setup(train_x)
     b.setup(train_x)
-    assert torch.equal(a.v_buf, b.v_buf) and a.v_buf.shape == (10, 8)
     idx = torch.arange(3, 7)
     a(model, train_x[idx], y[idx], ctx=CleanPass(model, train_x[idx], y[idx], index=idx))
-    assert not torch.equal(a.v_buf, b.v_buf)
     state = a.state_dict()
-    assert set(state) == {"v_buf"}
-    b.load_state_dict(state)
-    assert torch.equal(a.v_buf, b.v_buf)
+    assert set(state) == {"u_buf"} and state["u_buf"].shape == (10, 3)
+    fresh = make("opnorm", warm_start=True, eps=0.1)
+    fresh.setup(train_x)
+    fresh.load_state_dict(state)  # before its first step: the buffer takes the checkpoint's shape
+    assert torch.equal(fresh.u_buf, a.u_buf)
+    # the initial draw is seeded: a second penalty starts from the same u, so equal steps agree
+    b(model, train_x[idx], y[idx], ctx=CleanPass(model, train_x[idx], y[idx], index=idx))
+    assert torch.equal(a.u_buf, b.u_buf)
+    untouched = torch.ones(10, dtype=torch.bool)
+    untouched[idx] = False
+    c = make("opnorm", warm_start=True, eps=0.1)
+    c.setup(train_x)
+    c(model, train_x[:2], y[:2], ctx=CleanPass(model, train_x[:2], y[:2], index=torch.arange(2)))
+    assert torch.equal(a.u_buf[untouched & (torch.arange(10) >= 2)], c.u_buf[untouched & (torch.arange(10) >= 2)])
+    assert not torch.equal(a.u_buf[idx], c.u_buf[idx])  # written back where the step ran
     with pytest.raises(RuntimeError, match="ctx.index"):
         a(model, train_x[idx], y[idx])
 

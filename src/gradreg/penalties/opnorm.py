@@ -22,11 +22,14 @@ The penalty, λ outside:
 - ``form="sos"`` (default, the experiments' numerically stable form): ½·‖f(x + εv) − f(x)‖_q²
 - ``form="uJv"``: ½·(uᵀJ(x)v)² with u = ψ_q(Jv), both detached (≈ ½σ², σ the operator norm).
 
-Warm start (``warm_start=True``, our addition for cost): ``setup(train_x)`` allocates a
-buffer of one v per training example ``(N_train, *x.shape[1:])``, initialized from a seeded
-generator; each step starts from the example's last v (looked up by ``ctx.index``) and runs
-``iterations`` (default 1 instead of 10) iterations, then writes v back. The buffer is in
-``state_dict``; ``setup`` must run before ``load_state_dict`` (the loop's contract).
+Warm start (``warm_start=True``, our addition for cost): the penalty keeps one *output-space*
+vector u per training example, ``u_buf`` ``(N_train, K)``, drawn from a seeded generator at the
+first step (K is the model's number of logits); each step continues the example's iteration
+from its last u (looked up by ``ctx.index``): v = ψ_{p*}(Jᵀu), then ``iterations − 1`` more
+iterations (default 1 in all), then u = ψ_q(Jv) is written back. Keeping u rather than v saves
+a pass: the one ``create_graph`` backward that the Jv products need is taken at the cotangent
+u, so its value is Jᵀu for free; and the state is K numbers per example instead of d. The
+buffer is in ``state_dict``; ``setup`` must run before ``load_state_dict`` (the loop's contract).
 
 ``snr``: the global baseline of Yoshida & Miyato, "Spectral Norm Regularization for Improving
 the Generalizability of Deep Learning", 2017: (λ/2)·Σ_l σ(W_l)² over every ``Linear`` and
@@ -89,7 +92,8 @@ class _Linearization:
     mode-invariant model). Every product is an input-gradient pass (no parameter gradients),
     through convolutions whose double backward uses first-order kernels (gradreg.autodiff)."""
 
-    def __init__(self, model: nn.Module, x: torch.Tensor, shared: CleanPass | None = None) -> None:
+    def __init__(self, model: nn.Module, x: torch.Tensor, shared: CleanPass | None = None,
+                 w0: torch.Tensor | None = None) -> None:
         if shared is not None:
             self.x, self.out, self.req = shared.x_in, shared.logits, shared.request  # (N, ...), (N, K)
         else:
@@ -97,7 +101,9 @@ class _Linearization:
             self.req = GradRequest(root=self.x)
             with efficient_second_order(model, self.req):
                 self.out = model(self.x)  # (N, K)
-        self.w = torch.zeros_like(self.out, requires_grad=True)  # dummy cotangent
+        # the cotangent at which Jᵀw is built: its value only matters for jt_w0 (Jv does not depend on it)
+        w = torch.zeros_like(self.out) if w0 is None else w0.detach().to(self.out).clone()
+        self.w = w.requires_grad_(True)  # (N, K)
         jt_w = None
         if self.out.requires_grad:
             with self.req.inputs_only():
@@ -105,6 +111,7 @@ class _Linearization:
                                               allow_unused=True)
         # Jᵀw is linear in w; differentiating it w.r.t. w along v gives Jv.
         self.jt_w = jt_w if jt_w is not None and jt_w.requires_grad else None
+        self.jt_w0 = torch.zeros_like(self.x) if self.jt_w is None else self.jt_w.detach()  # Jᵀw0 (N, ...)
 
     def jv(self, v: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, K)
         if self.jt_w is None:
@@ -130,21 +137,31 @@ def _fill_zero_rows(v: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def power_method(model: nn.Module, x: torch.Tensor, *, norm: str = "l2", out_norm: str = "l2",
-                 iterations: int = 10, v0: torch.Tensor | None = None, bn_policy: BNPolicy = "eval",
-                 shared: CleanPass | None = None, final_product: bool = True) -> PowerResult:
+                 iterations: int = 10, v0: torch.Tensor | None = None, u0: torch.Tensor | None = None,
+                 bn_policy: BNPolicy = "eval", shared: CleanPass | None = None,
+                 final_product: bool = True) -> PowerResult:
     """Per-sample (p, q) = (``norm``, ``out_norm``) power method for J(x) of the main head.
 
-    ``v0`` (like x) is the start (random when None). Runs the model under ``bn_policy`` and
-    restores its modes; ``shared`` is a clean pass of x (with its input in the graph) to use
+    Starts from ``v0`` (like x; random when None) or, when given, from the output-space ``u0``
+    ``(N, K)``: then v = ψ_{p*}(Jᵀu0) is the first half-iteration and counts as one of the
+    ``iterations`` (≥ 1), and it costs no pass of its own. Runs the model under ``bn_policy``
+    and restores its modes; ``shared`` is a clean pass of x (with its input in the graph) to use
     instead of a forward pass of its own, when it ran in that mode. Returns detached σ
     ``(N,)``, u ``(N, K)`` and v (like x); with ``final_product=False`` the closing product Jv
     is skipped and σ, u are NaN (for callers that need v alone, one pass cheaper)."""
     norm, out_norm = canonical_norm(norm), canonical_norm(out_norm)
     x = x.detach()
-    v = steepest(torch.randn_like(x) if v0 is None else v0.to(x), norm)
-    v = _fill_zero_rows(v, norm)
+    if u0 is not None:  # a zero row (e.g. kept from a model that ignored its input) restarts at random
+        u0 = _fill_zero_rows(steepest(u0.to(x), dual_norm(out_norm)), dual_norm(out_norm))
     with torch.enable_grad(), run_mode(model, bn_policy):
-        lin = _Linearization(model, x, shared)
+        lin = _Linearization(model, x, shared, w0=u0)
+        if u0 is None:
+            v = _fill_zero_rows(steepest(torch.randn_like(x) if v0 is None else v0.to(x), norm), norm)
+        else:
+            if iterations < 1:
+                raise ValueError(f"a start u0 needs iterations ≥ 1, got {iterations}")
+            v = steepest(lin.jt_w0, norm)  # ψ_{p*}(Jᵀu0)
+            iterations -= 1
         for _ in range(iterations):
             u = steepest(lin.jv(v), dual_norm(out_norm))  # ψ_q(Jv)
             v = steepest(lin.jtu(u), norm)  # ψ_{p*}(Jᵀu)
@@ -177,20 +194,41 @@ class OperatorNorm(Penalty):
         self.eps = make_threat(self.norm, eps, (0.0, 1.0)).eps
         self.form = form
         self.iterations = (1 if warm_start else 10) if iterations is None else int(iterations)
-        if self.iterations < 0 or (self.iterations == 0 and not warm_start):
-            raise ValueError(f"iterations must be ≥ 1 (≥ 0 with warm start), got {iterations}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be ≥ 1, got {iterations}")
         self.warm_start = bool(warm_start)
         self.seed = int(seed)
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
-        self.register_buffer("v_buf", None)  # (N_train, *x.shape[1:]) after setup, warm start only
+        self.register_buffer("u_buf", None)  # (N_train, K) from the first step, warm start only
+        self._n_train: int | None = None
 
     def setup(self, train_x: torch.Tensor) -> None:
-        if not self.warm_start:
-            return
-        gen = torch.Generator().manual_seed(self.seed)
-        v = torch.randn(train_x.shape, generator=gen, dtype=torch.float32)  # drawn on the CPU: same on every device
-        self.v_buf = steepest(v, self.norm).to(train_x.device)  # deterministic: resume calls setup, then loads state
+        if self.warm_start:
+            self._n_train = len(train_x)  # the buffer's rows; K is known at the first step
+
+    def _buffer(self, logits_like: torch.Tensor) -> torch.Tensor:
+        """``u_buf``, created at the first step from a seeded generator (deterministic: the same
+        on every rank and device, and a resumed run loads it from the checkpoint instead)."""
+        if self.u_buf is None:
+            if self._n_train is None:
+                raise RuntimeError("opnorm with warm_start=True needs setup(train_x) before the first step")
+            gen = torch.Generator().manual_seed(self.seed)
+            u = torch.randn((self._n_train, logits_like.shape[1]), generator=gen, dtype=torch.float32)
+            self.u_buf = steepest(u, dual_norm(self.out_norm)).to(logits_like.device)
+        elif self.u_buf.shape[1] != logits_like.shape[1]:
+            raise ValueError(f"opnorm warm-start state has {self.u_buf.shape[1]} outputs per example, the model "
+                             f"{logits_like.shape[1]}: the checkpoint belongs to another model")
+        return self.u_buf
+
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        saved = state_dict.get(prefix + "u_buf")
+        if saved is not None and self.u_buf is None:  # not created yet: take the checkpoint's shape
+            self.u_buf = torch.empty_like(saved)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None, *,
                  shared: CleanPass | None = None, final_product: bool = True) -> PowerResult:
@@ -199,17 +237,23 @@ class OperatorNorm(Penalty):
         if not self.warm_start:
             return power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
                                 bn_policy=self.bn_policy, shared=shared, final_product=final_product)
-        if self.v_buf is None or index is None:
-            raise RuntimeError("opnorm with warm_start=True needs setup(train_x) and the batch's example indices "
-                               "(ctx.index)")
-        idx = index.to(self.v_buf.device)
+        if index is None:
+            raise RuntimeError("opnorm with warm_start=True needs the batch's example indices (ctx.index)")
+        if self.u_buf is None:
+            with torch.no_grad(), run_mode(model, "eval"):
+                probe = model(x[:1])  # (1, K): only the number of outputs
+            buf = self._buffer(probe)
+        else:
+            buf = self.u_buf
+        idx = index.to(buf.device)
+        # the closing product Jv is always taken: it gives the u to keep
         res = power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
-                           v0=self.v_buf[idx], bn_policy=self.bn_policy, shared=shared, final_product=final_product)
+                           u0=buf[idx], bn_policy=self.bn_policy, shared=shared)
         # Under torch.distributed every rank keeps the whole buffer (our choice: an epoch's new
         # permutation sends each example to another rank) and writes every rank's rows, so
         # the buffers stay identical and rank 0's checkpoint holds them all.
-        all_idx, all_v = distributed.all_gather_rows(idx, res.v.to(self.v_buf))
-        self.v_buf[all_idx] = all_v
+        all_idx, all_u = distributed.all_gather_rows(idx, res.u.to(buf))
+        buf[all_idx] = all_u
         return res
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
