@@ -180,6 +180,14 @@ def test_eval_transfer_lrc_analyze_commands_write_reports(two_runs: list[Path], 
     assert main(["lrc", *runs, "--out", str(tmp_path / "lrc"), "--n-test", "40", "--samples", "5",
                  "--zeta", "1", "4", "--eps", "0", "0.3"]) == 0
     assert (tmp_path / "lrc" / "lrc_eps1.png").is_file()
+    unit = json.loads((tmp_path / "lrc" / "results.json").read_text())
+    assert main(["lrc", runs[0], "--out", str(tmp_path / "lrc-data"), "--n-test", "40", "--samples", "5",
+                 "--zeta", "1", "4", "--eps", "0", "0.3", "--scale", "data"]) == 0
+    scaled = json.loads((tmp_path / "lrc-data" / "results.json").read_text())
+    assert unit["scale"] == "unit" and scaled["scale"] == "data"
+    assert "σ_data" in (tmp_path / "lrc-data" / "report.md").read_text()
+    # σ_data < 1 on [0, 1] images: weaker noise than s = 1, so at ε = 0.3 no worse accuracy
+    assert all(scaled["results"]["clean"][z][1] >= unit["results"]["clean"][z][1] for z in ("1.0", "4.0"))
     assert main(["analyze", runs[0], "--out", str(tmp_path / "an"), *common]) == 0
     an = json.loads((tmp_path / "an" / "results.json").read_text())
     assert len(an["perturbation"]) == len(an["data"]) and an["data"][0] > 0

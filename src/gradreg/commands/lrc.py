@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..harness import EvalSettings, lrc_curves
+from ..harness import EvalSettings, lrc_curves, lrc_data_std
 from ..report import fmt, markdown_table, plot_curves, write_csv, write_json
 from ..threat import parse_eps
 from .common import add_run_arguments, check_same_data, is_writer, load_runs, output_dir
@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zeta", nargs="+", type=float, default=[1, 2, 4, 8, 16], help="decay lengths ζ in pixels")
     parser.add_argument("--eps", nargs="+", default=["0", "0.1", "0.2", "0.3"], help="noise strengths ε")
     parser.add_argument("--samples", type=int, default=100, help="worst-of-k copies (default 100)")
+    parser.add_argument("--scale", choices=("unit", "data"), default="unit",
+                        help="noise scale s in x + ε·s·ξ: 1 (default), or the square root of the training "
+                             "inputs' mean per-pixel variance (the lrc-cifar10 experiment's protocol)")
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -31,10 +34,16 @@ def run(args: argparse.Namespace) -> int:
     data = check_same_data(runs)
     out = output_dir(args)
     settings = EvalSettings(n_test=args.n_test, batch_size=args.batch_size, seed=args.seed)
-    results = {r.name: lrc_curves(r.model, r.data(data_dir=args.data_dir), zetas=args.zeta, eps=eps,
-                                  samples=args.samples, settings=settings) for r in runs}
+    results = {}
+    for r in runs:
+        bundle = r.data(data_dir=args.data_dir)
+        std = lrc_data_std(bundle) if args.scale == "data" else 1.0
+        results[r.name] = lrc_curves(r.model, bundle, zetas=args.zeta, eps=eps, samples=args.samples,
+                                     settings=settings, marginal_std=std)
     if not is_writer():
         return 0
+    scale_text = ("s = σ_data, the square root of the training inputs' mean per-pixel variance"
+                  if args.scale == "data" else "s = 1")
     header = ["run", *[f"ζ={z:g}" for z in args.zeta]]
     rows = [[name, *[fmt(sum(c[z]) / len(c[z])) for z in c]] for name, c in results.items()]
     table = markdown_table(header, rows)
@@ -51,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
                     xlabel="decay length ζ (pixels)", logx=True)
         plots.append(f"![lrc ε={e:g}]({name})")
     (out / "report.md").write_text(
-        f"# Long-range-correlated noise on {data}\n\nAccuracy (%) under worst-of-{args.samples} LRC noise, "
+        f"# Long-range-correlated noise on {data}\n\nAccuracy (%) under worst-of-{args.samples} LRC noise "
+        f"(x + ε·s·ξ, {scale_text}), "
         f"averaged over ε ∈ {{{', '.join(f'{e:g}' for e in eps)}}}, per decay length ζ.\n\n{table}\n\n" + "\n".join(plots) + "\n")
-    write_json(out / "results.json", {"data": data, "eps": eps, "samples": args.samples,
+    write_json(out / "results.json", {"data": data, "eps": eps, "samples": args.samples, "scale": args.scale,
                                       "results": {n: {str(z): a for z, a in c.items()} for n, c in results.items()}})
     return 0
