@@ -286,3 +286,23 @@ def test_eps_zero_and_bad_arguments() -> None:
     assert float(make("opnorm-at", eps=0)(model, x, y)) == 0.0
     with pytest.raises(ValueError, match="form"):
         make("opnorm", form="frobenius")
+
+
+def test_cold_start_is_the_same_for_any_split_of_the_batch() -> None:
+    """Without warm start the random v comes from the loop's BatchNoise: the two halves of a
+    batch (two ranks) draw what the whole batch draws, so the per-sample penalties agree."""
+    from gradreg.penalties.base import BatchNoise
+
+    model = relu_mlp()
+    x = torch.rand(8, 8, dtype=torch.float64)
+    y = torch.zeros(8, dtype=torch.long)
+    pen = make("opnorm", eps=0.1, iterations=1)  # one iteration: the start still matters
+
+    def value(rows: torch.Tensor) -> float:
+        noise = BatchNoise(7, rows, 8)
+        ctx = CleanPass(model, x[rows], y[rows], index=rows, noise=noise)
+        return float(pen(model, x[rows], y[rows], ctx=ctx))
+
+    whole = value(torch.arange(8))
+    halves = (value(torch.arange(0, 4)) + value(torch.arange(4, 8))) / 2
+    assert halves == pytest.approx(whole, rel=1e-12)

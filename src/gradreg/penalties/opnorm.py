@@ -69,7 +69,7 @@ from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm, same_lay
 from . import PENALTIES
 from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
 from .. import distributed
-from .base import CleanPass, Penalty, sampler_of
+from .base import CleanPass, Penalty, noise_like, sampler_of
 
 FORMS = ("sos", "uJv")
 
@@ -231,12 +231,14 @@ class OperatorNorm(Penalty):
                                       error_msgs)
 
     def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None, *,
-                 shared: CleanPass | None = None, final_product: bool = True) -> PowerResult:
+                 shared: CleanPass | None = None, final_product: bool = True,
+                 v0: torch.Tensor | None = None) -> PowerResult:
         """The power method for this batch (warm-started from, and written back to, the buffer);
-        ``shared`` and ``final_product`` as in :func:`power_method`."""
+        ``shared``, ``final_product`` and (without warm start) the random start ``v0`` as in
+        :func:`power_method`."""
         if not self.warm_start:
             return power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
-                                bn_policy=self.bn_policy, shared=shared, final_product=final_product)
+                                v0=v0, bn_policy=self.bn_policy, shared=shared, final_product=final_product)
         if index is None:
             raise RuntimeError("opnorm with warm_start=True needs the batch's example indices (ctx.index)")
         if self.u_buf is None:
@@ -261,8 +263,10 @@ class OperatorNorm(Penalty):
             return x.new_zeros(())
         shared = ctx if ctx is not None and ctx.x_in.requires_grad and ctx.shares_mode(model, self.bn_policy) else None
         # the sos form needs v alone; uJv needs u = ψ_q(Jv) too
+        # a cold start draws from the loop's rank-independent noise: the same v for any split
+        v0 = None if self.warm_start else noise_like(ctx, torch.randn, x.detach())
         res = self.estimate(model, x, None if ctx is None else ctx.index, shared=shared,
-                            final_product=self.form == "uJv")
+                            final_product=self.form == "uJv", v0=v0)
         policy = perturbed_policy(model, self.perturbed_bn_policy)
         if self.form == "sos":
             clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
