@@ -7,7 +7,7 @@ median clean step time. Inputs are MNIST-10k images when the shared MNIST test s
 random images otherwise (timing does not depend on the values).
 
 Also checks the warm-started operator-norm penalty: while training with 1 power iteration per
-step (each example's last v kept), after every epoch over the pool its σ estimate is compared
+step (each example's last output-space u kept), after every epoch over the pool its σ estimate is compared
 with a fresh 10-iteration estimate on the same weights (and the fresh 10-iteration estimate
 with a 50-iteration one, to show how converged the reference itself is).
 
