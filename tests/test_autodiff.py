@@ -88,3 +88,24 @@ def test_params_only_skips_the_input_gradient_but_not_the_parameters() -> None:
     want = torch.autograd.grad(F.cross_entropy(net(x), y), list(net.parameters()))
     for p, w in zip(net.parameters(), want):
         torch.testing.assert_close(p.grad, w)
+
+
+def test_a_step_leaves_no_graph_alive() -> None:
+    """The rerouted layers' bookkeeping must not keep a step's graph (and its saved
+    activations) alive after the step: a reference cycle through autograd nodes would."""
+    import gc
+    import weakref
+
+    from gradreg.penalties.base import CleanPass
+
+    net = _net(1, 1, 1, 1).float()
+    x, y = torch.rand((4, 2, 9, 9)), torch.tensor([0, 1, 2, 3])
+    net(x)
+    ctx = CleanPass(net, x, y, need_input_grad=True, second_order=True)
+    loss = ctx.losses()[0] + ctx.input_grad().pow(2).sum()
+    ctx.finish()
+    loss.backward()
+    alive = weakref.ref(ctx.x_in)  # held by the graph for as long as the graph lives
+    del ctx, loss
+    gc.collect()
+    assert alive() is None

@@ -224,6 +224,9 @@ def efficient_second_order(model: nn.Module, req: GradRequest) -> Iterator[GradR
     try:
         yield req
     finally:
+        # the memo holds graph nodes, and the nodes hold ``req``: a reference cycle through C++
+        # objects that Python's collector cannot break, which kept every step's graph alive
+        req._memo.clear()
         for m in patched:
             del m._conv_forward
         for m in relus:
