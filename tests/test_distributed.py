@@ -27,12 +27,15 @@ def _run(args: list[str], nproc: int) -> None:
 
 
 def _compare(a: Path, b: Path, *, atol: float) -> None:
+    """Weights within ``atol``; test accuracy within 2 of 360 points (6 when the weights may
+    differ by more than float rounding: a near-chance model's argmax then flips on a few)."""
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert worst < atol, worst
     ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
-    assert ma["test_accuracy"] == pytest.approx(mb["test_accuracy"], abs=2 / 360 + 1e-9)
+    points = 2 if atol <= 1e-5 else 6
+    assert ma["test_accuracy"] == pytest.approx(mb["test_accuracy"], abs=points / 360 + 1e-9)
 
 
 @pytest.mark.slow
@@ -48,7 +51,9 @@ def _compare(a: Path, b: Path, *, atol: float) -> None:
     # clean weight 1 − λ/φ = 0.5) or not at all (Lyu one-step with λ = 1); ℓ2 directions, which
     # do not flip with float reordering
     ("datagrad", ["--lam", "0.005", "--set", "penalty.p=2", "--set", "penalty.solver=\"fd\""], 1e-5),
-    ("lyu", ["--lam", "1", "--set", "penalty.norm=\"l2\"", "--set", "penalty.solver=\"onestep\""], 1e-5),
+    # Lyu ℓ2: r* = σ·g/‖g‖ is float noise for a sample whose gradient vanishes, so it differs
+    # between splits; a wrong or missing gradient reduction would differ by ~1e-2
+    ("lyu", ["--lam", "1", "--set", "penalty.norm=\"l2\"", "--set", "penalty.solver=\"onestep\""], 1e-3),
 ])
 def test_two_ranks_match_one(tmp_path: Path, method: str, extra: list[str], atol: float) -> None:
     """Same global batch and seed: DDP's averaged gradients, the rank-averaged SGR covariance
