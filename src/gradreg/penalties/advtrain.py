@@ -100,6 +100,19 @@ def one_step_from_clean_pass(ctx: CleanPass | None, model: nn.Module, threat: Th
     return ascent_step(threat, x, x, g, step, eps_t).detach()
 
 
+def adversarial_batch(pen: Penalty, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      ctx: CleanPass | None) -> torch.Tensor:
+    """The inner attack's x_adv for an attack penalty (``threat``, ``rel_stepsize``,
+    ``bn_policy``, ``attack``): read off the shared clean pass when the penalty is a one-step
+    attack that asked for its input gradient (``needs_input_grad``) and that pass ran in the
+    attack's mode, from the penalty's own ``attack`` otherwise."""
+    x_adv = None
+    if pen.needs_input_grad:
+        x_adv = one_step_from_clean_pass(ctx, model, pen.threat, rel_stepsize=pen.rel_stepsize,
+                                         bn_policy=pen.bn_policy)
+    return pen.attack(model, x, y, ctx=ctx) if x_adv is None else x_adv
+
+
 class AdversarialLoss(Penalty):
     """``L(x_adv)`` with ``x_adv`` from the shared PGD core (FGSM is PGD with one step of size ε
     and no random start). Mean over the batch; summed over the heads of a multi-task model."""
@@ -133,12 +146,7 @@ class AdversarialLoss(Penalty):
                        sampler=sampler_of(ctx), bn_policy=self.bn_policy)
 
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        x_adv = None
-        if self.needs_input_grad:
-            x_adv = one_step_from_clean_pass(ctx, model, self.threat, rel_stepsize=self.rel_stepsize,
-                                             bn_policy=self.bn_policy)
-        if x_adv is None:
-            x_adv = self.attack(model, x, y, ctx=ctx)
+        x_adv = adversarial_batch(self, model, x, y, ctx)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             outputs = forward_all(model, x_adv)  # per head: (N, K_h)
         return sum(F.cross_entropy(out, t) for out, t in zip(outputs, split_targets(y)))

@@ -44,7 +44,7 @@ from torch.nn import functional as F
 from ..attacks.pgd_core import LossFn, ce_loss, pgd
 from ..modes import BNPolicy, run_mode
 from . import PENALTIES
-from .advtrain import check_policy, clean_logits, make_threat, one_step_from_clean_pass, perturbed_policy
+from .advtrain import adversarial_batch, check_policy, clean_logits, make_threat, perturbed_policy
 from .base import CleanPass, Penalty, main_targets, noise_like, sampler_of
 
 DIVERGENCES = ("kl", "l2-logits", "l2-probs")
@@ -125,12 +125,7 @@ class OutputConsistency(Penalty):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         if self.threat.eps == 0:
             return x.new_zeros(())  # x_adv = x: nothing to add, exactly
-        x_adv = None
-        if self.needs_input_grad:
-            x_adv = one_step_from_clean_pass(ctx, model, self.threat, rel_stepsize=self.rel_stepsize,
-                                             bn_policy=self.bn_policy)
-        if x_adv is None:
-            x_adv = self.attack(model, x, y, ctx=ctx)
+        x_adv = adversarial_batch(self, model, x, y, ctx)
         clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             adv = model(x_adv)  # (N, K)
