@@ -4,8 +4,8 @@ Double backprop (GN, DataGrad and Lyu exact, SGR, the operator-norm power method
 differentiates the input gradient g = ∇ₓL, whose graph holds one "backward-data" convolution
 per layer. PyTorch differentiates those through ``_convolution_double_backward``, which
 computes the weight part as a convolution with the batch as channels and the feature map
-as kernel, after transposing copies: on a 2-core CPU that path took about twice as long as
-the first-order kernels for the same arithmetic (profile of the C&W MNIST CNN, batch 128).
+as kernel, after transposing copies: in a CPU profile of the C&W MNIST CNN it was the
+largest extra cost of a GN step (step costs before and after: BENCHMARKS.md).
 
 Inside :func:`efficient_second_order` every plain ``nn.Conv2d`` of the model runs through
 :class:`_Conv2d`, whose input gradient is :class:`_ConvInputGrad`: its forward is the same
