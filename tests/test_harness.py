@@ -188,6 +188,7 @@ def test_eval_transfer_lrc_analyze_commands_write_reports(two_runs: list[Path], 
     assert "σ_data" in (tmp_path / "lrc-data" / "report.md").read_text()
     # σ_data < 1 on [0, 1] images: weaker noise than s = 1, so at ε = 0.3 no worse accuracy
     assert all(scaled["results"]["clean"][z][1] >= unit["results"]["clean"][z][1] for z in ("1.0", "4.0"))
+    assert scaled["results"]["clean"] != unit["results"]["clean"]  # the scale reached the noise
     assert main(["analyze", runs[0], "--out", str(tmp_path / "an"), *common]) == 0
     an = json.loads((tmp_path / "an" / "results.json").read_text())
     assert len(an["perturbation"]) == len(an["data"]) and an["data"][0] > 0

@@ -306,3 +306,14 @@ def test_cold_start_is_the_same_for_any_split_of_the_batch() -> None:
     whole = value(torch.arange(8))
     halves = (value(torch.arange(0, 4)) + value(torch.arange(4, 8))) / 2
     assert halves == pytest.approx(whole, rel=1e-12)
+
+
+def test_a_zero_output_space_start_restarts_at_random() -> None:
+    """A kept u of zeros (from a step where the model ignored its input) must not stay a fixed
+    point of the warm-start iteration."""
+    model = relu_mlp()
+    x = torch.rand(4, 8, dtype=torch.float64)
+    u0 = torch.randn(4, 3, dtype=torch.float64)
+    u0[1] = 0
+    res = power_method(model, x, iterations=1, u0=u0)
+    assert bool((res.v.flatten(1).norm(dim=1) > 0.99).all()) and bool((res.sigma > 0).all())
