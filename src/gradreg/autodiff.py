@@ -295,10 +295,12 @@ def efficient_second_order(model: nn.Module, req: GradRequest) -> Iterator[GradR
 def _patched(model: nn.Module, req: GradRequest) -> Iterator[GradRequest]:
     relus = [m for m in model.modules() if _patchable_relu(m)]
     for m in relus:
-        m.forward = _relu_forward  # type: ignore[method-assign]  # an instance attribute shadows the method
+        # an instance attribute shadows the method (setattr: a type checker forbids assigning methods)
+        setattr(m, "forward", _relu_forward)
     patched = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _patchable_conv(m)]
     for m in patched:
-        geom = ConvGeometry(tuple(m.stride), tuple(m.padding), tuple(m.dilation), m.groups)  # type: ignore[arg-type]  # padding is a tuple here (_patchable_conv)
+        assert not isinstance(m.padding, str)  # string padding keeps the standard path (_patchable_conv)
+        geom = ConvGeometry(tuple(m.stride), tuple(m.padding), tuple(m.dilation), m.groups)
 
         def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  geom: ConvGeometry = geom) -> torch.Tensor:
@@ -307,7 +309,7 @@ def _patched(model: nn.Module, req: GradRequest) -> Iterator[GradRequest]:
                 return F.conv2d(x, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
             return _Conv2d.apply(x, weight, bias, geom, req)
 
-        m._conv_forward = conv  # type: ignore[method-assign, assignment]  # an instance attribute shadows the method
+        setattr(m, "_conv_forward", conv)  # an instance attribute shadows the method, as for the ReLUs
     try:
         yield req
     finally:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., object])
@@ -34,7 +34,7 @@ class Registry(Generic[T]):
         def decorator(factory: F) -> F:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._factories[name] = factory  # type: ignore[assignment]  # F is a factory of T by contract
+            self._factories[name] = cast(Callable[..., T], factory)  # a factory of T by contract
             first_line = (doc or factory.__doc__ or "").strip().splitlines()
             self._docs[name] = first_line[0] if first_line else ""
             return factory

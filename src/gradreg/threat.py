@@ -176,7 +176,7 @@ class ThreatModel:
         eps_t = self.eps_tensor(x, eps)
         n, d = x.shape[0], x[0].numel()
 
-        def draw(fn, shape):  # type: ignore[no-untyped-def]
+        def draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
             if sampler is not None:
                 return sampler(fn, tuple(shape)).to(x.device, x.dtype)
             return fn(shape, generator=generator, device="cpu", dtype=x.dtype).to(x.device)

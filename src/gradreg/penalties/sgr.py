@@ -223,7 +223,10 @@ class SGR(GradientQuadratic):
 
     @property
     def in_shape(self) -> tuple[int, int, int] | None:
-        return tuple(self.mean.shape) if self.mean.dim() == 3 else None  # type: ignore[return-value]
+        if self.mean.dim() != 3:
+            return None
+        c, h, w = self.mean.shape
+        return (c, h, w)
 
     def resolved_representation(self, in_shape: tuple[int, int, int]) -> str:
         if self.representation == "auto":
