@@ -109,3 +109,44 @@ def test_a_step_leaves_no_graph_alive() -> None:
     del ctx, loss
     gc.collect()
     assert alive() is None
+
+
+def test_kernels_pass_their_self_check() -> None:
+    from gradreg import autodiff
+
+    autodiff.first_order_kernels_ok.cache_clear()
+    assert autodiff.first_order_kernels_ok()
+
+
+def test_wrong_kernels_warn_once_and_the_plain_path_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that computes a wrong derivative (as a changed PyTorch internal might) fails the
+    self-check: one warning, and efficient_second_order then records standard nodes."""
+    import warnings
+
+    from gradreg import autodiff
+
+    right = autodiff._backward_weight
+    monkeypatch.setattr(autodiff, "_backward_weight", lambda *args: 1.5 * right(*args))
+    autodiff.first_order_kernels_ok.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="kernels are off"):
+            assert not autodiff.first_order_kernels_ok()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no second warning
+            assert not autodiff.first_order_kernels_ok()
+        net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 16, 3)).double()
+        x = torch.rand(2, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+        with autodiff.efficient_second_order(net, autodiff.GradRequest(root=x)):
+            assert "_conv_forward" not in vars(net[0])  # not rerouted
+            loss = F.cross_entropy(net(x), torch.tensor([0, 2]), reduction="sum")
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+        got = torch.autograd.grad(g.pow(2).sum(), list(net.parameters()))
+        x2 = x.detach().clone().requires_grad_(True)
+        (g2,) = torch.autograd.grad(F.cross_entropy(net(x2), torch.tensor([0, 2]), reduction="sum"), x2,
+                                    create_graph=True)
+        want = torch.autograd.grad(g2.pow(2).sum(), list(net.parameters()))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    finally:
+        monkeypatch.undo()
+        autodiff.first_order_kernels_ok.cache_clear()

@@ -12,7 +12,7 @@ from gradreg.models.base import Classifier
 from gradreg.objective import Objective
 from gradreg.penalties.base import CleanPass
 from gradreg.penalties import make
-from gradreg.penalties.datagrad import DataGrad, datagrad
+from gradreg.penalties.datagrad import DataGrad
 
 IN_SHAPE = (1, 4, 4)
 CONFIGS = [dict(p=1), dict(p=2), dict(p=2, squared=True)]
@@ -174,4 +174,4 @@ def test_invalid_arguments() -> None:
     with pytest.raises(ValueError):
         make("datagrad", solver="newton")
     with pytest.raises(TypeError):
-        datagrad(1)  # type: ignore[misc]  # hyper-parameters are keyword-only
+        DataGrad(1)  # type: ignore[misc]  # hyper-parameters are keyword-only

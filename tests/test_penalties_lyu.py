@@ -16,7 +16,8 @@ from torch.nn import functional as F
 from gradreg.models.base import Classifier
 from gradreg.objective import Objective
 from gradreg.penalties import PENALTIES, make
-from gradreg.penalties.lyu import Lyu, lyu_direction
+from gradreg.penalties.lyu import Lyu
+from gradreg.threat import steepest_direction
 
 IN_SHAPE = (1, 4, 4)
 NORMS = ["linf", "l2", "l1"]
@@ -58,7 +59,7 @@ def test_maximizer_matches_closed_form() -> None:
     g = torch.randn(4, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     sigma = 0.3
     for norm, q in (("linf", 1.0), ("l2", 2.0)):
-        r = sigma * lyu_direction(g, norm)
+        r = sigma * steepest_direction(g, norm)
         expected = torch.stack([closed_form(gi.flatten(), sigma, q).view_as(gi) for gi in g])
         torch.testing.assert_close(r, expected, rtol=1e-12, atol=1e-12)
     # p = 1: every bit of σ on argmax|gᵢ| — the q → ∞ limit of the closed form (made unique
@@ -66,7 +67,7 @@ def test_maximizer_matches_closed_form() -> None:
     flat = g.flatten(1)
     top = flat.abs().argmax(dim=1)
     flat[torch.arange(len(flat)), top] *= 1.5
-    r = sigma * lyu_direction(g, "l1")
+    r = sigma * steepest_direction(g, "l1")
     onehot = torch.zeros_like(flat)
     idx = flat.abs().argmax(dim=1)
     onehot[torch.arange(len(flat)), idx] = sigma * flat[torch.arange(len(flat)), idx].sign()
@@ -80,7 +81,7 @@ def test_maximizer_matches_closed_form() -> None:
 def test_maximizer_attains_hoelder_bound(norm: str, sigma: float, seed: int) -> None:
     """‖r*‖_p = σ and ⟨g, r*⟩ = σ‖g‖_{p*}: r* is feasible and reaches the dual-norm bound."""
     g = torch.randn(3, 1, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    r = sigma * lyu_direction(g, norm)
+    r = sigma * steepest_direction(g, norm)
     p = {"linf": float("inf"), "l2": 2.0, "l1": 1.0}[norm]
     torch.testing.assert_close(torch.linalg.vector_norm(r.flatten(1), ord=p, dim=1),
                                torch.full((3,), sigma, dtype=torch.float64), rtol=1e-12, atol=1e-12)

@@ -35,7 +35,7 @@ def bn_net() -> nn.Module:
 
 def make_pen(**params: object) -> penalties.Penalty:
     pen = penalties.make("lrc-aug", **params)
-    pen.setup(batch(64, seed=5)[0])
+    pen.setup(None, batch(64, seed=5)[0])
     return pen
 
 
@@ -78,7 +78,7 @@ def test_value_is_the_loss_on_the_clipped_noisy_batch() -> None:
 def test_noise_has_the_lrc_covariance_scaled_by_eps_and_data_std() -> None:
     train_x = batch(500, seed=2)[0]
     pen = penalties.make("lrc-aug", eps=0.5, zetas=[2.0], scale="data")
-    pen.setup(train_x)
+    pen.setup(None, train_x)
     sigma = math.sqrt(float(train_x.flatten(1).var(dim=0).mean()))
     assert float(pen.marginal_std) == pytest.approx(sigma, rel=1e-6)
     torch.manual_seed(0)

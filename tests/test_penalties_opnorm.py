@@ -124,7 +124,7 @@ def test_warm_start_converges_to_cold_estimate() -> None:
     y = torch.zeros(12, dtype=torch.long)
     pen = make("opnorm", form="uJv", warm_start=True)
     assert pen.iterations == 1
-    pen.setup(train_x)
+    pen.setup(model, train_x)
     halves = [torch.arange(0, 6), torch.arange(6, 12)]
 
     def epoch() -> None:
@@ -168,14 +168,14 @@ def test_warm_start_state_is_checkpointed_and_deterministic() -> None:
     train_x = torch.rand(10, 8, dtype=torch.float64)
     y = torch.zeros(10, dtype=torch.long)
     a, b = make("opnorm", warm_start=True, eps=0.1), make("opnorm", warm_start=True, eps=0.1)
-    a.setup(train_x)
-    b.setup(train_x)
+    a.setup(model, train_x)
+    b.setup(model, train_x)
     idx = torch.arange(3, 7)
     a(model, train_x[idx], y[idx], ctx=CleanPass(model, train_x[idx], y[idx], index=idx))
     state = a.state_dict()
     assert set(state) == {"u_buf"} and state["u_buf"].shape == (10, 3)
     fresh = make("opnorm", warm_start=True, eps=0.1)
-    fresh.setup(train_x)
+    fresh.setup(model, train_x)
     fresh.load_state_dict(state)  # before its first step: the buffer takes the checkpoint's shape
     assert torch.equal(fresh.u_buf, a.u_buf)
     # the initial draw is seeded: a second penalty starts from the same u, so equal steps agree
@@ -184,7 +184,7 @@ def test_warm_start_state_is_checkpointed_and_deterministic() -> None:
     untouched = torch.ones(10, dtype=torch.bool)
     untouched[idx] = False
     c = make("opnorm", warm_start=True, eps=0.1)
-    c.setup(train_x)
+    c.setup(model, train_x)
     c(model, train_x[:2], y[:2], ctx=CleanPass(model, train_x[:2], y[:2], index=torch.arange(2)))
     assert torch.equal(a.u_buf[untouched & (torch.arange(10) >= 2)], c.u_buf[untouched & (torch.arange(10) >= 2)])
     assert not torch.equal(a.u_buf[idx], c.u_buf[idx])  # written back where the step ran
@@ -233,22 +233,29 @@ def test_snr_matches_full_svd_value_and_gradient() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
-def test_snr_state_round_trip_before_first_call() -> None:
+def test_snr_state_round_trip_after_setup() -> None:
+    """setup(model, …) allocates the state; a checkpoint then loads before the first call, and
+    state of another architecture fails with a clear message."""
     model = snr_net()
     x, y = torch.rand(2, 2, 6, 6, dtype=torch.float64), torch.zeros(2, dtype=torch.long)
     a = make("snr")
+    a.setup(model, x)
     for _ in range(3):
         a(model, x, y)
     state = a.state_dict()
     assert sorted(state) == ["u0", "u1", "u2"] and state["u0"].shape == (5,)
     b = make("snr")
-    b.load_state_dict(state)  # before b has seen the model
+    b.setup(model, x)
+    b.load_state_dict(state)  # before b's first call
     torch.testing.assert_close(b(model, x, y), a(model, x, y), rtol=0, atol=0)
     fresh = make("snr")
+    fresh.setup(model, x)
     assert not torch.equal(fresh(model, x, y), b(model, x, y))  # the state mattered
     other = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2), nn.Linear(2, 2)).double()
     c = make("snr")
-    c.load_state_dict(state)
+    c.load_state_dict(state, strict=False)  # not set up: the buffers do not exist yet
+    c.setup(other, torch.rand(2, 4, dtype=torch.float64))
+    c._buffers["u0"] = state["u0"]  # a stale u of another architecture
     with pytest.raises(ValueError, match="another architecture"):
         c(other, torch.rand(2, 4, dtype=torch.float64), y)
 
@@ -269,7 +276,7 @@ def test_modes_restored_and_bn_stats_untouched(name: str, params: dict, training
     x, y = torch.rand(8, 1, 6, 6), torch.randint(0, 3, (8,))
     idx = torch.arange(8)
     pen = make(name, **params)
-    pen.setup(x)
+    pen.setup(model, x)
     ctx = CleanPass(model, x, y, index=idx)
     before = bn_state(model)
     value = pen(model, x, y, ctx=ctx)

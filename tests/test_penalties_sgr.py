@@ -8,6 +8,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -71,6 +73,36 @@ def explicit_stationary(intra, inter, shape=SHAPE, radius=None) -> torch.Tensor:
     return sigma
 
 
+def circulant_psd(intra, inter, shape=SHAPE, radius=None) -> torch.Tensor:
+    """Σ as ``covfun`` applies it, computed densely: the stationary kernel on the 2H×2W torus
+    (displacements |dy| < H, |dx| < W), its circulant matrix with the eigenvalues clamped at 0
+    (numpy's eigh), restricted to the H×W pixels of every channel."""
+    c, h, w = shape
+    big_h, big_w = 2 * h, 2 * w
+    n = big_h * big_w
+    pos = [(py, px) for py in range(big_h) for px in range(big_w)]
+    k = np.zeros((c * n, c * n))
+    for a, (ya, xa) in enumerate(pos):
+        for b, (yb, xb) in enumerate(pos):
+            dy, dx = (ya - yb) % big_h, (xa - xb) % big_w
+            dy, dx = (dy if dy < h else dy - big_h), (dx if dx < w else dx - big_w)
+            if abs(dy) < h and abs(dx) < w:
+                r = int(round(math.hypot(dy, dx)))
+                if radius is None or r <= radius:
+                    for ca in range(c):
+                        for cb in range(c):
+                            k[ca * n + a, cb * n + b] = intra(r) if ca == cb else inter(r)
+    evals, evecs = np.linalg.eigh(k)
+    k = (evecs * np.clip(evals, 0, None)) @ evecs.T
+    keep = [ch * n + py * big_w + px for ch in range(c) for py in range(h) for px in range(w)]
+    return torch.from_numpy(k[np.ix_(keep, keep)].copy())
+
+
+def nearest_psd(m: torch.Tensor) -> torch.Tensor:
+    evals, evecs = np.linalg.eigh(0.5 * (m.numpy() + m.numpy().T))
+    return torch.from_numpy((evecs * np.clip(evals, 0, None)) @ evecs.T)
+
+
 def explicit_pair_average(m: torch.Tensor, shape=SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
     """Average of a d×d matrix's entries over index pairs at each rounded displacement."""
     rmax = int(round(math.hypot(shape[1] - 1, shape[2] - 1)))
@@ -92,7 +124,7 @@ def fixed_sgr(tmp_path, name: str, tensors: dict, **kwargs) -> SGR:
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
     pen = SGR(sigma_file=str(path), standardize=kwargs.pop("standardize", "none"), **kwargs).double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     return pen
 
 
@@ -140,7 +172,7 @@ def test_model_ignoring_input_gives_zero_and_finite_grads(name: str, kwargs: dic
         model.features[1].weight.zero_()  # g = 0
     x, y = batch()
     pen = make(name, **kwargs).double()
-    pen.setup(x)
+    pen.setup(None, x)
     value = pen(model, x, y)
     assert float(value.detach()) == 0.0
     assert torch.isfinite(param_grads(value, model)).all()
@@ -148,7 +180,10 @@ def test_model_ignoring_input_gives_zero_and_finite_grads(name: str, kwargs: dic
 
 # --------------------------------------------------------------------------- covfun = full
 @pytest.mark.parametrize("radius", [None, 2])
-def test_covfun_equals_full_for_a_stationary_sigma(tmp_path, radius) -> None:
+def test_covfun_and_full_apply_their_psd_sigma(tmp_path, radius) -> None:
+    """A stationary Σ from covariance functions (truncated at a radius or not), given as
+    functions or as a matrix: covfun applies its PSD circulant embedding, full the nearest PSD
+    matrix — both checked against dense eigendecompositions, and the penalty against einsum."""
     model = tiny_model()
     x, y = batch()
     sigma = explicit_stationary(intra_fun, inter_fun, radius=radius)
@@ -159,26 +194,28 @@ def test_covfun_equals_full_for_a_stationary_sigma(tmp_path, radius) -> None:
     cf = fixed_sgr(tmp_path, "funs", funs, representation="covfun", radius_pixels=radius)
     assert isinstance(full.cov, FullCovariance) and isinstance(cf.cov, CovFunCovariance)
     g = torch.randn(7, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    expected = (sigma @ g.flatten(1).T).T.reshape(g.shape)
-    torch.testing.assert_close(cf.matvec(g), expected, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(full.matvec(g), expected, rtol=1e-12, atol=1e-12)
+    sigma_cf, sigma_full = circulant_psd(intra_fun, inter_fun, radius=radius), nearest_psd(sigma)
+    torch.testing.assert_close(cf.matvec(g), (g.flatten(1) @ sigma_cf).view_as(g), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(full.matvec(g), (g.flatten(1) @ sigma_full).view_as(g), rtol=1e-10, atol=1e-12)
     full_from_funs = fixed_sgr(tmp_path, "funs_full", funs, representation="full", radius_pixels=radius)
-    torch.testing.assert_close(full_from_funs.matvec(g), expected, rtol=1e-12, atol=1e-12)
-    v_full, v_cf = full(model, x, y), cf(model, x, y)
-    gx = per_sample_grads(model, x, y).flatten(1)
-    ref = 0.5 * torch.einsum("ni,ij,nj->n", gx, sigma, gx).mean()
-    torch.testing.assert_close(v_full, ref, rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(v_cf, ref, rtol=1e-10, atol=1e-14)
-    torch.testing.assert_close(param_grads(v_cf, model), param_grads(v_full, model), rtol=1e-9, atol=1e-13)
-    if radius is None:  # the matrix itself given to covfun: its per-displacement average is the same Σ
+    torch.testing.assert_close(full_from_funs.matvec(g), (g.flatten(1) @ sigma_full).view_as(g),
+                               rtol=1e-10, atol=1e-12)
+    for pen, ref_sigma in ((full, sigma_full), (cf, sigma_cf)):
+        gx = per_sample_grads(model, x, y).flatten(1)
+        ref = 0.5 * torch.einsum("ni,ij,nj->n", gx, ref_sigma, gx).mean()
+        value = pen(model, x, y)
+        torch.testing.assert_close(value, ref, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(param_grads(value, model), param_grads(ref, model), rtol=1e-9, atol=1e-13)
+    if radius is None:  # the matrix itself given to covfun: its per-displacement average is the same function
         from_matrix = fixed_sgr(tmp_path, "mat", {"sigma": sigma}, representation="covfun")
-        torch.testing.assert_close(from_matrix.matvec(g), expected, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(from_matrix.matvec(g), (g.flatten(1) @ sigma_cf).view_as(g),
+                                   rtol=1e-10, atol=1e-12)
 
 
 def test_covfun_estimate_is_the_pixel_pair_average() -> None:
     xi = torch.randn(3, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     pen = SGR(representation="covfun", standardize="none").double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     pen.update(xi)
     intra, inter = explicit_pair_average(second_moment(xi))
     torch.testing.assert_close(pen.cov.cov_intra, intra, rtol=1e-10, atol=1e-12)
@@ -190,7 +227,7 @@ def test_covfun_estimate_single_channel_square() -> None:
     shape = (1, 4, 4)
     xi = torch.randn(5, *shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     pen = SGR(representation="covfun", standardize="none").double()
-    pen.setup(torch.zeros(2, *shape, dtype=torch.float64))
+    pen.setup(None, torch.zeros(2, *shape, dtype=torch.float64))
     pen.update(xi)
     intra, _ = explicit_pair_average(second_moment(xi), shape)
     torch.testing.assert_close(pen.cov.cov_intra, intra, rtol=1e-10, atol=1e-12)
@@ -205,7 +242,7 @@ def test_ema_standardization_and_mean_match_direct_computation(representation: s
     train_x = torch.rand(30, *SHAPE, dtype=torch.float64, generator=gen) * torch.linspace(0.2, 1.0, D).view(SHAPE)
     xis = [torch.randn(4, *SHAPE, dtype=torch.float64, generator=gen) + 0.3 * k for k in range(3)]
     pen = SGR(representation=representation, standardize=standardize, beta=0.1, centred=False).double()
-    pen.setup(train_x)
+    pen.setup(None, train_x)
     for xi in xis:
         pen.update(xi)
     # explicit EMA: the first update replaces Σ = I, then Σ ← 0.9·Σ + 0.1·M
@@ -220,7 +257,7 @@ def test_ema_standardization_and_mean_match_direct_computation(representation: s
         intra, inter = funs[0]
         for fi, fe in funs[1:]:
             intra, inter = 0.9 * intra + 0.1 * fi, 0.9 * inter + 0.1 * fe
-        sigma = explicit_stationary(lambda r: float(intra[r]), lambda r: float(inter[r]))
+        sigma = circulant_psd(lambda r: float(intra[r]), lambda r: float(inter[r]))
     target = {"data": float(np.cov(train_x.reshape(30, -1).numpy().T).diagonal().mean()),
               "unit": 1.0, "none": float(sigma.diagonal().mean())}[standardize]
     s = target / float(sigma.diagonal().mean())
@@ -243,7 +280,7 @@ def test_ema_standardization_and_mean_match_direct_computation(representation: s
 def test_grad_source_updates_on_schedule() -> None:
     model = tiny_model()
     pen = SGR(representation="full", source="grad", eps=0.2, update_every=3, standardize="none").double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     x, y = batch(seed=2)
     value = pen(model, x, y)
     g = per_sample_grads(model, x, y)
@@ -267,7 +304,7 @@ def test_grad_source_updates_on_schedule() -> None:
 def test_sign_source() -> None:
     model = tiny_model()
     pen = SGR(representation="covfun", source="sign", eps=0.05, standardize="none").double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     x, y = batch(seed=2)
     pen(model, x, y)
     xi = 0.05 * per_sample_grads(model, x, y).sign()
@@ -281,7 +318,7 @@ def test_fgsm_source_runs_in_eval_mode_and_restores_the_model() -> None:
     reference = copy.deepcopy(model)
     x, y = batch(n=8, seed=2)
     pen = SGR(representation="full", source="fgsm", eps=0.1, bounds=(0.0, 1.0), standardize="none").double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     ctx = CleanPass(model, x, y, need_input_grad=True)  # the training loop's clean pass (train mode)
     pen(model, x, y, ctx=ctx)
     # reference: the clean pass in train mode, then FGSM on the eval-mode model, clipped to bounds
@@ -300,7 +337,7 @@ def test_pgd_source_stays_in_the_threat_model() -> None:
     model = tiny_model()
     x, y = batch(seed=2)
     pen = SGR(representation="full", source="pgd", eps=0.05, pgd_steps=3, standardize="none").double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     torch.manual_seed(0)
     pen(model, x, y)
     # Σ's diagonal is the mean of ξ²: every |ξ| ≤ ε, so no diagonal entry exceeds ε²
@@ -311,10 +348,10 @@ def test_pgd_source_stays_in_the_threat_model() -> None:
 
 def test_auto_representation_and_defaults() -> None:
     small = make("sgr")
-    small.setup(torch.rand(3, 1, 28, 28))
+    small.setup(None, torch.rand(3, 1, 28, 28))
     assert isinstance(small.cov, FullCovariance)
     big = make("sgr")
-    big.setup(torch.rand(3, 3, 32, 32))
+    big.setup(None, torch.rand(3, 3, 32, 32))
     assert isinstance(big.cov, CovFunCovariance)
     assert big.cov.cov_intra.shape == (round(math.hypot(31, 31)) + 1,)
     assert make("sgr").update_every == 10 and make("sgr", source="sign").update_every == 1
@@ -330,23 +367,20 @@ def test_auto_representation_and_defaults() -> None:
 def test_state_dict_round_trip_restores_sigma_exactly(representation: str) -> None:
     model = tiny_model().float()
     pen = SGR(representation=representation, source="grad", centred=False)
-    pen.setup(batch()[0].float())
+    pen.setup(None, batch()[0].float())
     for seed in range(3):
         x, y = batch(seed=seed)
         pen(model, x.float(), y)
     state = pen.state_dict()
-    fresh = SGR(representation=representation, source="grad", centred=False)  # no setup: shapes come from the file
-    fresh.load_state_dict(state)
-    for key, value in state.items():
-        assert torch.equal(fresh.state_dict()[key], value), key
-    assert int(fresh.num_updates) == 3 and int(fresh.step) == 3
     resumed = SGR(representation=representation, source="grad", centred=False)
-    resumed.setup(batch()[0].float())
+    resumed.setup(None, batch()[0].float())
     resumed.load_state_dict(state)
-    pen.eval(), fresh.eval(), resumed.eval()
+    for key, value in state.items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert int(resumed.num_updates) == 3 and int(resumed.step) == 3
+    pen.eval(), resumed.eval()
     x, y = batch(seed=10)
-    v = pen(model, x.float(), y)
-    assert torch.equal(fresh(model, x.float(), y), v) and torch.equal(resumed(model, x.float(), y), v)
+    assert torch.equal(resumed(model, x.float(), y), pen(model, x.float(), y))
 
 
 def test_sigma_file_never_unpickles(tmp_path) -> None:
@@ -363,7 +397,7 @@ def test_sigma_file_never_unpickles(tmp_path) -> None:
 def test_gradcheck(representation: str) -> None:
     model = tiny_model()
     pen = SGR(representation=representation, source="grad", standardize="unit", centred=False).double()
-    pen.setup(batch()[0])
+    pen.setup(None, batch()[0])
     pen(model, *batch(seed=4))  # one update: a non-trivial Σ and μ
     pen.eval()
     x, y = batch(n=3)
@@ -396,7 +430,7 @@ def _rank_worker(rank: int, world: int, port: int, queue) -> None:  # runs in a 
         result = {}
         for rep in ("full", "covfun"):
             pen = SGR(representation=rep, standardize="none").double()
-            pen.setup(batch()[0])
+            pen.setup(None, batch()[0])
             pen.update(shard)
             result[rep] = {k: v.numpy().copy() for k, v in pen.state_dict().items()}  # plain pickles
         queue.put((rank, result))
@@ -433,3 +467,61 @@ def test_update_averages_the_global_batch_over_ranks() -> None:
         torch.testing.assert_close(cf["cov.cov_intra"], intra, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(cf["cov.cov_inter"], inter, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(full["mean"], xi.mean(dim=0), rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- Σ is PSD
+def correlated_noise(m: int, shape: tuple[int, int, int], length: float, gen: torch.Generator) -> torch.Tensor:
+    """White noise smoothed by a Gaussian of ``length`` pixels (0: white), channels mixed."""
+    c, h, w = shape
+    z = torch.randn(m, c, h, w, dtype=torch.float64, generator=gen)
+    if length > 0:
+        r = torch.arange(-3, 4, dtype=torch.float64)
+        k1 = torch.exp(-0.5 * (r / length) ** 2)
+        kernel = (k1[:, None] * k1[None, :] / k1.sum() ** 2).expand(c, 1, 7, 7)
+        z = F.conv2d(F.pad(z, (3, 3, 3, 3), mode="circular"), kernel, groups=c)
+    mix = torch.eye(c, dtype=torch.float64) + 0.5 * torch.rand(c, c, dtype=torch.float64, generator=gen)
+    return torch.einsum("dc,mchw->mdhw", mix, z)
+
+
+def applied_matrix(pen: SGR, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The d×d matrix that pen.matvec applies, column by column."""
+    d = math.prod(shape)
+    basis = torch.eye(d, dtype=torch.float64).view(d, *shape)
+    return pen.matvec(basis).reshape(d, d)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), c=st.integers(1, 3), h=st.integers(3, 7), w=st.integers(3, 7),
+       m=st.integers(1, 6), length=st.sampled_from([0.0, 0.7, 1.5, 3.0]), signs=st.booleans(),
+       radius=st.sampled_from([None, 1, 2]), representation=st.sampled_from(["full", "covfun"]))
+def test_sigma_is_psd_and_the_penalty_nonnegative(seed: int, c: int, h: int, w: int, m: int, length: float,
+                                                  signs: bool, radius: int | None, representation: str) -> None:
+    """For random and spatially correlated perturbations (and their signs, as FGSM gives), after
+    one or two EMA updates: Σ's eigenvalues ≥ −1e-6·λ_max and gᵀΣg ≥ 0, every representation."""
+    shape = (c, h, w)
+    gen = torch.Generator().manual_seed(seed)
+    pen = SGR(representation=representation, standardize="unit", radius_pixels=radius).double()
+    pen.setup(None, torch.rand(2, *shape, dtype=torch.float64, generator=gen))
+    for _ in range(2):
+        xi = correlated_noise(m, shape, length, gen)
+        pen.update(0.1 * xi.sign() if signs else xi)
+    evals = torch.linalg.eigvalsh(applied_matrix(pen, shape))
+    assert evals.min() >= -1e-6 * evals.abs().max()
+    g = torch.randn(16, *shape, dtype=torch.float64, generator=gen)
+    assert (pen.cov.quadratic(g) >= -1e-9 * g.flatten(1).pow(2).sum(dim=1) * evals.abs().max()).all()
+    assert pen.omega(g) >= 0
+    assert float(GN().omega(g)) >= 0  # Σ = I
+
+
+def test_the_raw_covariance_function_is_not_psd_but_the_sigma_used_is() -> None:
+    """The failure the PSD construction repairs: spatially correlated perturbations give a
+    per-displacement average whose stationary matrix has negative eigenvalues."""
+    shape = (1, 12, 12)
+    pen = SGR(representation="covfun", standardize="none").double()
+    pen.setup(None, torch.zeros(2, *shape, dtype=torch.float64))
+    pen.update(correlated_noise(4, shape, 1.5, torch.Generator().manual_seed(3)))
+    intra = pen.cov.cov_intra
+    raw = explicit_stationary(lambda r: float(intra[r]), lambda r: 0.0, shape=shape)
+    assert torch.linalg.eigvalsh(raw).min() < -1e-3 * torch.linalg.eigvalsh(raw).max()
+    used = torch.linalg.eigvalsh(applied_matrix(pen, shape))
+    assert used.min() >= -1e-9 * used.max()

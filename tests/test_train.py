@@ -127,3 +127,41 @@ def test_multitask_aux_head_trains(tmp_path: Path) -> None:
     loaded = load_run(tmp_path / "mt", device="cpu")
     assert len(loaded.model.aux_heads) == 1 and loaded.model.aux_heads[0].out_features == 2
     assert 0 <= metrics["test_accuracy"] <= 1
+
+
+def _legacy_config(method: str, out: Path) -> TrainConfig:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_legacy", Path(__file__).parent / "data/legacy_checkpoints/make.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config(method, out)
+
+
+@pytest.mark.parametrize("method", ["gn", "sgr", "opnorm", "snr"])
+def test_checkpoint_of_the_earlier_gradreg_resumes(tmp_path: Path, method: str) -> None:
+    """A checkpoint written by gradreg before the penalty interface changed (tests/data/
+    legacy_checkpoints, epoch 1 of 2) resumes, and its second epoch ends where an uninterrupted
+    run of this gradreg does."""
+    import shutil
+
+    run = tmp_path / "legacy"
+    shutil.copytree(Path(__file__).parent / "data/legacy_checkpoints" / method, run)
+    train(_legacy_config(method, run), resume=True, log=lambda s: None)
+    train(_legacy_config(method, tmp_path / "fresh"), log=lambda s: None)
+    old, new = _weights(run), _weights(tmp_path / "fresh")
+    for key in new:
+        torch.testing.assert_close(old[key], new[key], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_of_another_model_fails_with_a_clear_message(tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "legacy"
+    shutil.copytree(Path(__file__).parent / "data/legacy_checkpoints/opnorm", run)
+    groups, meta = checkpoint.load(run / checkpoint.CURRENT)
+    groups["objective"]["penalties.opnorm.u_buf"] = torch.zeros(3, 3)  # state of another data set
+    checkpoint.save(run / checkpoint.CURRENT, groups, meta)
+    with pytest.raises(ValueError, match="cannot resume .*penalty state does not fit"):
+        train(_legacy_config("opnorm", run), resume=True, log=lambda s: None)

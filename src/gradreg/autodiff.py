@@ -26,11 +26,21 @@ next backward pass needs, which autograd cannot tell a Python function:
 Plain ``nn.ReLU`` modules run through :class:`_ReLU`, whose double backward skips an all-zero
 term. Convolutions with string padding, another ``padding_mode`` or unbatched input keep the
 standard path, as do all other layers and every layer under autocast.
+
+The kernels call ``torch.ops.aten.convolution_backward``, a PyTorch internal whose contract
+may change between releases (gradreg declares the torch range it is tested with). So on first
+use in a process they check themselves against standard autograd on a tiny convolutional
+network (first and second derivatives, float64); if they disagree, gradreg warns once and
+:func:`efficient_second_order` takes the plain path from then on. :func:`disabled` turns them
+off for a block (the training step's ``fast_paths=False``).
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,16 +211,95 @@ def _patchable_relu(m: nn.Module) -> bool:
     return type(m) is nn.ReLU and not m.inplace and "forward" not in vars(m)
 
 
+_ENABLED: ContextVar[bool] = ContextVar("gradreg_first_order_kernels", default=True)
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block :func:`efficient_second_order` records standard autograd nodes."""
+    token = _ENABLED.set(False)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+def _self_check_model() -> nn.Module:
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 2, 2, stride=2), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(2 * 2 * 2, 3)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+    return net
+
+
+def _input_grad_penalty(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                        patched: bool) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(∇ₓL, ∇θ‖∇ₓL‖²): the first and second derivatives the kernels must reproduce."""
+    x_in = x.clone().requires_grad_(True)
+    req = GradRequest(root=x_in)
+    ctx = _patched(net, req) if patched else _nothing(req)
+    with ctx:
+        loss = F.cross_entropy(net(x_in), y, reduction="sum")
+    with req.inputs_only():
+        (g,) = torch.autograd.grad(loss, x_in, create_graph=True)
+    grads = torch.autograd.grad(g.pow(2).sum() + loss, list(net.parameters()))
+    req._memo.clear()
+    return g.detach(), tuple(t.detach() for t in grads)
+
+
+@functools.cache
+def first_order_kernels_ok() -> bool:
+    """Whether the kernels give standard autograd's derivatives in this process (checked once on
+    a tiny float64 network; on disagreement a warning, once, and the plain path from then on)."""
+    net = _self_check_model()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((3, 2, 4, 4), generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2])
+    try:
+        g_ref, h_ref = _input_grad_penalty(net, x, y, patched=False)
+        g, h = _input_grad_penalty(net, x, y, patched=True)
+        ok = torch.allclose(g, g_ref, rtol=1e-7, atol=1e-10) and all(
+            torch.allclose(a, b, rtol=1e-7, atol=1e-10) for a, b in zip(h, h_ref))
+        reason = "their derivatives differ from standard autograd's"
+    except RuntimeError as err:  # an internal kernel whose signature changed
+        ok, reason = False, f"they fail ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if not ok:
+        warnings.warn(f"gradreg.autodiff: the first-order double-backward kernels are off in this process: "
+                      f"{reason} under torch {torch.__version__}; training takes the standard (slower) path",
+                      RuntimeWarning, stacklevel=2)
+    return ok
+
+
+@contextmanager
+def _nothing(req: GradRequest) -> Iterator[GradRequest]:
+    yield req
+
+
 @contextmanager
 def efficient_second_order(model: nn.Module, req: GradRequest) -> Iterator[GradRequest]:
     """Within the block, forward passes of ``model`` record :class:`_Conv2d` nodes for its plain
     ``nn.Conv2d`` layers (unbatched inputs fall back to ``F.conv2d``). The nodes keep ``req``,
-    through which the caller marks later backward passes (see the module doc)."""
+    through which the caller marks later backward passes (see the module doc). A no-op inside
+    :func:`disabled` or when the kernels failed their self-check."""
+    if not _ENABLED.get() or not first_order_kernels_ok():
+        with _nothing(req):
+            yield req
+        return
+    with _patched(model, req):
+        yield req
+
+
+@contextmanager
+def _patched(model: nn.Module, req: GradRequest) -> Iterator[GradRequest]:
     relus = [m for m in model.modules() if _patchable_relu(m)]
     for m in relus:
-        m.forward = _relu_forward  # type: ignore[method-assign]
-    patched = [m for m in model.modules() if _patchable_conv(m)]
+        # an instance attribute shadows the method (setattr: a type checker forbids assigning methods)
+        setattr(m, "forward", _relu_forward)
+    patched = [m for m in model.modules() if isinstance(m, nn.Conv2d) and _patchable_conv(m)]
     for m in patched:
+        assert not isinstance(m.padding, str)  # string padding keeps the standard path (_patchable_conv)
         geom = ConvGeometry(tuple(m.stride), tuple(m.padding), tuple(m.dilation), m.groups)
 
         def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -220,7 +309,7 @@ def efficient_second_order(model: nn.Module, req: GradRequest) -> Iterator[GradR
                 return F.conv2d(x, weight, bias, geom.stride, geom.padding, geom.dilation, geom.groups)
             return _Conv2d.apply(x, weight, bias, geom, req)
 
-        m._conv_forward = conv  # type: ignore[method-assign]  # instance attribute shadows the method
+        setattr(m, "_conv_forward", conv)  # an instance attribute shadows the method, as for the ReLUs
     try:
         yield req
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ def load(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]
     return groups, json.loads(meta_json)
 
 
-def load_latest(folder: Path, *, warn=print) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:  # type: ignore[no-untyped-def]
+def load_latest(folder: Path, *, warn: Callable[[str], object] = print
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that passes its check (current, else previous);
     None when there is none. A bad current file is reported through ``warn``."""
     current, previous = folder / CURRENT, folder / PREVIOUS

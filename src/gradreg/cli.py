@@ -5,6 +5,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from . import __version__
 
@@ -12,8 +13,8 @@ from . import __version__
 COMMANDS = ("train", "attack", "eval", "transfer", "lrc", "analyze", "reproduce", "demo", "list")
 
 
-def _available() -> dict[str, object]:
-    found = {}
+def _available() -> dict[str, ModuleType]:
+    found: dict[str, ModuleType] = {}
     for name in COMMANDS:
         try:
             found[name] = importlib.import_module(f"gradreg.commands.{name}")
@@ -31,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _available().items():
         p = sub.add_parser(name, help=getattr(module, "HELP", None), description=getattr(module, "HELP", None))
-        module.add_arguments(p)  # type: ignore[attr-defined]
-        p.set_defaults(_run=module.run)  # type: ignore[attr-defined]
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
     return parser
 
 

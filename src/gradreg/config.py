@@ -16,6 +16,11 @@ NONFINITE = ("stop", "skip")
 AMP = ("none", "bf16")
 
 
+# Field metadata: a field that says where or how a run executes, not what it computes, may
+# change when the run resumes (the trainer derives its compatibility check from it).
+_RUNTIME = {"runtime": True}
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message names the field."""
 
@@ -26,8 +31,8 @@ class TrainConfig:
 
     # data
     data: str = "digits"
-    data_dir: str | None = None
-    download: bool = False
+    data_dir: str | None = field(default=None, metadata=_RUNTIME)
+    download: bool = field(default=False, metadata=_RUNTIME)
     augment: bool = False
     aux: str | None = None  # auxiliary task for multi-task DataGrad ("parity")
     # model
@@ -40,7 +45,7 @@ class TrainConfig:
     task_weight: float | None = None  # None: the method's default (1; PGD-AT 0; FGSM-AT α)
     penalty: dict[str, Any] = field(default_factory=dict)  # the penalty's keyword parameters
     # optimization
-    epochs: int = 10
+    epochs: int = field(default=10, metadata=_RUNTIME)
     batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -51,15 +56,16 @@ class TrainConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     # running
-    device: str = "auto"
+    device: str = field(default="auto", metadata=_RUNTIME)
     amp: str = "none"  # "bf16": autocast the forward passes (penalty norms stay float32)
     channels_last: bool = False  # NHWC memory layout for convolutions (faster on recent GPUs)
     compile: bool = False  # torch.compile the model (not with double-backprop penalties)
-    eval_batch_size: int = 500
-    checkpoint_every: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    on_nonfinite: str = "stop"
-    out: str = "runs/run"
-    quiet: bool = False
+    fast_paths: bool = field(default=True, metadata=_RUNTIME)  # shared clean pass, fused mode, first-order kernels (False: the plain composition)
+    eval_batch_size: int = field(default=500, metadata=_RUNTIME)
+    checkpoint_every: int = field(default=0, metadata=_RUNTIME)  # also checkpoint every N steps (0: at epoch ends only)
+    on_nonfinite: str = field(default="stop", metadata=_RUNTIME)
+    out: str = field(default="runs/run", metadata=_RUNTIME)
+    quiet: bool = field(default=False, metadata=_RUNTIME)
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -84,6 +90,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def runtime_fields(cls) -> frozenset[str]:
+        """Fields that may differ when a run resumes: where and how it runs (and ``epochs``, to
+        extend it), not what it computes."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

@@ -79,8 +79,8 @@ class AttackReport:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
-    for t in model.parameters():
-        return t.device
+    for p in model.parameters():
+        return p.device
     for t in model.buffers():
         return t.device
     return torch.device("cpu")

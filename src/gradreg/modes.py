@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Literal, cast
 
 from torch import nn
 
@@ -25,28 +25,54 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @contextmanager
-def run_mode(model: nn.Module, policy: BNPolicy = "eval") -> Iterator[nn.Module]:
-    """Run ``model`` under ``policy`` and restore every submodule's mode on exit, even when the
-    body raises.
+def frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
+    """Leave every module in its mode but keep train-mode BatchNorm from updating its running
+    statistics: such layers normalize with batch statistics and update nothing. The one
+    mechanism gradreg uses to keep perturbed inputs out of the running statistics.
 
-    ``frozen`` switches BatchNorm's ``track_running_stats`` off for the duration (train-mode
-    BatchNorm then normalizes with batch statistics and updates nothing) instead of restoring
-    the buffers afterwards: an in-place restore would bump their autograd version and break
-    the backward pass of any graph that saved them (an eval-mode BatchNorm in the clean pass)."""
-    if policy not in BN_POLICIES:
-        raise ValueError(f"unknown BatchNorm policy {policy!r}; use one of {BN_POLICIES}")
-    saved_modes = [(m, m.training) for m in model.modules()]
-    saved_tracking = [(bn, bn.track_running_stats) for bn in _bn_modules(model)] if policy == "frozen" else []
+    It switches ``track_running_stats`` off for the duration instead of restoring the buffers
+    afterwards: an in-place restore would bump their autograd version and break the backward
+    pass of any graph that saved them (an eval-mode BatchNorm in the clean pass)."""
+    switched = [bn for bn in _bn_modules(model) if bn.training and bn.track_running_stats]
     try:
-        for bn, _ in saved_tracking:
+        for bn in switched:
             bn.track_running_stats = False
-        model.train(policy != "eval")
         yield model
     finally:
-        for bn, tracking in saved_tracking:
-            bn.track_running_stats = tracking
+        for bn in switched:
+            bn.track_running_stats = True
+
+
+@contextmanager
+def run_mode(model: nn.Module, policy: BNPolicy = "eval") -> Iterator[nn.Module]:
+    """Run ``model`` under ``policy`` and restore every submodule's mode on exit, even when the
+    body raises. ``frozen`` is train mode inside :func:`frozen_stats`."""
+    check_policy(policy)
+    saved_modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.train(policy != "eval")
+        if policy == "frozen":
+            with frozen_stats(model):
+                yield model
+        else:
+            yield model
+    finally:
         for m, was_training in saved_modes:
             m.training = was_training
+
+
+def check_policy(policy: str) -> BNPolicy:
+    """``policy`` as a :data:`BNPolicy`, or a one-line ``ValueError``."""
+    if policy in BN_POLICIES:
+        return cast(BNPolicy, policy)
+    raise ValueError(f"unknown BatchNorm policy {policy!r}; use one of {BN_POLICIES}")
+
+
+def perturbed_policy(model: nn.Module, policy: BNPolicy) -> BNPolicy:
+    """The policy of a pass whose gradient flows into θ: ``policy`` while the model trains,
+    ``"eval"`` while it is in eval mode (evaluating a penalty never switches batch statistics
+    or dropout on)."""
+    return policy if model.training else "eval"
 
 
 # Layers whose forward does not read ``self.training`` (an allow-list: an unknown module type is

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., object])
 
 
 class UnknownNameError(KeyError):
@@ -27,11 +28,13 @@ class Registry(Generic[T]):
         self._factories: dict[str, Callable[..., T]] = {}
         self._docs: dict[str, str] = {}
 
-    def register(self, name: str, *, doc: str | None = None) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+    def register(self, name: str, *, doc: str | None = None) -> Callable[[F], F]:
+        """Register a factory (a function, or a class registered directly) under ``name``."""
+
+        def decorator(factory: F) -> F:
             if name in self._factories:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._factories[name] = factory
+            self._factories[name] = cast(Callable[..., T], factory)  # a factory of T by contract
             first_line = (doc or factory.__doc__ or "").strip().splitlines()
             self._docs[name] = first_line[0] if first_line else ""
             return factory

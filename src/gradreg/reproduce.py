@@ -122,6 +122,7 @@ def lrc_cells(model: Any, bundle: DataBundle, columns: list[str], lrc: LRCSettin
                             settings=settings, marginal_std=lrc.marginal_std)
         out.update({c: curves[z][0] for c, z in zetas.items()})
     if LRC_DATA_COLUMN in columns:
+        assert lrc.factor is not None  # LRCSettings.resolve computes it when this column is asked for
         out[LRC_DATA_COLUMN] = lrc_covariance_curve(model, bundle, factor=lrc.factor, eps=[lrc.eps],
                                                     samples=lrc.samples, settings=settings)[0]
     return out

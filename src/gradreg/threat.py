@@ -133,7 +133,7 @@ class ThreatModel:
         approximation, as in foolbox and Madry et al.; clipping can only shrink the norm, so
         the result is always feasible).
         """
-        eps_t = self._eps_tensor(x, eps)
+        eps_t = self.eps_tensor(x, eps)
         delta = x_adv - x
         if self.norm == "linf":
             e = _bcast(eps_t, delta)
@@ -173,10 +173,10 @@ class ThreatModel:
         every device. ``sampler(fn, shape)`` replaces the draws (every shape starts with N);
         the training loop uses it to make draws independent of how a batch is split over ranks.
         """
-        eps_t = self._eps_tensor(x, eps)
+        eps_t = self.eps_tensor(x, eps)
         n, d = x.shape[0], x[0].numel()
 
-        def draw(fn, shape):  # type: ignore[no-untyped-def]
+        def draw(fn: Callable[..., torch.Tensor], shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
             if sampler is not None:
                 return sampler(fn, tuple(shape)).to(x.device, x.dtype)
             return fn(shape, generator=generator, device="cpu", dtype=x.dtype).to(x.device)
@@ -204,12 +204,17 @@ class ThreatModel:
         in_box = (flat >= self.lo - atol).all(dim=1) & (flat <= self.hi + atol).all(dim=1)
         return in_ball & in_box
 
-    def _eps_tensor(self, x: torch.Tensor, eps: float | torch.Tensor | None) -> torch.Tensor:
+    def eps_tensor(self, x: torch.Tensor, eps: float | torch.Tensor | None = None) -> torch.Tensor:
+        """The radius per sample ``(N,)`` for a batch ``x``: ``eps`` (a number or a per-sample
+        tensor) or, when None, this threat model's ε."""
         if eps is None:
             eps = self.eps
         if isinstance(eps, torch.Tensor):
             return eps.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
         return torch.full((x.shape[0],), float(eps), device=x.device, dtype=x.dtype)
+
+    # the name other modules used before it was public
+    _eps_tensor = eps_tensor
 
 
 def _project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -227,3 +232,10 @@ def _project_l1(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     proj = flat.sign() * (abs_ - theta).clamp_min(0)
     out = torch.where(inside[:, None], flat, proj)
     return out.view_as(delta)
+
+
+def steepest_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
+    """The unit-``norm`` direction maximizing ⟨g, ·⟩ per sample (zero where g = 0): sign(g) for
+    ℓ∞, g/‖g‖₂ for ℓ2, the largest entries for ℓ1. The one place gradreg computes it
+    (:meth:`ThreatModel.normalize`)."""
+    return ThreatModel(norm=norm).normalize(g)

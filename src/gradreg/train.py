@@ -1,4 +1,5 @@
-"""One method-agnostic training loop for every member of the family.
+"""One method-agnostic training loop for every member of the family (its I/O lives beside it,
+in :mod:`gradreg.trainio`).
 
 The method only changes the :class:`~gradreg.objective.Objective`; the loop, optimizer,
 schedule, checkpointing, logging and evaluation are shared. State is checkpointed exactly
@@ -8,32 +9,30 @@ uninterrupted one bit for bit on CPU.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import platform
-import signal
-import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, checkpoint, data, distributed, models, penalties
+from . import checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
 from .inference import accuracy
 from .objective import Objective
-from .penalties.base import BatchNoise
+from .schedule import BatchNoise
+from .trainio import (LOG_FIELDS, git_commit, interrupt_guard, load_weights, progress, resolve_device, versions,
+                      write_log)
 
-LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")
+__all__ = ["LOG_FIELDS", "NonFiniteError", "Trainer", "TrainingInterrupted", "git_commit", "load_weights",
+           "resolve_device", "train"]
+
 
 
 class NonFiniteError(RuntimeError):
@@ -42,24 +41,6 @@ class NonFiniteError(RuntimeError):
 
 class TrainingInterrupted(RuntimeError):
     """Stopped by a signal after saving a checkpoint; ``--resume`` continues."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's CUDA device when there is one, else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available")
-    if name in ("auto", "cuda"):
-        return distributed.local_device() if name == "cuda" or torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, dict[str, Any]]:
@@ -79,37 +60,6 @@ def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, d
     return model, {"name": name, "params": params}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a state dict from ``.safetensors`` or a foreign ``.pt``/``.pth`` file. Foreign files
-    are read with ``torch.load(weights_only=True)``, which refuses pickled code: gradreg never
-    unpickles arbitrary objects."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"weights file {str(p)!r} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(p))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{p} is not a readable safetensors file ({err})") from None
-    else:
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling refusal is reported the same way
-            raise ValueError(f"{p} cannot be loaded as plain weights ({type(err).__name__}: "
-                             f"{str(err).splitlines()[0] if str(err) else ''})") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{p} does not hold a state dict of tensors")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ValueError(f"weights in {p} do not fit the model: {str(err).splitlines()[0]}") from None
-
-
 def build_objective(cfg: TrainConfig) -> tuple[Objective, float, float]:
     try:
         pen = penalties.make(cfg.method, **cfg.penalty)
@@ -117,7 +67,7 @@ def build_objective(cfg: TrainConfig) -> tuple[Objective, float, float]:
         raise ValueError(f"bad parameters for method {cfg.method!r}: {err}") from None
     lam = pen.default_lam if cfg.lam is None else cfg.lam
     task_weight = pen.task_weight if cfg.task_weight is None else cfg.task_weight
-    return Objective([(cfg.method, pen, lam)], task_weight=task_weight), lam, task_weight
+    return Objective([(cfg.method, pen, lam)], task_weight=task_weight, fast_paths=cfg.fast_paths), lam, task_weight
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -162,30 +112,6 @@ class RunState:
     skipped_steps: int = 0
 
 
-@contextmanager
-def _interrupt_guard() -> Iterator[dict[str, bool]]:
-    """Turn SIGINT/SIGTERM into a flag checked between steps, so a stop never lands in the
-    middle of an optimizer update and the loop can checkpoint before exiting."""
-    flag = {"stop": False}
-    previous: dict[int, Any] = {}
-
-    def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:  # a second signal: give up at once
-            raise KeyboardInterrupt
-        flag["stop"] = True
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, handler)
-        except ValueError:  # not in the main thread
-            pass
-    try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 class Trainer:
     """Holds everything of one run; :meth:`fit` trains, checkpoints, evaluates and writes it."""
 
@@ -202,18 +128,18 @@ class Trainer:
             load_weights(self.model, cfg.init_weights)
         self.model.to(self.device)
         if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to's stubs omit memory_format
         # the module that takes training steps: DDP averages gradients over ranks
         self.net: nn.Module = self.model
         if cfg.compile:
-            self.net = torch.compile(self.model)
+            self.net = cast(nn.Module, torch.compile(self.model))  # compiling a module returns a module
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")  # 1-channel convs
             self.net = DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.objective, self.lam, self.task_weight = build_objective(cfg)
-        if cfg.compile and any(p.uses_double_backward for p in self.objective.penalties.values()):
+        if cfg.compile and any(p.requires.double_backward for p in self.objective.terms().values()):
             raise ValueError(f"method {cfg.method!r} differentiates a gradient (double backward), which "
                              "torch.compile does not support; train it without --compile")
         self.objective.to(self.device)
@@ -221,8 +147,8 @@ class Trainer:
         self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
         self.test_x = self.bundle.test_x.to(self.device)
         self.test_y = self.bundle.test_y.to(self.device)
-        for pen in self.objective.penalties.values():
-            pen.setup(self.train_x)
+        # the penalties take the data set's bounds (their ε defaults scale with the box)
+        self.objective.setup(self.model, self.train_x, self.bundle.bounds)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.steps_per_epoch = math.ceil(len(self.train_y) / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -241,7 +167,7 @@ class Trainer:
                          "penalty": repr(self.objective.penalties[self.cfg.method]),
                          "data": self.bundle.summary(), "device": str(self.device), "world_size": self.world},
             "seed": self.cfg.seed,
-            "versions": {"gradreg": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "versions": versions(),
             "git_commit": git_commit(),
         }
 
@@ -266,7 +192,10 @@ class Trainer:
         groups, meta = found
         self._check_compatible(meta["config"])
         self.model.load_state_dict(groups.get("model", {}))
-        self.objective.load_state_dict(groups.get("objective", {}))
+        try:
+            self.objective.load_checkpoint_state(groups.get("objective", {}))
+        except ValueError as err:
+            raise ValueError(f"cannot resume {self.out}: {err}") from None
         self.optimizer.load_state_dict(checkpoint.unflatten_optimizer(groups.get("optim", {}), meta["optimizer"]))
         torch.set_rng_state(groups["rng"]["torch"])
         if "cuda" in groups["rng"] and torch.cuda.is_available():
@@ -277,18 +206,14 @@ class Trainer:
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         """Resuming may extend ``epochs`` or change where and how quietly it runs, nothing else."""
-        free = {"epochs", "out", "quiet", "device", "checkpoint_every", "on_nonfinite", "eval_batch_size",
-                "data_dir", "download"}
+        free = TrainConfig.runtime_fields()
         now = self.cfg.to_dict()
         diff = [k for k in now if k not in free and saved.get(k) != now[k]]
         if diff:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in {', '.join(diff)}")
 
     def write_log(self) -> None:
-        with (self.out / "log.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.history)
+        write_log(self.out / "log.csv", self.history)
 
     # ----- training -------------------------------------------------------------------
     def train_step(self, idx: torch.Tensor, epoch: int, step: int, *, share: float = 1.0,
@@ -351,7 +276,7 @@ class Trainer:
         if self.is_writer:
             (self.out / "config.json").write_text(json.dumps(self.run_config(), indent=2) + "\n")
         n = len(self.train_y)
-        with _interrupt_guard() as flag:
+        with interrupt_guard() as flag:
             while self.state.epoch < cfg.epochs:
                 if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
                     return {"stopped_after_epoch": self.state.epoch}
@@ -374,7 +299,7 @@ class Trainer:
         order = epoch_order(cfg.seed, epoch, n).to(self.device)
         loss_sum = correct = seen = 0.0
         started = time.perf_counter()
-        bar = _progress(total=self.steps_per_epoch, initial=st.step_in_epoch,
+        bar = progress(total=self.steps_per_epoch, initial=st.step_in_epoch,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=cfg.quiet or not self.is_writer)
         try:
             for step in range(st.step_in_epoch, self.steps_per_epoch):
@@ -417,13 +342,6 @@ class Trainer:
         if self.is_writer:
             self.write_log()
         self.save_checkpoint()
-
-
-def _progress(*, total: int, initial: int, desc: str, disable: bool):  # type: ignore[no-untyped-def]
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
-                disable=disable or not sys.stderr.isatty())
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,

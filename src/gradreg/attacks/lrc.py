@@ -109,8 +109,8 @@ def mean_marginal_variance(x: torch.Tensor, *, chunk: int = 4096) -> float:
     if n < 2:
         return 0.0
     flat = x.flatten(1)
-    mean = sum(flat[i:i + chunk].double().sum(dim=0) for i in range(0, n, chunk)) / n  # (d,)
-    ssq = sum(((flat[i:i + chunk].double() - mean) ** 2).sum(dim=0) for i in range(0, n, chunk))  # (d,)
+    mean = torch.stack([flat[i:i + chunk].double().sum(dim=0) for i in range(0, n, chunk)]).sum(dim=0) / n  # (d,)
+    ssq = torch.stack([((flat[i:i + chunk].double() - mean) ** 2).sum(dim=0) for i in range(0, n, chunk)]).sum(dim=0)
     return float((ssq / (n - 1)).mean())
 
 
@@ -182,7 +182,8 @@ class LRCNoise(NoiseAttack):
     def sample(self, x: torch.Tensor, threat: ThreatModel, copies: int, generator: torch.Generator) -> torch.Tensor:
         m = x.shape[0]
         if self.factor is None:
-            xi = lrc_noise(copies * m, tuple(x.shape[1:]), zeta_px=self.zeta_px, inter_channel=self.inter_channel,
+            c, h, w = x.shape[1:]
+            xi = lrc_noise(copies * m, (c, h, w), zeta_px=self.zeta_px, inter_channel=self.inter_channel,
                            generator=generator, device=x.device, dtype=x.dtype)  # (c·M, C, H, W)
         else:
             f = self._factor(x)  # (d, d)

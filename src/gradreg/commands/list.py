@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
+
+from ..registry import Registry
 
 HELP = "list the registered data sets, models, methods and attacks"
 
@@ -13,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import attacks, data, models, penalties
 
-    registries = {"data": data.DATASETS, "models": models.MODELS, "methods": penalties.PENALTIES,
+    registries: dict[str, Registry[Any]] = {"data": data.DATASETS, "models": models.MODELS, "methods": penalties.PENALTIES,
                   "attacks": attacks.ATTACKS}
     for key, reg in registries.items():
         if args.what and args.what != key:

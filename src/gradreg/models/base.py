@@ -11,6 +11,8 @@ class Normalize(nn.Module):
     """(x − mean) / std per channel; lives inside the model so attacks see raw pixels."""
 
     mode_free = True  # the same in train and eval mode (gradreg.modes.mode_invariant)
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()

@@ -1,14 +1,15 @@
 """The regularizer family behind one objective: task loss + Σ λᵢ·penaltyᵢ.
 
 ``make(name, **params)`` builds a registered penalty; every penalty is called as
-``penalty(model, x, y)`` and returns a scalar (mean over the batch).
+``penalty(model, x, y)`` and returns a scalar (mean over the batch). Inside the training loop
+the objective calls ``penalty.term(model, x, y, ctx)`` instead (:mod:`.base`).
 """
 from __future__ import annotations
 
 import importlib
 
 from ..registry import Registry
-from .base import CleanPass, Penalty, main_targets, split_targets
+from .base import CleanPass, Penalty, Requirements, Term, main_targets, split_targets
 
 PENALTIES: Registry[Penalty] = Registry("method")
 
@@ -23,4 +24,4 @@ def make(name: str, **params: object) -> Penalty:
     return PENALTIES.make(name, **params)
 
 
-__all__ = ["PENALTIES", "Penalty", "CleanPass", "make", "split_targets", "main_targets"]
+__all__ = ["PENALTIES", "Penalty", "Requirements", "Term", "CleanPass", "make", "split_targets", "main_targets"]

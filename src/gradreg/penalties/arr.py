@@ -25,7 +25,8 @@ statistics, running statistics restored). TRADES' code also lets the adversarial
 the running statistics; ``perturbed_bn_policy="train"`` reproduces that.
 
 .. warning::
-   Departures (our choice): with ε = 0 the penalty returns an exact 0 without running the
+   Departures (our choice): bounds and the default ε come from the data set (``setup``)
+   unless given. With ε = 0 the penalty returns an exact 0 without running the
    attack. The attacks use the true labels. TRADES' start noise is drawn from the global RNG
    on the input's device. The clean branch is the loop's shared clean pass; a model with
    dropout therefore sees different masks in the two branches.
@@ -37,15 +38,18 @@ Example::
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..attacks.pgd_core import LossFn, ce_loss, pgd
-from ..modes import BNPolicy, run_mode
+from ..modes import BNPolicy, check_policy, perturbed_policy, run_mode
+from ..threat import ThreatModel, canonical_norm
 from . import PENALTIES
-from .advtrain import adversarial_batch, check_policy, clean_logits, make_threat, perturbed_policy
-from .base import CleanPass, Penalty, main_targets, noise_like, sampler_of
+from .base import CleanPass, Penalty, Requirements, Term, main_targets
+from .inner import adversarial_batch, clean_logits, resolve_eps
 
 DIVERGENCES = ("kl", "l2-logits", "l2-probs")
 TRADES_REL_STEPSIZE = 0.007 / 0.031  # η/ε of TRADES on CIFAR-10 ≈ 0.226
@@ -81,9 +85,9 @@ class OutputConsistency(Penalty):
 
     def __init__(self, *, divergence: str = "kl", inner: str = "ce", eps: float | str | None = None,
                  norm: str = "linf", steps: int = 1, rel_stepsize: float = 1.0, random_start: bool = False,
-                 start_std: float = 0.0, bounds: tuple[float, float] = (0.0, 1.0),
+                 start_std: float = 0.0, bounds: tuple[float, float] | None = None,
                  bn_policy: BNPolicy = "eval", perturbed_bn_policy: BNPolicy = "frozen") -> None:
-        super().__init__()
+        super().__init__(bounds=bounds)
         if divergence not in DIVERGENCES:
             raise ValueError(f"unknown divergence {divergence!r}; use one of {DIVERGENCES}")
         if inner not in ("ce", "kl"):
@@ -92,7 +96,8 @@ class OutputConsistency(Penalty):
             raise ValueError(f"steps must be ≥ 1, got {steps}")
         self.divergence = divergence
         self.inner = inner
-        self.threat = make_threat(norm, eps, bounds)
+        self.norm = canonical_norm(norm)
+        self.eps_param = eps
         self.steps = int(steps)
         self.rel_stepsize = float(rel_stepsize)
         self.random_start = bool(random_start)
@@ -101,73 +106,81 @@ class OutputConsistency(Penalty):
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
         # a one-step CE attack without random start (ARR's FGSM) reads the shared clean pass's
         # input gradient when that pass ran in the attack's mode
-        self.needs_input_grad = (inner == "ce" and self.steps == 1 and not self.random_start  # type: ignore[misc]
-                                 and self.start_std == 0)
-        self.double_backward = False  # type: ignore[misc]
+        self.requires = Requirements(input_grad=self.one_step())
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(norm=self.norm, eps=resolve_eps(self.norm, self.eps_param, self.bounds),
+                           bounds=self.bounds)
+
+    def one_step(self) -> bool:
+        return self.inner == "ce" and self.steps == 1 and not self.random_start and self.start_std == 0
 
     def attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         """The detached ``x_adv``; the model runs under ``bn_policy`` and its modes are restored."""
         x = x.detach()
         if self.inner == "ce":
             loss_fn = ce_loss(main_targets(y))
+        elif ctx is not None and ctx.may_reuse(model, self.bn_policy):
+            loss_fn = kl_loss(ctx.logits)  # the shared clean pass computed p(x) already
         else:
-            if ctx is not None and ctx.shares_mode(model, self.bn_policy):
-                loss_fn = kl_loss(ctx.logits)  # the shared clean pass computed p(x) already
-            else:
-                with torch.no_grad(), run_mode(model, self.bn_policy):
-                    loss_fn = kl_loss(model(x))  # p(x) in the attack's mode, as in TRADES
-        start = x + self.start_std * noise_like(ctx, torch.randn, x) if self.start_std > 0 else None
+            with torch.no_grad(), run_mode(model, self.bn_policy):
+                loss_fn = kl_loss(model(x))  # p(x) in the attack's mode, as in TRADES
+        start = None
+        if self.start_std > 0:
+            noise = torch.randn(x.shape, device=x.device, dtype=x.dtype) if ctx is None else ctx.noise_like(torch.randn, x)
+            start = x + self.start_std * noise
         with torch.enable_grad():
             return pgd(model, x, self.threat, loss_fn, steps=self.steps, rel_stepsize=self.rel_stepsize,
-                       random_start=self.random_start, start=start, sampler=sampler_of(ctx),
+                       random_start=self.random_start, start=start, sampler=None if ctx is None else ctx.sampler,
                        bn_policy=self.bn_policy)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+    def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         if self.threat.eps == 0:
-            return x.new_zeros(())  # x_adv = x: nothing to add, exactly
+            return Term(x.new_zeros(()))  # x_adv = x: nothing to add, exactly
         x_adv = adversarial_batch(self, model, x, y, ctx)
         clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             adv = model(x_adv)  # (N, K)
-        return divergence(self.divergence, clean, adv).mean()
-
-
-class Trades(OutputConsistency):
-    default_lam = 6.0  # β of TRADES
+        return Term(divergence(self.divergence, clean, adv).mean())
 
 
 @PENALTIES.register("arr")
-def arr(*, divergence: str = "kl", attack: str = "fgsm", eps: float | str | None = None, norm: str = "linf",
-        steps: int | None = None, rel_stepsize: float | None = None, random_start: bool = False,
-        bounds: tuple[float, float] = (0.0, 1.0), bn_policy: BNPolicy = "eval",
-        perturbed_bn_policy: BNPolicy = "frozen") -> Penalty:
+class ARR(OutputConsistency):
     """Output consistency D(f(x), f(x_adv)) under a light CE attack (FGSM or 1–3 PGD steps).
 
     ``attack="fgsm"``: one step of size ε (FGM for ℓ2). ``attack="pgd"``: ``steps`` (default 3)
     of ``rel_stepsize``·ε (default 2.5/steps, Madry's rule — our choice). ε defaults to 8/255
     for ℓ∞ and 0.5 for ℓ2 (our choice)."""
-    if attack == "fgsm":
-        if steps not in (None, 1) or rel_stepsize not in (None, 1.0) or random_start:
-            raise ValueError("attack='fgsm' is one step of size ε without random start; use attack='pgd'")
-        steps, rel_stepsize = 1, 1.0
-    elif attack == "pgd":
-        steps = 3 if steps is None else steps
-        rel_stepsize = 2.5 / steps if rel_stepsize is None else rel_stepsize
-    else:
-        raise ValueError(f"unknown ARR attack {attack!r}; use 'fgsm' or 'pgd'")
-    return OutputConsistency(divergence=divergence, inner="ce", eps=eps, norm=norm, steps=steps,
-                             rel_stepsize=rel_stepsize, random_start=random_start, bounds=bounds,
-                             bn_policy=bn_policy, perturbed_bn_policy=perturbed_bn_policy)
+
+    def __init__(self, *, attack: str = "fgsm", steps: int | None = None, rel_stepsize: float | None = None,
+                 random_start: bool = False, **params: Any) -> None:
+        if attack == "fgsm":
+            if steps not in (None, 1) or rel_stepsize not in (None, 1.0) or random_start:
+                raise ValueError("attack='fgsm' is one step of size ε without random start; use attack='pgd'")
+            steps, rel_stepsize = 1, 1.0
+        elif attack == "pgd":
+            steps = 3 if steps is None else steps
+            rel_stepsize = 2.5 / steps if rel_stepsize is None else rel_stepsize
+        else:
+            raise ValueError(f"unknown ARR attack {attack!r}; use 'fgsm' or 'pgd'")
+        if "inner" in params:
+            raise TypeError("arr's inner attack maximizes the cross-entropy; use trades for the KL attack")
+        super().__init__(inner="ce", steps=steps, rel_stepsize=rel_stepsize, random_start=random_start, **params)
 
 
 @PENALTIES.register("trades")
-def trades(*, eps: float | str | None = None, norm: str = "linf", steps: int = 10,
-           rel_stepsize: float = TRADES_REL_STEPSIZE, start_std: float = 0.001,
-           bounds: tuple[float, float] = (0.0, 1.0), bn_policy: BNPolicy = "eval",
-           perturbed_bn_policy: BNPolicy = "frozen") -> Penalty:
+class Trades(OutputConsistency):
     """TRADES (Zhang et al. 2019): β·KL(p(x) ‖ p(x_adv)), x_adv maximizing that KL; β = 6.
 
     Defaults: ℓ∞ ε = 8/255, K = 10 steps of η = (0.007/0.031)·ε, start x + 0.001·N(0, I)."""
-    return Trades(divergence="kl", inner="kl", eps=eps, norm=norm, steps=steps, rel_stepsize=rel_stepsize,
-                  random_start=False, start_std=start_std, bounds=bounds, bn_policy=bn_policy,
-                  perturbed_bn_policy=perturbed_bn_policy)
+
+    default_lam = 6.0  # β of TRADES
+
+    def __init__(self, *, steps: int = 10, rel_stepsize: float = TRADES_REL_STEPSIZE, start_std: float = 0.001,
+                 **params: Any) -> None:
+        for fixed in ("divergence", "inner", "random_start"):
+            if fixed in params:
+                raise TypeError(f"trades fixes {fixed} (KL with the KL attack from x + start noise)")
+        super().__init__(divergence="kl", inner="kl", steps=steps, rel_stepsize=rel_stepsize, random_start=False,
+                         start_std=start_std, **params)

@@ -21,9 +21,10 @@ Two solvers:
   are comparable between solvers) and its *parameter gradient* is the finite difference.
   With λ/φ = 1 − α and ℓ1 this is Goodfellow's FGSM mix α·L(x) + (1−α)·L(x + φ·sign g).
   The perturbed pass runs in the mode of the clean pass without updating BatchNorm running
-  statistics (``same_mode_frozen_stats``), so the difference compares one function at two
-  inputs; a model with dropout draws other masks in the two passes (the difference is then
-  noisy — avoid dropout with ``fd``).
+  statistics (:func:`gradreg.modes.frozen_stats`), so the difference compares one function at
+  two inputs; a model with dropout draws other masks in the two passes (the difference is then
+  noisy — avoid dropout with ``fd``). The −L(x)/φ part is returned as the term's
+  ``clean_coeff`` (the step adds it, or fuses it with the task loss's).
 
 Multi-task (MT-DG): for a model with auxiliary heads and targets ``(N, T)``, one term per
 task, each on the gradient of that task's own loss, weighted by ``task_lams``.
@@ -34,71 +35,32 @@ Warning — our choices, not the paper's:
     the whole sum Σ_t λ_t·R_t.
   * The number of tasks is min(#heads, #target columns): a multi-head model trained on
     main labels only gets the main-task term alone.
-  * ``default_lam`` 0.05 for ℓ1: the FGSM-mix equivalence λ = (1 − α)·φ at α = 0.5 and an
-    ℓ∞ step of 0.1; 1.0 for ℓ2 and ½‖g‖₂² (ℓ2 radii are ~√d larger). Not tuned.
-  * ``fd_step`` φ = 0.01 by default (in input units along d).
+  * ``default_lam`` 0.05 for ℓ1 and 1.0 for ℓ2 and ½‖g‖₂² (ℓ2 radii are ~√d larger). Not tuned.
+  * ``fd_step`` φ defaults to 2·``default_lam`` (0.1 for ℓ1, 2.0 for ℓ2 and ½‖g‖₂², in input
+    units along d): at the default λ the finite-difference objective is then
+    (1 − λ/φ)·L(x) + (λ/φ)·L(x + φd) = ½·L(x) + ½·L(x + φd), Goodfellow's FGSM mix with α = ½ and,
+    for ℓ1, an ℓ∞ step of 0.1. (A φ much smaller than λ would weight the clean gradient by
+    1 − λ/φ < 0: with λ = 0.05 and φ = 0.01 by −4, pushing the clean loss *up*.)
 
 Example::
 
-    pen = make("datagrad", p=1, solver="fd", fd_step=0.01)
+    pen = make("datagrad", p=1, solver="fd", fd_step=0.1)
     loss = F.cross_entropy(model(x), y) + 0.05 * pen(model, x, y)
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..models.base import forward_all
+from ..modes import frozen_stats
 from ..threat import same_layout
 from . import PENALTIES
-from .base import CleanPass, Penalty, split_targets
-
-_TINY = 1e-30
-
-
-def safe_l2(g: torch.Tensor) -> torch.Tensor:
-    """Per-sample ‖g_i‖₂ ``(N, ...) -> (N,)`` whose first and second derivatives are finite
-    (zero) at g_i = 0, so a model that ignores its input gives no NaN under double backprop."""
-    sq = g.flatten(1).pow(2).sum(dim=1)
-    return torch.where(sq > 0, sq.clamp_min(_TINY).sqrt(), torch.zeros_like(sq))
-
-
-def grad_norm(g: torch.Tensor, norm: str) -> torch.Tensor:
-    """Per-sample norm of a gradient batch: ``l1``, ``l2``, ``linf`` or ``sq`` (½‖g‖₂²); ``(N,)``."""
-    flat = g.flatten(1)
-    if norm == "l1":
-        return flat.abs().sum(dim=1)
-    if norm == "l2":
-        return safe_l2(g)
-    if norm == "linf":
-        return flat.abs().amax(dim=1)
-    if norm == "sq":
-        return 0.5 * flat.pow(2).sum(dim=1)
-    raise ValueError(f"unknown gradient norm {norm!r}")
-
-
-@contextmanager
-def same_mode_frozen_stats(model: nn.Module) -> Iterator[nn.Module]:
-    """Leave every module in the mode it is in (the mode of the clean pass) but keep BatchNorm
-    from updating its running statistics, so an extra pass on perturbed inputs uses the same
-    function as the clean pass without leaking the perturbed inputs into the running stats.
-
-    Train-mode BatchNorm layers get ``track_running_stats = False`` for the duration (batch
-    statistics, no update) rather than a restore of their buffers afterwards: an in-place
-    restore would bump the buffers' autograd version under a graph that saved them."""
-    switched = [m for m in model.modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
-    try:
-        for m in switched:
-            m.track_running_stats = False
-        yield model
-    finally:
-        for m in switched:
-            m.track_running_stats = True
+from .base import CleanPass, Penalty, Requirements, Term, split_targets
+from .norms import _TINY, grad_norm, safe_l2
 
 
 def num_tasks(ctx: CleanPass) -> int:
@@ -106,13 +68,15 @@ def num_tasks(ctx: CleanPass) -> int:
     return min(len(ctx.outputs), len(split_targets(ctx.y)))
 
 
+@PENALTIES.register("datagrad")
 class DataGrad(Penalty):
-    """Σ_t λ_t · mean_i R(∇ₓ L_t(x_i, y_i)), R = ‖·‖₁, ‖·‖₂ or ½‖·‖₂²; exact or finite-difference."""
+    """DataGrad (Ororbia et al. 2017): ‖∇ₓL‖₁ or ‖∇ₓL‖₂ per task; exact or finite-difference solver.
 
-    needs_input_grad = True
+    Σ_t λ_t · mean_i R(∇ₓ L_t(x_i, y_i)), R = ‖·‖₁, ‖·‖₂ or ½‖·‖₂²."""
+
     default_lam = 0.05
 
-    def __init__(self, *, p: int = 1, squared: bool = False, solver: str = "exact", fd_step: float = 0.01,
+    def __init__(self, *, p: int = 1, squared: bool = False, solver: str = "exact", fd_step: float | None = None,
                  task_lams: Sequence[float] | None = None) -> None:
         super().__init__()
         if p not in (1, 2):
@@ -121,6 +85,8 @@ class DataGrad(Penalty):
             raise ValueError("datagrad squared=True needs p=2 (½‖g‖₂²)")
         if solver not in ("exact", "fd"):
             raise ValueError(f"datagrad solver must be 'exact' or 'fd', got {solver!r}")
+        self.default_lam = 0.05 if p == 1 else 1.0  # depends on the norm (see module doc)
+        fd_step = 2 * self.default_lam if fd_step is None else fd_step
         if not fd_step > 0:
             raise ValueError(f"datagrad fd_step must be > 0, got {fd_step!r}")
         self.p = p
@@ -128,13 +94,13 @@ class DataGrad(Penalty):
         self.solver = solver
         self.fd_step = float(fd_step)
         self.task_lams = None if task_lams is None else tuple(float(v) for v in task_lams)
-        self.default_lam = 0.05 if p == 1 else 1.0  # instance value: depends on the norm (see module doc)
-        # exact: double backprop through the clean pass; fd: a detached gradient, and the
-        # −L(x)/φ part of the difference can be left to the objective (fused mode)
-        self.double_backward = self.uses_clean_graph = solver == "exact"  # type: ignore[misc]
-        main_lam = 1.0 if self.task_lams is None else self.task_lams[0]
-        self.clean_weight = -main_lam / self.fd_step if solver == "fd" else 0.0  # type: ignore[misc]
         self._rnorm = "sq" if self.squared else f"l{p}"
+        # exact: double backprop through the clean pass; fd: a detached gradient and two passes
+        # whose clean half, −(λ₀/φ)·L(x), is the term's clean_coeff
+        main_lam = 1.0 if self.task_lams is None else self.task_lams[0]
+        exact = solver == "exact"
+        self.requires = Requirements(input_grad=True, double_backward=exact, clean_graph=exact,
+                                     clean_coeff=0.0 if exact else -main_lam / self.fd_step)
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
         """d = ∇_g R(g), per sample, detached: sign(g), g/‖g‖₂ (0 at g = 0) or g."""
@@ -153,38 +119,30 @@ class DataGrad(Penalty):
             raise ValueError(f"datagrad task_lams has {len(self.task_lams)} entries but the batch has {tasks} tasks")
         return self.task_lams
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        ctx = self.context(model, x, y, ctx)
-        tasks = num_tasks(ctx)
+    def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         total = x.new_zeros(())
-        for t, lam_t in enumerate(self._lams(tasks)):
+        for t, lam_t in enumerate(self._lams(num_tasks(ctx))):
             if lam_t == 0:
                 continue
             total = total + lam_t * (self._exact(ctx, t) if self.solver == "exact" else self._fd(model, ctx, t))
-        return total
+        return Term(total, self.requires.clean_coeff)
 
     def _exact(self, ctx: CleanPass, t: int) -> torch.Tensor:
         g = ctx.input_grad(t)  # (N, C, H, W), differentiable in θ
         return grad_norm(g, self._rnorm).mean()
 
     def _fd(self, model: nn.Module, ctx: CleanPass, t: int) -> torch.Tensor:
+        """R(g) in value; in gradient L_t(x + φd)/φ, and −L_t(x)/φ for an auxiliary task (the main
+        task's −L(x)/φ is the term's clean_coeff)."""
         g = ctx.detached_input_grad(t)  # (N, C, H, W)
         value = grad_norm(g, self._rnorm).mean()  # exact R(g), no graph
         d = self.direction(g)
         target = split_targets(ctx.y)[t]
         x0 = ctx.x.detach()
-        with same_mode_frozen_stats(model):
+        with frozen_stats(model):
             out_fd = forward_all(model, same_layout(x0 + self.fd_step * d, x0))[t]
-        loss_fd = F.cross_entropy(out_fd, target)
-        loss_clean = F.cross_entropy(ctx.outputs[t], target)
-        if ctx.fused:  # the objective adds −(λ/φ)·∇θL(x) itself (clean_weight)
-            loss_clean = loss_clean.detach()
-        s = (loss_fd - loss_clean) / self.fd_step
+        s = F.cross_entropy(out_fd, target)
+        if t > 0:
+            s = s - F.cross_entropy(ctx.outputs[t], target)
+        s = s / self.fd_step
         return value + (s - s.detach())
-
-
-@PENALTIES.register("datagrad")
-def datagrad(*, p: int = 1, squared: bool = False, solver: str = "exact", fd_step: float = 0.01,
-             task_lams: Sequence[float] | None = None) -> Penalty:
-    """DataGrad (Ororbia et al. 2017): ‖∇ₓL‖₁ or ‖∇ₓL‖₂ per task; exact or finite-difference solver."""
-    return DataGrad(p=p, squared=squared, solver=solver, fd_step=fd_step, task_lams=task_lams)

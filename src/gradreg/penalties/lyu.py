@@ -41,28 +41,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..threat import ThreatModel, canonical_norm, dual_norm, same_layout
+from ..modes import frozen_stats
+from ..threat import canonical_norm, dual_norm, same_layout, steepest_direction
 from . import PENALTIES
-from .base import CleanPass, Penalty, main_targets
-from .datagrad import grad_norm, same_mode_frozen_stats
+from .base import CleanPass, Penalty, Requirements, Term, main_targets
+from .norms import grad_norm
 
 DEFAULT_SIGMA = {"linf": 0.1, "l2": 1.0, "l1": 10.0}
 
 
-def lyu_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
-    """Unit-ℓp maximizer of ⟨g, r⟩: r*/σ, per sample, detached (zero where g = 0)."""
-    return ThreatModel(norm=norm).normalize(g.detach())
-
-
+@PENALTIES.register("lyu")
 class Lyu(Penalty):
-    """σ·‖∇ₓL‖_{p*} (exact) or L(x + r*) − L(x) (onestep) for an ℓp threat of radius σ."""
+    """Lyu et al. 2015: σ·‖∇ₓL‖_{p*} for an ℓp threat (exact), or the one-step L(x + r*) − L(x)."""
 
-    needs_input_grad = True
     default_lam = 1.0
 
     def __init__(self, *, norm: str = "linf", sigma: float | None = None, solver: str = "exact",
                  bounds: tuple[float, float] | None = None) -> None:
-        super().__init__()
+        super().__init__(bounds=bounds)
         self.norm = canonical_norm(norm)
         self.sigma = float(DEFAULT_SIGMA[self.norm] if sigma is None else sigma)
         if not self.sigma >= 0:
@@ -70,34 +66,27 @@ class Lyu(Penalty):
         if solver not in ("exact", "onestep"):
             raise ValueError(f"lyu solver must be 'exact' or 'onestep', got {solver!r}")
         self.solver = solver
-        self.bounds = None if bounds is None else (float(bounds[0]), float(bounds[1]))
-        # onestep uses a detached gradient and leaves its −L(x) to the objective in fused mode:
-        # with λ = 1 the step is then exactly one forward/backward pass on x + r*
-        self.double_backward = self.uses_clean_graph = solver == "exact"  # type: ignore[misc]
-        self.clean_weight = -1.0 if solver == "onestep" else 0.0  # type: ignore[misc]
+        self.clip = bounds is not None  # the paper's expansion is unconstrained (module doc)
+        # onestep: a detached gradient, and its −L(x) is the term's clean_coeff: with λ = 1 the
+        # step can then be exactly one forward/backward pass on x + r*
+        exact = solver == "exact"
+        self.requires = Requirements(input_grad=True, double_backward=exact, clean_graph=exact,
+                                     clean_coeff=0.0 if exact else -1.0)
 
     def perturbation(self, g: torch.Tensor) -> torch.Tensor:
         """r* = σ·ψ(g) for the threat norm, detached ``(N, C, H, W)``."""
-        return self.sigma * lyu_direction(g, self.norm)
+        return self.sigma * steepest_direction(g.detach(), self.norm)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        ctx = self.context(model, x, y, ctx)
+    def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         if self.solver == "exact":
             g = ctx.input_grad(0)  # (N, C, H, W), differentiable
-            return self.sigma * grad_norm(g, dual_norm(self.norm)).mean()
+            return Term(self.sigma * grad_norm(g, dual_norm(self.norm)).mean())
         g = ctx.detached_input_grad(0)
         x_adv = same_layout(ctx.x.detach() + self.perturbation(g), ctx.x)
-        if self.bounds is not None:
+        if self.clip:
             x_adv = x_adv.clamp(*self.bounds)
         target = main_targets(ctx.y)
-        with same_mode_frozen_stats(model):
+        with frozen_stats(model):
             loss_adv = F.cross_entropy(model(x_adv), target)
-        loss_clean = F.cross_entropy(ctx.logits, target)
-        return loss_adv - (loss_clean.detach() if ctx.fused else loss_clean)
-
-
-@PENALTIES.register("lyu")
-def lyu(*, norm: str = "linf", sigma: float | None = None, solver: str = "exact",
-        bounds: tuple[float, float] | None = None) -> Penalty:
-    """Lyu et al. 2015: σ·‖∇ₓL‖_{p*} for an ℓp threat (exact), or the one-step L(x + r*) − L(x)."""
-    return Lyu(norm=norm, sigma=sigma, solver=solver, bounds=bounds)
+        loss_clean = F.cross_entropy(ctx.logits, target).detach()  # its gradient: clean_coeff = −1
+        return Term(loss_adv - loss_clean, -1.0)

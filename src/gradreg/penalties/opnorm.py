@@ -29,7 +29,8 @@ from its last u (looked up by ``ctx.index``): v = ψ_{p*}(Jᵀu), then ``iterati
 iterations (default 1 in all), then u = ψ_q(Jv) is written back. Keeping u rather than v saves
 a pass: the one ``create_graph`` backward that the Jv products need is taken at the cotangent
 u, so its value is Jᵀu for free; and the state is K numbers per example instead of d. The
-buffer is in ``state_dict``; ``setup`` must run before ``load_state_dict`` (the loop's contract).
+buffer is in ``state_dict``, allocated by ``setup(model, train_x)`` (which must run before
+``load_state_dict``: the loop's contract).
 
 ``snr``: the global baseline of Yoshida & Miyato, "Spectral Norm Regularization for Improving
 the Generalizability of Deep Learning", 2017: (λ/2)·Σ_l σ(W_l)² over every ``Linear`` and
@@ -52,7 +53,7 @@ our default step is ε (``rel_stepsize=1``), already close to that regime.
 Example::
 
     pen = make("opnorm", norm="l2", eps=0.5)                   # 10 power iterations per step
-    pen = make("opnorm", warm_start=True); pen.setup(train_x)  # 1 iteration, warm v per example
+    pen = make("opnorm", warm_start=True); pen.setup(model, train_x)  # 1 iteration, warm u per example
 """
 from __future__ import annotations
 
@@ -61,22 +62,18 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .. import distributed
 from ..attacks.pgd_core import pgd
 from ..autodiff import GradRequest, efficient_second_order
 from ..models.base import unwrap
-from ..modes import BNPolicy, run_mode
+from ..modes import BNPolicy, check_policy, perturbed_policy, run_mode
 from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm, same_layout
+from ..threat import steepest_direction as steepest  # ψ_{norm*}: the unit-norm maximizer of ⟨z, ·⟩
 from . import PENALTIES
-from .advtrain import check_policy, clean_logits, make_threat, perturbed_policy
-from .. import distributed
-from .base import CleanPass, Penalty, noise_like, sampler_of
+from .base import CleanPass, Penalty, Requirements, Term
+from .inner import clean_logits, resolve_eps
 
 FORMS = ("sos", "uJv")
-
-
-def steepest(z: torch.Tensor, norm: str) -> torch.Tensor:
-    """ψ_{norm*}: the unit-``norm`` direction maximizing ⟨z, ·⟩, per sample (zero for z = 0)."""
-    return ThreatModel(norm=norm).normalize(z)
 
 
 class PowerResult(NamedTuple):
@@ -172,14 +169,17 @@ def power_method(model: nn.Module, x: torch.Tensor, *, norm: str = "l2", out_nor
     return PowerResult(sigma=flat_norm(jv, out_norm), u=steepest(jv, dual_norm(out_norm)), v=v)
 
 
+@PENALTIES.register("opnorm")
 class OperatorNorm(Penalty):
-    """½‖f(x + εv) − f(x)‖_q² (``sos``) or ½(uᵀJv)² (``uJv``), v from the power method."""
+    """Data-dependent (p, q) operator norm of the input-output Jacobian (Roth et al. 2020).
 
-    double_backward = True  # Jv by the double-backward trick
-    # the clean pass keeps its input in the graph so the power method can run on it when the
-    # model is mode-invariant (forward): one forward pass less per step
-    needs_input_grad = True
+    ½‖f(x + εv) − f(x)‖_q² (``sos``) or ½(uᵀJv)² (``uJv``), v from the power method.
+    p = ``norm`` (input), q = ``out_norm`` (logits); ``iterations`` defaults to 10, or 1 with
+    ``warm_start``; ε defaults to 0.5 (ℓ2) or 8/255 (ℓ∞) times the width of the data's box, our choice."""
 
+    # Jv by the double-backward trick; the clean pass keeps its input in the graph so the power
+    # method can run on it when the model is mode-invariant: one forward pass less per step
+    requires = Requirements(input_grad=True, double_backward=True)
     default_lam = 1.0  # our choice
 
     def __init__(self, *, norm: str = "l2", out_norm: str = "l2", eps: float | str | None = None,
@@ -190,8 +190,8 @@ class OperatorNorm(Penalty):
             raise ValueError(f"unknown opnorm form {form!r}; use one of {FORMS}")
         self.norm = canonical_norm(norm)
         self.out_norm = canonical_norm(out_norm)
-        # ε only scales the sos probe; the bounds are not used (x + εv is not clipped)
-        self.eps = make_threat(self.norm, eps, (0.0, 1.0)).eps
+        self.eps_param = eps  # ε only scales the sos probe; x + εv is not clipped to the bounds
+        resolve_eps(self.norm, eps, self.bounds)  # a bad ε fails here, not at the first step
         self.form = form
         self.iterations = (1 if warm_start else 10) if iterations is None else int(iterations)
         if self.iterations < 1:
@@ -200,35 +200,26 @@ class OperatorNorm(Penalty):
         self.seed = int(seed)
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
-        self.register_buffer("u_buf", None)  # (N_train, K) from the first step, warm start only
-        self._n_train: int | None = None
+        self.register_buffer("u_buf", None)  # (N_train, K), allocated by setup (warm start only)
 
-    def setup(self, train_x: torch.Tensor) -> None:
-        if self.warm_start:
-            self._n_train = len(train_x)  # the buffer's rows; K is known at the first step
+    @property
+    def eps(self) -> float:
+        return resolve_eps(self.norm, self.eps_param, self.bounds)
 
-    def _buffer(self, logits_like: torch.Tensor) -> torch.Tensor:
-        """``u_buf``, created at the first step from a seeded generator (deterministic: the same
-        on every rank and device, and a resumed run loads it from the checkpoint instead)."""
-        if self.u_buf is None:
-            if self._n_train is None:
-                raise RuntimeError("opnorm with warm_start=True needs setup(train_x) before the first step")
-            gen = torch.Generator().manual_seed(self.seed)
-            u = torch.randn((self._n_train, logits_like.shape[1]), generator=gen, dtype=torch.float32)
-            self.u_buf = steepest(u, dual_norm(self.out_norm)).to(logits_like.device)
-        elif self.u_buf.shape[1] != logits_like.shape[1]:
-            raise ValueError(f"opnorm warm-start state has {self.u_buf.shape[1]} outputs per example, the model "
-                             f"{logits_like.shape[1]}: the checkpoint belongs to another model")
-        return self.u_buf
-
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        saved = state_dict.get(prefix + "u_buf")
-        if saved is not None and self.u_buf is None:  # not created yet: take the checkpoint's shape
-            self.u_buf = torch.empty_like(saved)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def setup(self, model: nn.Module | None, train_x: torch.Tensor,
+              bounds: tuple[float, float] | None = None) -> None:
+        """Warm start: allocate one output-space u per training example, drawn from a seeded
+        generator (the same on every rank and device; a resumed run then loads it)."""
+        super().setup(model, train_x, bounds)
+        if not self.warm_start:
+            return
+        if model is None:
+            raise ValueError("opnorm with warm_start=True needs the model in setup(model, train_x)")
+        with torch.no_grad(), run_mode(model, "eval"):
+            k = model(train_x[:1]).shape[1]  # the number of outputs
+        gen = torch.Generator().manual_seed(self.seed)
+        u = torch.randn((len(train_x), k), generator=gen, dtype=torch.float32)
+        self.u_buf = steepest(u, dual_norm(self.out_norm)).to(train_x.device)
 
     def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None, *,
                  shared: CleanPass | None = None, final_product: bool = True,
@@ -241,12 +232,9 @@ class OperatorNorm(Penalty):
                                 v0=v0, bn_policy=self.bn_policy, shared=shared, final_product=final_product)
         if index is None:
             raise RuntimeError("opnorm with warm_start=True needs the batch's example indices (ctx.index)")
-        if self.u_buf is None:
-            with torch.no_grad(), run_mode(model, "eval"):
-                probe = model(x[:1])  # (1, K): only the number of outputs
-            buf = self._buffer(probe)
-        else:
-            buf = self.u_buf
+        buf = self.u_buf
+        if buf is None:
+            raise RuntimeError("opnorm with warm_start=True needs setup(model, train_x) before the first step")
         idx = index.to(buf.device)
         # the closing product Jv is always taken: it gives the u to keep
         res = power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
@@ -258,25 +246,25 @@ class OperatorNorm(Penalty):
         buf[all_idx] = all_u
         return res
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        if self.form == "sos" and self.eps == 0:
-            return x.new_zeros(())
-        shared = ctx if ctx is not None and ctx.x_in.requires_grad and ctx.shares_mode(model, self.bn_policy) else None
+    def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
+        eps = self.eps
+        if self.form == "sos" and eps == 0:
+            return Term(x.new_zeros(()))
+        shared = ctx if ctx.has_input_grad and ctx.may_reuse(model, self.bn_policy) else None
         # the sos form needs v alone; uJv needs u = ψ_q(Jv) too
         # a cold start draws from the loop's rank-independent noise: the same v for any split
-        v0 = None if self.warm_start else noise_like(ctx, torch.randn, x.detach())
-        res = self.estimate(model, x, None if ctx is None else ctx.index, shared=shared,
-                            final_product=self.form == "uJv", v0=v0)
+        v0 = None if self.warm_start else ctx.noise_like(torch.randn, x.detach())
+        res = self.estimate(model, x, ctx.index, shared=shared, final_product=self.form == "uJv", v0=v0)
         policy = perturbed_policy(model, self.perturbed_bn_policy)
         if self.form == "sos":
             clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
             with run_mode(model, policy):
-                pert = model(same_layout(x + self.eps * res.v, x))  # (N, K)
-            return 0.5 * (flat_norm(pert - clean, self.out_norm) ** 2).mean()
+                pert = model(same_layout(x + eps * res.v, x))  # (N, K)
+            return Term(0.5 * (flat_norm(pert - clean, self.out_norm) ** 2).mean())
         # uJv = ⟨Jᵀu, v⟩; create_graph keeps it differentiable in θ
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if ctx is not None and ctx.x_in.requires_grad and (policy == "eval") == (not model.training):
+            if ctx.has_input_grad and ctx.may_reuse(model, policy):
                 x_in, out = ctx.x_in, ctx.logits
             else:
                 x_in = x.detach().requires_grad_(True)
@@ -285,82 +273,66 @@ class OperatorNorm(Penalty):
             (jtu,) = torch.autograd.grad(out, x_in, res.u, create_graph=create_graph, retain_graph=True,
                                          allow_unused=True)
         if jtu is None:
-            return x.new_zeros(())
+            return Term(x.new_zeros(()))
         ujv = (jtu * res.v).flatten(1).sum(dim=1)  # (N,)
-        return 0.5 * (ujv ** 2).mean()
+        return Term(0.5 * (ujv ** 2).mean())
 
 
-@PENALTIES.register("opnorm")
-def opnorm(*, norm: str = "l2", out_norm: str = "l2", eps: float | str | None = None, form: str = "sos",
-           iterations: int | None = None, warm_start: bool = False, seed: int = 0, bn_policy: BNPolicy = "eval",
-           perturbed_bn_policy: BNPolicy = "frozen") -> Penalty:
-    """Data-dependent (p, q) operator norm of the input-output Jacobian (Roth et al. 2020).
-
-    p = ``norm`` (input), q = ``out_norm`` (logits); ``iterations`` defaults to 10, or 1 with
-    ``warm_start``; ε defaults to 0.5 (ℓ2) or 8/255 (ℓ∞), our choice."""
-    return OperatorNorm(norm=norm, out_norm=out_norm, eps=eps, form=form, iterations=iterations,
-                        warm_start=warm_start, seed=seed, bn_policy=bn_policy, perturbed_bn_policy=perturbed_bn_policy)
-
-
-def spectral_layers(model: nn.Module) -> list[nn.Module]:
+def spectral_layers(model: nn.Module) -> list[nn.Linear | nn.modules.conv._ConvNd]:
     """The layers whose weights ``snr`` regularizes: every Linear and convolution, in module order."""
     return [m for m in unwrap(model).modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))]
 
 
+@PENALTIES.register("snr")
 class SpectralNorm(Penalty):
-    """(1/2)·Σ_l σ(W_l)², σ by one power iteration per layer per call with persistent u_l.
+    """Global spectral-norm regularization (λ/2)·Σ_l σ(W_l)², one power iteration per layer per step.
 
-    The u vectors are buffers ``u0, u1, …`` (layer order of :func:`spectral_layers`), created
-    by :meth:`bind` — called on the first forward, or explicitly. ``load_state_dict`` creates
-    them from the checkpoint, so it works before the first call too; the first call then
-    checks that their shapes match the model. σ = uᵀWv with u, v detached is differentiable in
-    W (its gradient is u vᵀ). Transposed convolutions are reshaped as stored (in × out·k·k)."""
+    σ by one power iteration per layer per call with persistent u_l. The u vectors are buffers
+    ``u0, u1, …`` (layer order of :func:`spectral_layers`), allocated by ``setup(model, …)``
+    (called standalone without setup, the first call allocates them). σ = uᵀWv with u, v
+    detached is differentiable in W (its gradient is u vᵀ). Transposed convolutions are
+    reshaped as stored (in × out·k·k)."""
 
     default_lam = 0.01  # our choice
-    input_dependent = False
-    uses_clean_graph = False
+    requires = Requirements(clean_graph=False, input_dependent=False)
 
     def __init__(self, *, seed: int = 0) -> None:
         super().__init__()
         self.seed = int(seed)
         self._n_layers = 0
 
+    def setup(self, model: nn.Module | None, train_x: torch.Tensor,
+              bounds: tuple[float, float] | None = None) -> None:
+        super().setup(model, train_x, bounds)
+        if model is None:
+            raise ValueError("snr needs the model in setup(model, train_x): one u per layer")
+        self.bind(model)
+
     def bind(self, model: nn.Module) -> None:
-        """Create one u per layer (seeded, deterministic), unless a checkpoint already gave them."""
+        """Create one u per layer (seeded, deterministic)."""
         gen = torch.Generator().manual_seed(self.seed)
         layers = spectral_layers(model)
         for i, layer in enumerate(layers):
             w = layer.weight
-            name = f"u{i}"
-            u = getattr(self, name, None)
-            if u is None:
-                u = torch.randn(w.shape[0], generator=gen, dtype=torch.float32)
-                self.register_buffer(name, (u / u.norm()).to(device=w.device, dtype=w.dtype))
-            elif u.shape != (w.shape[0],):
-                raise ValueError(f"snr state {name} has shape {tuple(u.shape)}, but layer {i} of the model has "
-                                 f"{w.shape[0]} outputs: the checkpoint belongs to another architecture")
+            u = torch.randn(w.shape[0], generator=gen, dtype=torch.float32)
+            self.register_buffer(f"u{i}", (u / u.norm()).to(device=w.device, dtype=w.dtype))
         self._n_layers = len(layers)
 
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        for key, value in state_dict.items():
-            name = key[len(prefix):]
-            if key.startswith(prefix) and name[:1] == "u" and name[1:].isdigit() and name not in self._buffers:
-                self.register_buffer(name, torch.empty_like(value))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        self._n_layers = 0  # re-check the shapes against the model on the next call
-
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
+    def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         layers = spectral_layers(model)
-        if self._n_layers != len(layers):
+        if self._n_layers == 0:
             self.bind(model)
-        total = None
+        if self._n_layers != len(layers):
+            raise ValueError(f"snr was set up for a model with {self._n_layers} layers, this one has {len(layers)}")
+        total = x.new_zeros(())
         for i, layer in enumerate(layers):
             w = layer.weight.flatten(1)  # (out, in·k·k)
             name = f"u{i}"
             u = self._buffers[name]
+            assert u is not None
+            if u.shape != (w.shape[0],):
+                raise ValueError(f"snr state {name} has shape {tuple(u.shape)}, but layer {i} of the model has "
+                                 f"{w.shape[0]} outputs: the state belongs to another architecture")
             if u.device != w.device or u.dtype != w.dtype:
                 u = self._buffers[name] = u.to(w)
             with torch.no_grad():
@@ -370,33 +342,38 @@ class SpectralNorm(Penalty):
                 u_new = u_new / u_new.norm().clamp_min(1e-12)
                 u.copy_(u_new)  # the buffer moves on; u_new stays as autograd saved it
             sigma = u_new @ (w @ v)  # σ(W) estimate, differentiable in W
-            total = 0.5 * sigma ** 2 if total is None else total + 0.5 * sigma ** 2
-        return x.new_zeros(()) if total is None else total
+            total = total + 0.5 * sigma ** 2
+        return Term(total)
 
 
-@PENALTIES.register("snr")
-def snr(*, seed: int = 0) -> Penalty:
-    """Global spectral-norm regularization (λ/2)·Σ_l σ(W_l)², one power iteration per layer per step."""
-    return SpectralNorm(seed=seed)
-
-
+@PENALTIES.register("opnorm-at")
 class OperatorNormAT(Penalty):
-    """max_{x*∈B_ε} ½‖f(x) − f(x*)‖₂² by PGD (mean over the batch)."""
+    """Adversarial-training counterpart of opnorm (Roth et al. 2020): λ·max_{x*∈B_ε} ½‖f(x) − f(x*)‖₂².
+
+    ℓ2 PGD from a uniform point of the ball (mean over the batch); defaults (our choice) ε = 0.5,
+    10 steps of size ε: a large step is the regime in which the PGD iteration is the power
+    method (α → ∞)."""
 
     default_lam = 1.0  # our choice
 
     def __init__(self, *, eps: float | str | None = None, norm: str = "l2", steps: int = 10,
-                 rel_stepsize: float = 1.0, random_start: bool = True, bounds: tuple[float, float] = (0.0, 1.0),
+                 rel_stepsize: float = 1.0, random_start: bool = True, bounds: tuple[float, float] | None = None,
                  bn_policy: BNPolicy = "eval", perturbed_bn_policy: BNPolicy = "frozen") -> None:
-        super().__init__()
+        super().__init__(bounds=bounds)
         if steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
-        self.threat = make_threat(norm, eps, bounds)
+        self.norm = canonical_norm(norm)
+        self.eps_param = eps
         self.steps = int(steps)
         self.rel_stepsize = float(rel_stepsize)
         self.random_start = bool(random_start)
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(norm=self.norm, eps=resolve_eps(self.norm, self.eps_param, self.bounds),
+                           bounds=self.bounds)
 
     def attack(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator | None = None,
                ctx: CleanPass | None = None) -> torch.Tensor:
@@ -410,26 +387,15 @@ class OperatorNormAT(Penalty):
 
         with torch.enable_grad():
             return pgd(model, x, self.threat, loss_fn, steps=self.steps, rel_stepsize=self.rel_stepsize,
-                       random_start=self.random_start, generator=generator, sampler=sampler_of(ctx),
-                       bn_policy=self.bn_policy)
+                       random_start=self.random_start, generator=generator,
+                       sampler=None if ctx is None else ctx.sampler, bn_policy=self.bn_policy)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
-        if self.threat.eps == 0:
-            return x.new_zeros(())
+    def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
+        threat = self.threat
+        if threat.eps == 0:
+            return Term(x.new_zeros(()))
         x_adv = self.attack(model, x, ctx=ctx)
         clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             adv = model(x_adv)  # (N, K)
-        return 0.5 * (clean - adv).pow(2).sum(dim=1).mean()
-
-
-@PENALTIES.register("opnorm-at")
-def opnorm_at(*, eps: float | str | None = None, norm: str = "l2", steps: int = 10, rel_stepsize: float = 1.0,
-              random_start: bool = True, bounds: tuple[float, float] = (0.0, 1.0), bn_policy: BNPolicy = "eval",
-              perturbed_bn_policy: BNPolicy = "frozen") -> Penalty:
-    """Adversarial-training counterpart of opnorm (Roth et al. 2020): λ·max_{x*∈B_ε} ½‖f(x) − f(x*)‖₂².
-
-    ℓ2 PGD from a uniform point of the ball; defaults (our choice) ε = 0.5, 10 steps of size ε: a
-    large step is the regime in which the PGD iteration is the power method (α → ∞)."""
-    return OperatorNormAT(eps=eps, norm=norm, steps=steps, rel_stepsize=rel_stepsize, random_start=random_start,
-                          bounds=bounds, bn_policy=bn_policy, perturbed_bn_policy=perturbed_bn_policy)
+        return Term(0.5 * (clean - adv).pow(2).sum(dim=1).mean())
