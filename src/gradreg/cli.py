@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from . import __version__
 
 # subcommand → module in gradreg.commands (each has HELP, add_arguments, run)
-COMMANDS = ("train", "attack", "eval", "transfer", "lrc", "analyze", "reproduce", "demo", "list")
+COMMANDS = ("train", "sweep", "attack", "eval", "transfer", "lrc", "analyze", "reproduce", "demo", "list")
 
 
 def _available() -> dict[str, object]:

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import __version__, checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
-from .inference import accuracy
+from .inference import accuracy, predict
 from .objective import Objective
 from .penalties.base import BatchNoise
 
@@ -197,6 +197,10 @@ class Trainer:
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         self.bundle = data.load(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
+        if cfg.validation_fraction > 0:  # tuning: the held-out part of the training split replaces the test split
+            from .data.validation import carve_validation
+
+            self.bundle = carve_validation(self.bundle, fraction=cfg.validation_fraction)
         self.model, self.model_spec = build_model(cfg, self.bundle)
         if cfg.init_weights:
             load_weights(self.model, cfg.init_weights)
@@ -359,7 +363,17 @@ class Trainer:
         # the last epoch already scored the final weights
         test_acc = (self.history[-1]["test_accuracy"] if self.history else
                     accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size))
-        metrics = {"test_accuracy": test_acc, "train_seconds": self.state.train_seconds,
+        if cfg.validation_fraction > 0:  # what was scored is the validation split: say so in the keys
+            scores: dict[str, Any] = {"eval_split": "validation", "validation_accuracy": test_acc}
+            if cfg.validation_eps is not None:
+                scores["validation_pgd_accuracy"] = pgd_accuracy(
+                    self.model, self.test_x, self.test_y, norm=cfg.validation_norm, eps=cfg.validation_eps,
+                    bounds=self.bundle.bounds, steps=cfg.validation_pgd_steps, seed=cfg.seed,
+                    batch_size=cfg.eval_batch_size)
+                scores.update(validation_eps=cfg.validation_eps, validation_norm=cfg.validation_norm)
+        else:
+            scores = {"eval_split": "test", "test_accuracy": test_acc}
+        metrics = {**scores, "train_seconds": self.state.train_seconds,
                    "epochs": cfg.epochs, "steps": self.state.global_step, "skipped_steps": self.state.skipped_steps,
                    "method": cfg.method, "lam": self.lam, "data": cfg.data, "model": self.model_spec["name"]}
         if self.is_writer:
@@ -413,10 +427,28 @@ class Trainer:
         st.step_in_epoch = 0
         if not cfg.quiet and self.is_writer:
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
-                     f"train acc {row['train_accuracy']:.4f}, test acc {test_acc:.4f}")
+                     f"train acc {row['train_accuracy']:.4f}, "
+                     f"{'validation' if cfg.validation_fraction > 0 else 'test'} acc {test_acc:.4f}")
         if self.is_writer:
             self.write_log()
         self.save_checkpoint()
+
+
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                 bounds: tuple[float, float], steps: int, seed: int, batch_size: int) -> float:
+    """Fraction of ``x`` still classified as ``y`` under PGD (Madry et al. 2018; random start,
+    ``steps`` steps of 2.5·ε/steps) at radius ``eps``: the validation score a sweep tunes λ on."""
+    from .attacks import make
+    from .threat import ThreatModel
+
+    attack = make("pgd", steps=steps, labels="true", seed=seed)
+    threat = ThreatModel(norm=norm, eps=eps, bounds=bounds)
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        x_adv = attack(model, xb, yb, threat)
+        correct += int((predict(model, x_adv, batch_size=batch_size) == yb).sum())
+    return correct / max(len(y), 1)
 
 
 def _progress(*, total: int, initial: int, desc: str, disable: bool):  # type: ignore[no-untyped-def]
