@@ -67,3 +67,19 @@ def test_stats_table_and_plot(tmp_path: Path) -> None:
     assert "| gn | grad_l2 | 0.3 | 0.2 | 0.4 | 5 |" in table
     plot_norm_distributions(per_method, str(tmp_path / "norms.png"), title="t")
     assert (tmp_path / "norms.png").stat().st_size > 0
+
+
+def test_analyze_cli_writes_the_norms(tmp_path: Path) -> None:
+    import json
+
+    from gradreg.cli import main
+    from gradreg.config import TrainConfig
+    from gradreg.train import train
+
+    train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(tmp_path / "run")), log=lambda s: None)
+    assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "an"), "--n-test", "20", "--steps", "2",
+                 "--norms", "--opnorm-p", "linf", "--opnorm-q", "l2"]) == 0
+    result = json.loads((tmp_path / "an" / "results.json").read_text())
+    assert [s["quantity"] for s in result["norms"]] == ["grad_l1", "grad_l2", "opnorm_linf_l2"]
+    assert all(s["n"] == 20 and 0 < s["q1"] <= s["median"] <= s["q3"] for s in result["norms"])
+    assert (tmp_path / "an" / "norms.png").is_file() and "opnorm_linf_l2" in (tmp_path / "an" / "report.md").read_text()
