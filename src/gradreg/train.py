@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__, checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
+from .data.augment import attach_standardization
 from .inference import accuracy, predict
 from .objective import Objective
 from .penalties.base import BatchNoise
@@ -70,12 +71,16 @@ def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, d
         "in_shape": list(bundle.in_shape), "num_classes": bundle.num_classes,
         "mean": list(bundle.mean), "std": list(bundle.std),
         "aux_classes": [2] if cfg.aux else [],
+        # standardized images have mean 0 and std 1: the per-channel normalization becomes the identity
+        **({"mean": [0.0] * bundle.in_shape[0], "std": [1.0] * bundle.in_shape[0]}
+           if cfg.standardize == "per-image" else {}),
         **cfg.model_params,
     }
     try:
         model = models.make(name, **{k: tuple(v) if k == "in_shape" else v for k, v in params.items()})
     except TypeError as err:
         raise ValueError(f"bad model parameters for {name!r}: {err}") from None
+    attach_standardization(model, cfg.standardize)
     return model, {"name": name, "params": params}
 
 
@@ -283,8 +288,9 @@ class Trainer:
         """Resuming may extend ``epochs`` or change where and how quietly it runs, nothing else."""
         free = {"epochs", "out", "quiet", "device", "checkpoint_every", "on_nonfinite", "eval_batch_size",
                 "data_dir", "download"}
-        now = self.cfg.to_dict()
-        diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+        now, defaults = self.cfg.to_dict(), TrainConfig().to_dict()
+        # a field newer than the checkpoint compares as its default
+        diff = [k for k in now if k not in free and saved.get(k, defaults[k]) != now[k]]
         if diff:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in {', '.join(diff)}")
 
@@ -303,10 +309,12 @@ class Trainer:
         last batch does not split evenly."""
         cfg = self.cfg
         x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
-        if cfg.augment and self.bundle.augment_kind != "none":
-            from .data.augment import augment
+        kind = self.bundle.augment_kind if cfg.augment_kind == "auto" else cfg.augment_kind
+        if cfg.augment and kind != "none":
+            from .data.augment import augment, pad_value_for
 
-            x = augment(x, kind=self.bundle.augment_kind, generator=step_generator(cfg.seed, epoch, step))
+            x = augment(x, kind=kind, generator=step_generator(cfg.seed, epoch, step),
+                        pad_value=pad_value_for(cfg.augment_pad, self.bundle.bounds))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
         # the penalties' random draws (random starts, TRADES' start noise): a pure function of
