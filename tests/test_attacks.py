@@ -31,6 +31,7 @@ FAST: dict[str, dict[str, object]] = {
     "fgm": {},
     "pgd": {"steps": 10},
     "tpgd": {"steps": 10},
+    "tpgd-all": {"steps": 5},
     "deepfool": {},
     "uniform": {"samples": 8},
     "gaussian": {"samples": 8},

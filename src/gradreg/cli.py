@@ -10,7 +10,7 @@ from types import ModuleType
 from . import __version__
 
 # subcommand → module in gradreg.commands (each has HELP, add_arguments, run)
-COMMANDS = ("train", "attack", "eval", "transfer", "lrc", "analyze", "reproduce", "demo", "list")
+COMMANDS = ("train", "sweep", "attack", "eval", "transfer", "lrc", "analyze", "reproduce", "demo", "list")
 
 
 def _available() -> dict[str, ModuleType]:

@@ -34,7 +34,16 @@ class TrainConfig:
     data_dir: str | None = field(default=None, metadata=_RUNTIME)
     download: bool = field(default=False, metadata=_RUNTIME)
     augment: bool = False
+    augment_kind: str = "auto"  # "auto": the data set's own (crop-flip on CIFAR); or none | crop | crop-flip
+    augment_pad: str = "zero"  # "mid": pad crops with mid-range pixels (the SGR paper's footnote)
+    standardize: str = "none"  # "per-image": the model standardizes each image first (SGR paper)
     aux: str | None = None  # auxiliary task for multi-task DataGrad ("parity")
+    # validation (for tuning): > 0 carves this stratified fraction off the training split, trains
+    # on the rest and scores that held-out part instead of the test split (never loaded into the run)
+    validation_fraction: float = 0.0
+    validation_eps: float | None = None  # with validation_fraction > 0: also its PGD accuracy at this ε (input units)
+    validation_norm: str = "linf"
+    validation_pgd_steps: int = 20
     # model
     model: str = "auto"
     model_params: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +94,14 @@ class TrainConfig:
         need(self.checkpoint_every >= 0, "checkpoint_every must be ≥ 0")
         need(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones are fractions of training in (0, 1)")
         need(self.lam is None or self.lam >= 0, f"lam must be ≥ 0, got {self.lam}")
+        need(self.augment_kind in ("auto", "none", "crop", "crop-flip"),
+             f"augment_kind must be auto, none, crop or crop-flip, got {self.augment_kind!r}")
+        need(self.augment_pad in ("zero", "mid"), f"augment_pad must be zero or mid, got {self.augment_pad!r}")
+        need(self.standardize in ("none", "per-image"), f"standardize must be none or per-image, got {self.standardize!r}")
+        need(0 <= self.validation_fraction < 1, f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        need(self.validation_eps is None or self.validation_eps >= 0, f"validation_eps must be ≥ 0, got {self.validation_eps}")
+        need(self.validation_norm in ("linf", "l2"), f"validation_norm must be linf or l2, got {self.validation_norm!r}")
+        need(self.validation_pgd_steps >= 1, f"validation_pgd_steps must be ≥ 1, got {self.validation_pgd_steps}")
         need(self.task_weight is None or self.task_weight >= 0, f"task_weight must be ≥ 0, got {self.task_weight}")
         return self
 

@@ -68,7 +68,7 @@ class EvalSettings:
 
     def make_attack(self, name: str) -> Attack:
         params: dict[str, Any] = {"labels": self.labels}
-        if name in ("pgd", "tpgd"):
+        if name in ("pgd", "tpgd", "tpgd-all"):
             params.update(steps=self.pgd_steps, seed=self.seed)
         elif name in ("uniform", "gaussian", "lrc"):
             params.update(seed=self.seed)

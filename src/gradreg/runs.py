@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import data, models
+from .data.augment import attach_standardization
 from .train import resolve_device
 
 
@@ -61,6 +62,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
     except (SafetensorError, OSError) as err:
         raise NotARunError(f"{weights} cannot be read ({err})") from None
     model.load_state_dict(state)
+    attach_standardization(model, config.get("config", {}).get("standardize", "none"))  # part of the model
     dev = resolve_device(device)
     model.to(dev).eval()
     metrics_file = path / "metrics.json"

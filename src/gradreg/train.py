@@ -24,7 +24,8 @@ from torch import nn
 
 from . import checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
-from .inference import accuracy
+from .data.augment import attach_standardization
+from .inference import accuracy, predict
 from .objective import Objective
 from .schedule import BatchNoise
 from .trainio import (LOG_FIELDS, git_commit, interrupt_guard, load_weights, progress, resolve_device, versions,
@@ -51,12 +52,16 @@ def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, d
         "in_shape": list(bundle.in_shape), "num_classes": bundle.num_classes,
         "mean": list(bundle.mean), "std": list(bundle.std),
         "aux_classes": [2] if cfg.aux else [],
+        # standardized images have mean 0 and std 1: the per-channel normalization becomes the identity
+        **({"mean": [0.0] * bundle.in_shape[0], "std": [1.0] * bundle.in_shape[0]}
+           if cfg.standardize == "per-image" else {}),
         **cfg.model_params,
     }
     try:
         model = models.make(name, **{k: tuple(v) if k == "in_shape" else v for k, v in params.items()})
     except TypeError as err:
         raise ValueError(f"bad model parameters for {name!r}: {err}") from None
+    attach_standardization(model, cfg.standardize)
     return model, {"name": name, "params": params}
 
 
@@ -123,6 +128,10 @@ class Trainer:
         self.out = Path(cfg.out)
         torch.manual_seed(cfg.seed)
         self.bundle = data.load(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
+        if cfg.validation_fraction > 0:  # tuning: the held-out part of the training split replaces the test split
+            from .data.validation import carve_validation
+
+            self.bundle = carve_validation(self.bundle, fraction=cfg.validation_fraction)
         self.model, self.model_spec = build_model(cfg, self.bundle)
         if cfg.init_weights:
             load_weights(self.model, cfg.init_weights)
@@ -207,8 +216,9 @@ class Trainer:
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         """Resuming may extend ``epochs`` or change where and how quietly it runs, nothing else."""
         free = TrainConfig.runtime_fields()
-        now = self.cfg.to_dict()
-        diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+        now, defaults = self.cfg.to_dict(), TrainConfig().to_dict()
+        # a field newer than the checkpoint compares as its default
+        diff = [k for k in now if k not in free and saved.get(k, defaults[k]) != now[k]]
         if diff:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in {', '.join(diff)}")
 
@@ -224,10 +234,12 @@ class Trainer:
         last batch does not split evenly."""
         cfg = self.cfg
         x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
-        if cfg.augment and self.bundle.augment_kind != "none":
-            from .data.augment import augment
+        kind = self.bundle.augment_kind if cfg.augment_kind == "auto" else cfg.augment_kind
+        if cfg.augment and kind != "none":
+            from .data.augment import augment, pad_value_for
 
-            x = augment(x, kind=self.bundle.augment_kind, generator=step_generator(cfg.seed, epoch, step))
+            x = augment(x, kind=kind, generator=step_generator(cfg.seed, epoch, step),
+                        pad_value=pad_value_for(cfg.augment_pad, self.bundle.bounds))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
         # the penalties' random draws (random starts, TRADES' start noise): a pure function of
@@ -284,7 +296,17 @@ class Trainer:
         # the last epoch already scored the final weights
         test_acc = (self.history[-1]["test_accuracy"] if self.history else
                     accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size))
-        metrics = {"test_accuracy": test_acc, "train_seconds": self.state.train_seconds,
+        if cfg.validation_fraction > 0:  # what was scored is the validation split: say so in the keys
+            scores: dict[str, Any] = {"eval_split": "validation", "validation_accuracy": test_acc}
+            if cfg.validation_eps is not None:
+                scores["validation_pgd_accuracy"] = pgd_accuracy(
+                    self.model, self.test_x, self.test_y, norm=cfg.validation_norm, eps=cfg.validation_eps,
+                    bounds=self.bundle.bounds, steps=cfg.validation_pgd_steps, seed=cfg.seed,
+                    batch_size=cfg.eval_batch_size)
+                scores.update(validation_eps=cfg.validation_eps, validation_norm=cfg.validation_norm)
+        else:
+            scores = {"eval_split": "test", "test_accuracy": test_acc}
+        metrics = {**scores, "train_seconds": self.state.train_seconds,
                    "epochs": cfg.epochs, "steps": self.state.global_step, "skipped_steps": self.state.skipped_steps,
                    "method": cfg.method, "lam": self.lam, "data": cfg.data, "model": self.model_spec["name"]}
         if self.is_writer:
@@ -338,10 +360,28 @@ class Trainer:
         st.step_in_epoch = 0
         if not cfg.quiet and self.is_writer:
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
-                     f"train acc {row['train_accuracy']:.4f}, test acc {test_acc:.4f}")
+                     f"train acc {row['train_accuracy']:.4f}, "
+                     f"{'validation' if cfg.validation_fraction > 0 else 'test'} acc {test_acc:.4f}")
         if self.is_writer:
             self.write_log()
         self.save_checkpoint()
+
+
+def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
+                 bounds: tuple[float, float], steps: int, seed: int, batch_size: int) -> float:
+    """Fraction of ``x`` still classified as ``y`` under PGD (Madry et al. 2018; random start,
+    ``steps`` steps of 2.5·ε/steps) at radius ``eps``: the validation score a sweep tunes λ on."""
+    from .attacks import make
+    from .threat import ThreatModel
+
+    attack = make("pgd", steps=steps, labels="true", seed=seed)
+    threat = ThreatModel(norm=norm, eps=eps, bounds=bounds)
+    correct = 0
+    for i in range(0, len(y), batch_size):
+        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        x_adv = attack(model, xb, yb, threat)
+        correct += int((predict(model, x_adv, batch_size=batch_size) == yb).sum())
+    return correct / max(len(y), 1)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,

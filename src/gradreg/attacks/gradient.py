@@ -6,8 +6,19 @@
 - FGM (Miyato et al. 2016; the ℓ2 fast gradient method): x_adv = Π(x + ε·g/‖g‖₂).
 - PGD (Madry et al., ICLR 2018): ``steps`` steps of size α = ``rel_stepsize``·ε from a random
   point of the ball, each projected onto the ball ∩ bounds; ℓ∞ and ℓ2.
-- T-PGD: PGD that *minimizes* the cross-entropy of a random target class t ≠ label (seeded),
-  as in the T-PGD column of the SGR paper (Roth et al. 2018).
+- T-PGD: PGD that *minimizes* the cross-entropy of a target class t ≠ label: a random one
+  (seeded; the usual definition, ``tpgd``), the least-likely one (Kurakin et al. 2017,
+  ``targets="least-likely"``), or every one in turn (``tpgd-all``).
+
+T-PGD and the SGR paper (Roth et al. 2018): the paper's T-PGD column lies *below* its PGD column
+for the clean model (MNIST: 74.1 vs 78.3), i.e. its targeted attack is the stronger one. A
+single random or least-likely target cannot do that: reaching one given class is harder than
+leaving the true one, and on a clean digits model both give accuracies far *above* PGD's (at
+ε = 0.1, ℓ∞, 40 steps, C&W CNN trained clean for 15 epochs, its 360 test points: PGD 0.47,
+random target 0.83, least-likely 0.85). Counting a point as broken when *any*
+of the K − 1 targeted runs changes its class (the multi-target view of AutoAttack's APGD-T,
+Croce & Hein 2020) gives 0.42, below PGD, as in the paper. ``tpgd-all`` is that reading
+(**our reading**: the paper does not define its T-PGD); it costs K − 1 PGD runs.
 
 Example::
 
@@ -22,7 +33,7 @@ from torch import nn
 from ..modes import BNPolicy
 from ..threat import ThreatModel
 from . import ATTACKS
-from .base import Attack, Labels
+from .base import Attack, Labels, predict
 from .pgd_core import ce_loss, pgd
 
 
@@ -36,7 +47,8 @@ class PGD(Attack):
 
     def __init__(self, *, name: str = "pgd", norms: tuple[str, ...] = ("linf", "l2"), steps: int = 40,
                  rel_stepsize: float | None = None, random_start: bool = True, targeted: bool = False,
-                 labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0) -> None:
+                 targets: str = "random", labels: Labels = "true", bn_policy: BNPolicy = "eval",
+                 seed: int = 0) -> None:
         super().__init__(name=name, norms=norms, labels=labels, bn_policy=bn_policy, seed=seed)
         if int(steps) < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
@@ -46,16 +58,53 @@ class PGD(Attack):
             raise ValueError(f"rel_stepsize must be > 0, got {rel_stepsize}")
         self.random_start = bool(random_start)
         self.targeted = bool(targeted)
+        if targets not in TARGETS:
+            raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+        self.targets = targets
         self.deterministic = not (self.random_start or self.targeted)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         gen = self.generator()
+        if self.targeted and self.targets == "all":
+            return self._perturb_all_targets(model, x, y, threat, gen)
         if self.targeted:
-            y = random_targets(model, x, y, gen)
+            y = random_targets(model, x, y, gen) if self.targets == "random" else least_likely_targets(model, x)
         # bn_policy: the model is already in the attack's mode; pgd() re-enters the same policy
         return pgd(model, x, threat, ce_loss(y, targeted=self.targeted), steps=self.steps,
                    rel_stepsize=self.rel_stepsize, random_start=self.random_start, generator=gen,
                    bn_policy=self.bn_policy)
+
+
+    def _perturb_all_targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                             gen: torch.Generator) -> torch.Tensor:
+        """Targeted PGD at t = y + 1, …, y + K − 1 (mod K) in turn; each sample keeps the first
+        example whose class differs from ``y`` (or ``x`` if none does). Only the samples not yet
+        broken are attacked again."""
+        with torch.no_grad():
+            num_classes = model(x[:1]).shape[1]
+        out = x.clone()
+        broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # (N,)
+        for shift in range(1, num_classes):
+            todo = (~broken).nonzero().squeeze(1)  # (M,)
+            if not todo.numel():
+                break
+            t = (y[todo] + shift) % num_classes  # (M,)
+            x_adv = pgd(model, x[todo], threat, ce_loss(t, targeted=True), steps=self.steps,
+                        rel_stepsize=self.rel_stepsize, random_start=self.random_start, generator=gen,
+                        bn_policy=self.bn_policy)
+            hit = predict(model, x_adv) != y[todo]  # (M,)
+            out[todo[hit]] = x_adv[hit]
+            broken[todo[hit]] = True
+        return out
+
+
+TARGETS = ("random", "least-likely", "all")
+
+
+def least_likely_targets(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The class of lowest logit for every sample ``(N,)`` (Kurakin, Goodfellow, Bengio 2017)."""
+    with torch.no_grad():
+        return model(x).argmin(dim=1)
 
 
 def random_targets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -90,7 +139,16 @@ def pgd_attack(*, steps: int = 40, rel_stepsize: float | None = None, random_sta
 
 @ATTACKS.register("tpgd")
 def tpgd(*, steps: int = 40, rel_stepsize: float | None = None, random_start: bool = True,
-         labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0) -> PGD:
-    """Targeted PGD towards a random class ≠ label (seeded), ℓ∞/ℓ2."""
+         targets: str = "random", labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0) -> PGD:
+    """Targeted PGD towards a random class ≠ label (seeded; or ``targets="least-likely"``), ℓ∞/ℓ2."""
     return PGD(name="tpgd", steps=steps, rel_stepsize=rel_stepsize, random_start=random_start, targeted=True,
-               labels=labels, bn_policy=bn_policy, seed=seed)
+               targets=targets, labels=labels, bn_policy=bn_policy, seed=seed)
+
+
+@ATTACKS.register("tpgd-all")
+def tpgd_all(*, steps: int = 40, rel_stepsize: float | None = None, random_start: bool = True,
+             labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0) -> PGD:
+    """Targeted PGD at every class ≠ label in turn; broken if any target changes the class
+    (our reading of the SGR paper's T-PGD; K − 1 PGD runs), ℓ∞/ℓ2."""
+    return PGD(name="tpgd-all", steps=steps, rel_stepsize=rel_stepsize, random_start=random_start, targeted=True,
+               targets="all", labels=labels, bn_policy=bn_policy, seed=seed)

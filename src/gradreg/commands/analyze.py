@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..analysis import perturbation_covariance, softmax_along_line
+from ..harness import test_subset
 from ..report import _pyplot, plot_curves, write_json
 from ..threat import check_eps_fits, parse_eps
 from .common import add_eval_arguments, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
@@ -17,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_eval_arguments(parser)
     parser.add_argument("--at-eps", default=None, help="PGD radius for the perturbations (default: the grid's middle)")
     parser.add_argument("--examples", type=int, default=4, help="examples in the smoothness plot")
+    parser.add_argument("--norms", action="store_true",
+                        help="also the per-example ‖∇ₓL‖₁, ‖∇ₓL‖₂ and ‖J(x)‖_{p,q} on the test points (table + norms.png)")
+    parser.add_argument("--opnorm-p", help="p of ‖J(x)‖_{p,q} (default: the run's penalty.norm, else l2)")
+    parser.add_argument("--opnorm-q", help="q of ‖J(x)‖_{p,q} (default: the run's penalty.out_norm, else l2)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +64,21 @@ def run(args: argparse.Namespace) -> int:
             f"on {len(x)} test points.\n\n| covariance function | decay length (1/e) |\n|---|---|\n"
             f"| PGD perturbations | {decay(cov.perturbation_decay)} |\n| data (centred) | {decay(cov.data_decay)} |\n\n"
             "![covariance](covariance.png)\n\n![smoothness](smoothness.png)\n")
+    payload = {"run": loaded.name, **cov.__dict__}
+    if args.norms:
+        from ..analysis import input_gradient_norms, norm_stats, norms_markdown, plot_norm_distributions
+        from ..threat import canonical_norm
+
+        pen = loaded.train_config.get("penalty", {})
+        p = canonical_norm(args.opnorm_p or pen.get("norm", "l2"))
+        q = canonical_norm(args.opnorm_q or pen.get("out_norm", "l2"))
+        values = input_gradient_norms(loaded.model, x, test_subset(bundle, settings.n_test)[1], opnorm_p=p,
+                                      opnorm_q=q, batch_size=settings.batch_size, seed=settings.seed)
+        plot_norm_distributions({loaded.name: values}, str(out / "norms.png"), title=f"per-example norms ({loaded.name})")
+        text += (f"\n## Per-example norms ({len(x)} test points)\n\n{norms_markdown({loaded.name: values})}"
+                 "\n![norms](norms.png)\n")
+        payload["norms"] = [s.__dict__ for s in norm_stats(values)]
     (out / "report.md").write_text(text)
-    write_json(out / "results.json", {"run": loaded.name, **cov.__dict__})
+    write_json(out / "results.json", payload)
     print(text)
     return 0

@@ -10,7 +10,7 @@ from .common import add_eval_arguments, add_run_arguments, check_same_data, is_w
 
 HELP = "evaluate runs: clean, noise, FGSM, PGD, targeted PGD over an ε grid; DeepFool ρ; masking checks"
 
-LABELS = {"fgsm": "FGSM", "fgm": "FGM", "pgd": "PGD", "tpgd": "T-PGD", "uniform": "rand", "gaussian": "gauss"}
+LABELS = {"fgsm": "FGSM", "fgm": "FGM", "pgd": "PGD", "tpgd": "T-PGD", "tpgd-all": "T-PGD-all", "uniform": "rand", "gaussian": "gauss"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,7 +27,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(default, list):
             parser.add_argument(flag, dest=name, type=float, nargs="+", default=None, help=f"(default: {default})")
         else:
-            kind = float if name in ("lam", "task_weight") else (type(default) if default is not None else str)
+            kind = float if name in ("lam", "task_weight", "validation_eps") else (type(default) if default is not None else str)
             parser.add_argument(flag, dest=name, type=kind, default=None, help=f"(default: {default})")
     parser.add_argument("--config", dest="config_file", metavar="FILE.toml", help="read configuration from TOML")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if distributed.rank_world()[0] != 0:
         return 0
-    print(f"{cfg.method}: test accuracy {metrics['test_accuracy']:.4f} "
+    split = metrics["eval_split"]
+    print(f"{cfg.method}: {split} accuracy {metrics[split + '_accuracy']:.4f} "
           f"({metrics['train_seconds']:.1f} s training) -> {cfg.out}")
     return 0

@@ -1,0 +1,41 @@
+"""The Pareto front of (AutoAttack accuracy ↑, training cost ↓) on a hand-made table, and the plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gradreg.frontier import FrontierPoint, dominates, pareto_front, plot_frontier
+
+
+def _p(name: str, aa: float, cost: float, clean: float = 0.98) -> FrontierPoint:
+    return FrontierPoint(name, aa, (aa - 0.01, aa + 0.01), cost, (cost * 0.9, cost * 1.1), clean,
+                         (clean - 0.005, clean + 0.005))
+
+
+# worked by hand: clean (0.00, 1) is the cheapest; GN (0.30, 2) beats nothing cheaper;
+# SGR (0.28, 3) is dominated by GN; TRADES (0.60, 8) and PGD-AT (0.62, 11) both survive;
+# FGSM-AT (0.55, 8) is dominated by TRADES (same cost, more robust); wd (0.00, 1.5) by clean
+TABLE = [_p("clean", 0.00, 1.0), _p("wd", 0.00, 1.5), _p("GN", 0.30, 2.0), _p("SGR", 0.28, 3.0),
+         _p("FGSM-AT", 0.55, 8.0), _p("TRADES", 0.60, 8.0), _p("PGD-AT", 0.62, 11.0)]
+
+
+def test_pareto_front_of_a_hand_made_table() -> None:
+    assert pareto_front(TABLE) == ["clean", "GN", "TRADES", "PGD-AT"]
+    assert dominates(TABLE[5], TABLE[4]) and not dominates(TABLE[4], TABLE[5])
+    assert not dominates(TABLE[0], TABLE[0])  # not strictly better than itself
+    # ties: two identical points are both on the front; a single point is its own front
+    twins = [_p("a", 0.5, 2.0), _p("b", 0.5, 2.0)]
+    assert pareto_front(twins) == ["a", "b"]
+    assert pareto_front([TABLE[3]]) == ["SGR"]
+
+
+def test_frontier_plot_and_checks(tmp_path: Path) -> None:
+    assert plot_frontier(TABLE, tmp_path / "frontier.png", title="t") == ["clean", "GN", "TRADES", "PGD-AT"]
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="outside its interval"):
+        FrontierPoint("x", 0.5, (0.6, 0.7), 1.0, (1.0, 1.0), 0.9, (0.9, 0.9))
+    with pytest.raises(ValueError, match="cost_ratio must be > 0"):
+        FrontierPoint("x", 0.5, (0.5, 0.5), 0.0, (0.0, 0.0), 0.9, (0.9, 0.9))
+    with pytest.raises(ValueError, match="no frontier points"):
+        plot_frontier([], tmp_path / "none.png")

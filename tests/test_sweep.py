@@ -1,0 +1,182 @@
+"""λ sweeps: the selection rule, the validation split (the test split is never read), run
+names, printed commands, running, gathering and reuse."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradreg import cli, data
+from gradreg.config import ConfigError, TrainConfig
+from gradreg.data.validation import carve_validation
+from gradreg.sweep import (SweepRow, SweepSpec, config_overrides, pick_best_pgd, pick_within_clean,
+                           sweep_points)
+from gradreg.train import train
+
+
+def _row(lam: float, clean: float | None, pgd: float | None, status: str = "done") -> SweepRow:
+    return SweepRow(name=f"p{lam:g}", role="point", lam=lam, eps=None, status=status, clean_accuracy=clean,
+                    pgd_accuracy=pgd)
+
+
+# a hand-made sweep: clean model 0.990; floor at 1 point is 0.980
+TABLE = [
+    _row(0.01, 0.991, 0.20),
+    _row(0.1, 0.985, 0.45),
+    _row(1.0, 0.981, 0.60),  # the answer: best PGD among clean ≥ 0.980
+    _row(3.0, 0.979, 0.75),  # better PGD but 1.1 points below clean: excluded
+    _row(10.0, 0.90, 0.85),
+    _row(30.0, None, None, status="failed"),
+]
+
+
+def test_within_clean_rule_picks_the_right_lambda() -> None:
+    best, reason = pick_within_clean(TABLE, 0.990, 1.0)
+    assert best is not None and best.lam == 1.0
+    assert "0.9800" in reason
+    # a wider tolerance admits λ = 3; a tighter one leaves λ = 0.01 and 0.1 only
+    assert pick_within_clean(TABLE, 0.990, 1.2)[0].lam == 3.0  # type: ignore[union-attr]
+    assert pick_within_clean(TABLE, 0.990, 0.5)[0].lam == 0.1  # type: ignore[union-attr]
+    # nothing qualifies / no reference yet: no choice, with the reason
+    assert pick_within_clean(TABLE, 0.999, 0.01)[0] is None
+    assert pick_within_clean(TABLE, None, 1.0) == (None, "the clean reference run has not finished")
+    # the unconstrained rule ignores clean accuracy but never a failed run
+    assert pick_best_pgd(TABLE, 0.990, 1.0)[0].lam == 10.0  # type: ignore[union-attr]
+
+
+def test_within_clean_ties_go_to_higher_clean_then_smaller_lambda() -> None:
+    rows = [_row(1.0, 0.985, 0.5), _row(0.3, 0.985, 0.5), _row(3.0, 0.986, 0.5)]
+    assert pick_within_clean(rows, 0.99, 1.0)[0].lam == 3.0  # type: ignore[union-attr]
+    assert pick_within_clean(rows[:2], 0.99, 1.0)[0].lam == 0.3  # type: ignore[union-attr]
+
+
+class _TestSplitGuard:
+    """A data bundle whose test split raises when read."""
+
+    def __init__(self, bundle: data.DataBundle) -> None:
+        self._bundle = bundle
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("test_x", "test_y"):
+            raise AssertionError(f"the test split was read ({name})")
+        return getattr(self._bundle, name)
+
+
+def test_validation_split_is_stratified_deterministic_and_never_reads_test(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    full = data.load("digits")
+    a = carve_validation(_TestSplitGuard(full), fraction=0.2)  # type: ignore[arg-type]
+    b = carve_validation(full, fraction=0.2)
+    assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
+    assert len(a.train_y) + len(a.test_y) == len(full.train_y)
+    # the two parts partition the training split (no image in both, none from the test split)
+    rows = {tuple(r.tolist()) for r in full.train_x.flatten(1)}
+    assert all(tuple(r.tolist()) in rows for r in a.test_x.flatten(1))
+    # stratified: each class's share within one point of its share in the training split
+    full_share = torch.bincount(full.train_y, minlength=10) / len(full.train_y)
+    val_share = torch.bincount(a.test_y, minlength=10) / len(a.test_y)
+    assert (full_share - val_share).abs().max() < 0.01
+    assert a.mean == full.mean and a.std == full.std
+
+    real_load = data.load
+    monkeypatch.setattr(data, "load", lambda name, **kw: _TestSplitGuard(real_load(name, **kw)))
+    cfg = TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(tmp_path / "v"),
+                      validation_fraction=0.2, validation_eps=0.1, validation_pgd_steps=3)
+    metrics = train(cfg, log=lambda s: None)
+    assert metrics["eval_split"] == "validation" and "test_accuracy" not in metrics
+    assert 0 <= metrics["validation_pgd_accuracy"] <= metrics["validation_accuracy"] <= 1
+    # without a validation split the same guard trips: the guard itself works
+    with pytest.raises(AssertionError, match="test split was read"):
+        train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(tmp_path / "t")),
+              log=lambda s: None)
+
+
+def test_run_names_are_deterministic_and_follow_the_config(tmp_path: Path) -> None:
+    base = TrainConfig(method="gn", epochs=1, validation_fraction=0.2, validation_eps=0.1)
+    spec = SweepSpec(base=base, lams=[0.1, 1.0], eps_values=[0.05, 0.1], out=tmp_path)
+    points = sweep_points(spec)
+    assert [p.role for p in points] == ["reference"] + ["point"] * 4
+    assert [(p.lam, p.eps) for p in points[1:]] == [(0.1, 0.05), (1.0, 0.05), (0.1, 0.1), (1.0, 0.1)]
+    assert points[1].config.penalty == {"eps": 0.05} and points[0].config.method == "clean"
+    assert [p.name for p in points] == [p.name for p in sweep_points(spec)]
+    assert len({p.name for p in points}) == 5
+    assert points[1].name.startswith("gn-lam0.1-eps0.05-")
+    # where a run executes does not change its name; what it computes does
+    other = sweep_points(SweepSpec(base=TrainConfig(method="gn", epochs=2, validation_fraction=0.2, validation_eps=0.1),
+                                   lams=[0.1], out=tmp_path))
+    same = sweep_points(SweepSpec(base=TrainConfig(method="gn", epochs=1, validation_fraction=0.2, validation_eps=0.1,
+                                                   device="cpu"), lams=[0.1], out=tmp_path))
+    assert same[1].name == sweep_points(SweepSpec(base=base, lams=[0.1], out=tmp_path))[1].name
+    assert other[1].name != same[1].name
+    assert "validation_fraction=0.2" in config_overrides(points[1].config)
+    with pytest.raises(ConfigError, match="validation_fraction"):
+        SweepSpec(base=TrainConfig(validation_eps=0.1), lams=[1.0], out=tmp_path)
+    with pytest.raises(ConfigError, match="validation_eps"):
+        SweepSpec(base=TrainConfig(validation_fraction=0.2), lams=[1.0], out=tmp_path)
+
+
+GUARD = """
+import sys
+from gradreg import data
+_load = data.load
+
+class Guard:
+    def __init__(self, b):
+        self._b = b
+    def __getattr__(self, k):
+        if k in ("test_x", "test_y"):
+            raise SystemExit("the test split was read")
+        return getattr(self._b, k)
+
+data.load = lambda name, **kw: Guard(_load(name, **kw))
+from gradreg.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_tiny_sweep_print_commands_run_gather_and_reuse(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    guard = tmp_path / "guard.py"
+    guard.write_text(GUARD)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--method", "gn", "--lams", "0.01", "1", "--epochs", "1", "--model", "mlp",
+            "--validation-eps", "0.1", "--validation-pgd-steps", "3", "--out", str(out)]
+    # 1. the commands, one per line, with a launcher that fails any run that reads the test split
+    assert cli.main(args + ["--print-commands", "--launcher", f"{sys.executable} {guard}"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and all(" train --resume --out " in line for line in lines)
+    # 2. an external "scheduler" runs two of the lines in a shell, in parallel
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen(line, shell=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for line in lines[:2]]
+    outputs = [p.communicate()[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    # 3. gathering a partial sweep: the missing λ is pending, nothing chosen from missing data
+    assert cli.main(args + ["--gather"]) == 0
+    partial = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in partial["rows"]] == ["done", "pending"]
+    # 4. run the rest here: finished runs are reused, not trained again
+    run_dirs = [Path(shlex.split(line)[shlex.split(line).index("--out") + 1]) for line in lines]
+    stamps = {d: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs[:2]}
+    assert cli.main(args + ["--jobs", "2", "--launcher", f"{sys.executable} {guard}"]) == 0
+    printed = capsys.readouterr().out
+    assert "reusing 2 finished run(s)" in printed
+    assert {d: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs[:2]} == stamps
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["rule"] == "within-clean" and result["reference"]["status"] == "done"
+    assert [r["status"] for r in result["rows"]] == ["done", "done"]
+    assert result["chosen_lam"] in (0.01, 1.0)
+    for r in result["rows"]:
+        m = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert m["eval_split"] == "validation" and r["pgd_accuracy"] == m["validation_pgd_accuracy"]
+    assert (out / "sweep.png").stat().st_size > 0
+    table = (out / "sweep.md").read_text()
+    assert "| 0.01 |" in table and "| 1 |" in table and "←" in table
+    # nothing left to print
+    assert cli.main(args + ["--print-commands"]) == 0
+    assert capsys.readouterr().out == ""
