@@ -28,7 +28,10 @@ _PARAM_FLAGS = {"steps": "steps", "rel_stepsize": "rel_stepsize", "random_start"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (config.json + model.safetensors)")
+    from .common import add_model_arguments
+
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                        help="a finished run (config.json + model.safetensors), or a model given with --model")
     parser.add_argument("--attack", default="pgd", help="registered attack name (see `gradreg list attacks`)")
     parser.add_argument("--norm", default="linf", help="threat norm: linf, l2 or l1 (default: linf)")
     parser.add_argument("--eps", nargs="+", required=True, metavar="EPS",
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: only on a terminal)")
     parser.add_argument("--json", dest="json_file", metavar="FILE", default=None, help="write the results as JSON")
+    add_model_arguments(parser)
 
 
 def _literal(text: str) -> Any:
@@ -100,7 +104,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..evaluate import clean_accuracy
     from ..harness import EvalSettings, sharded_accuracy
-    from ..runs import load_run
     from ..threat import ThreatModel, canonical_norm, check_eps_fits, parse_eps
 
     norm = canonical_norm(args.norm)
@@ -113,8 +116,13 @@ def run(args: argparse.Namespace) -> int:
     if norm not in attack.norms:  # fail before loading anything
         raise ValueError(f"attack {attack.name!r} supports norms {', '.join(attack.norms)}, not {norm!r}")
 
-    distributed.init_from_env()
-    loaded = load_run(args.run_dir, device=args.device)
+    from .common import load_runs
+
+    args.runs = [args.run_dir] if args.run_dir else []
+    sources = load_runs(args)
+    if len(sources) != 1:
+        raise ValueError("attack takes one model: a run directory or --model, not both")
+    loaded = sources[0]
     bundle = loaded.data()
     x, y = bundle.test_x, bundle.test_y
     if args.limit is not None:
@@ -128,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"attack": attack.name, "norm": norm, "eps": e, "accuracy": a} for e, a in zip(eps_list, accs)]
     if distributed.rank_world()[0] != 0:
         return 0
-    print(f"{Path(args.run_dir).name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
+    print(f"{loaded.name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
           f"of {bundle.name}")
     print(format_table(rows, clean))
     if args.json_file:

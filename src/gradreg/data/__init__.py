@@ -12,13 +12,17 @@ DATASETS: Registry[DataBundle] = Registry("data set")
 
 from . import digits  # noqa: E402,F401  (registration side effects)
 from . import idx, cifar  # noqa: E402,F401
-from . import augment, download  # noqa: E402,F401  (gradreg.data.augment.augment, .download.download)
+from . import augment, download, external  # noqa: E402,F401  (gradreg.data.augment.augment, .download.download)
 
 AUX_TASKS = ("parity",)
 
 
 def load(name: str, **params: object) -> DataBundle:
-    """Load a registered data set: ``load("digits")``, ``load("mnist10k", data_dir=...)``."""
+    """Load a registered data set (``load("digits")``, ``load("mnist10k", data_dir=...)``) or
+    external data: ``package.module:factory``, an image folder, a ``.npz``/``.safetensors``
+    file (see :mod:`gradreg.data.external`)."""
+    if name not in DATASETS and external.is_external(name):
+        return external.load_external(name)
     return DATASETS.make(name, **params)
 
 

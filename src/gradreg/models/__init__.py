@@ -10,7 +10,7 @@ from .base import Classifier, Normalize, forward_all, num_heads, unwrap
 
 MODELS: Registry[Classifier] = Registry("model")
 
-from . import cw, mlp, resnet  # noqa: E402,F401  (registration side effects)
+from . import cw, mlp, resnet, wide_resnet  # noqa: E402,F401  (registration side effects)
 
 
 def make(name: str, **params: object) -> Classifier:
