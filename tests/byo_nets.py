@@ -1,6 +1,7 @@
 """Models defined outside gradreg (not registered), loaded with ``--model byo_nets:...``."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -22,3 +23,33 @@ class SmallBNNet(nn.Module):
 
 def small_bn_net(width: int = 8) -> SmallBNNet:
     return SmallBNNet(width=width)
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """A user's map-style Dataset of (image, label) pairs: 4 classes of 6×6 grey squares
+    whose brightness encodes the class."""
+
+    classes = ("a", "b", "c", "d")
+
+    def __init__(self, n: int = 40, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.y = torch.arange(n) % 4
+        self.x = (self.y.float().view(-1, 1, 1, 1) / 4 + 0.2 * torch.rand(n, 1, 6, 6, generator=gen)).clamp(0, 1)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+def pairs() -> PairsDataset:
+    return PairsDataset()
+
+
+def pairs_split() -> tuple[PairsDataset, PairsDataset]:
+    return PairsDataset(40, seed=0), PairsDataset(12, seed=1)
+
+
+def not_data() -> int:
+    return 3

@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    (loaded,) = load_runs(args)
+    sources = load_runs(args)
+    if len(sources) != 1:
+        raise ValueError("analyze takes one model: a run directory or --model, not both")
+    loaded = sources[0]
     settings = settings_from_args(args)
     bundle = loaded.data(data_dir=args.data_dir)
     grid = settings.checked_grid(bundle)
