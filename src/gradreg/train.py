@@ -428,5 +428,9 @@ def _progress(*, total: int, initial: int, desc: str, disable: bool):  # type: i
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one run as configured and write its run directory; returns its metrics."""
-    return Trainer(cfg, log=log).fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    """Train one run as configured and write its run directory; returns its metrics. The run
+    directory is locked against a second writer first (:mod:`gradreg.lock`)."""
+    from .lock import run_lock
+
+    with run_lock(cfg.out, enabled=distributed.rank_world()[0] == 0):
+        return Trainer(cfg, log=log).fit(resume=resume, stop_after_epoch=stop_after_epoch)
