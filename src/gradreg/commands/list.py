@@ -20,5 +20,6 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{key}:")
         for name, doc in reg.describe().items():
-            print(f"  {name:<14} {doc}")
+            origin = reg.origins.get(name)
+            print(f"  {name:<16} {doc}" + (f"  [plugin: {origin}]" if origin else ""))
     return 0

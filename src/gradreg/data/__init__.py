@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..registry import Registry
 from .base import DataBundle, stratified_split
 
-DATASETS: Registry[DataBundle] = Registry("data set")
+DATASETS: Registry[DataBundle] = Registry("data set", entry_point_group="gradreg.data")
 
 from . import digits  # noqa: E402,F401  (registration side effects)
 from . import idx, cifar  # noqa: E402,F401
