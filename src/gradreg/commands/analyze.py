@@ -7,7 +7,7 @@ import argparse
 from ..analysis import perturbation_covariance, softmax_along_line
 from ..report import _pyplot, plot_curves, write_json
 from ..threat import check_eps_fits, parse_eps
-from .common import add_eval_arguments, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
+from .common import add_eval_arguments, add_record, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
 
 HELP = "covariance function of a model's PGD perturbations vs the data's; softmax along adversarial lines"
 
@@ -64,5 +64,6 @@ def run(args: argparse.Namespace) -> int:
             "![covariance](covariance.png)\n\n![smoothness](smoothness.png)\n")
     (out / "report.md").write_text(text)
     write_json(out / "results.json", {"run": loaded.name, **cov.__dict__})
+    add_record(out / "results.json", args, n=len(x), seeds=[settings.seed])
     print(text)
     return 0

@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", default="linf", help="threat norm: linf, l2 or l1 (default: linf)")
     parser.add_argument("--eps", nargs="+", required=True, metavar="EPS",
                         help="radii in input units, fractions allowed: --eps 0 0.1 8/255")
-    parser.add_argument("--labels", choices=("true", "predicted"), default="true",
-                        help="attack the true labels or the model's predictions (no label leaking)")
+    parser.add_argument("--labels", choices=("predicted", "true"), default="predicted",
+                        help="attack the predicted label (default, no label leaking) or the true one")
     parser.add_argument("--steps", type=int, default=None, help="iterations (pgd, tpgd)")
     parser.add_argument("--rel-stepsize", dest="rel_stepsize", type=float, default=None,
                         help="step size relative to ε (pgd, tpgd; default 2.5/steps)")
@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mode the model runs in during the attack (default: eval)")
     parser.add_argument("--param", dest="params", metavar="KEY=VALUE", action="append", default=[],
                         help="any other attack parameter, e.g. --param overshoot=0.05")
-    parser.add_argument("--limit", type=int, default=None, help="attack only the first N test images")
+    parser.add_argument("--limit", "--n-test", dest="limit", type=int, default=None,
+                        help="attack only the first N test images")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -136,13 +137,16 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"attack": attack.name, "norm": norm, "eps": e, "accuracy": a} for e, a in zip(eps_list, accs)]
     if distributed.rank_world()[0] != 0:
         return 0
-    print(f"{loaded.name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
+    print(f"{Path(args.run_dir).name if args.run_dir else loaded.name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
           f"of {bundle.name}")
     print(format_table(rows, clean))
     if args.json_file:
         out = Path(args.json_file)
         if out.parent and not out.parent.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"clean_accuracy": clean, "results": rows}, indent=2) + "\n")
+        from .common import run_record
+
+        record = run_record(args, n=len(y), seeds=[args.seed if args.seed is not None else 0])
+        out.write_text(json.dumps({"clean_accuracy": clean, "results": rows, "record": record}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0

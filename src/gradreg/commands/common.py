@@ -8,7 +8,8 @@ from pathlib import Path
 from .. import distributed
 from ..harness import EvalSettings, ModelEval
 from ..loading import parse_params
-from ..runs import ExternalModel, LoadedRun, external_model, load_run, parse_bounds, parse_shape
+from .. import runs
+from ..runs import ExternalModel, LoadedRun, external_model, parse_bounds, parse_shape
 from ..threat import canonical_norm, parse_eps
 
 
@@ -49,7 +50,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eps", nargs="+", metavar="EPS",
                         help="ε grid, fractions allowed (8/255); default: the SGR paper's grid for the data set")
     parser.add_argument("--steps", type=int, default=40, help="PGD steps (default 40)")
-    parser.add_argument("--n-test", type=int, help="evaluate the first N test points only")
+    parser.add_argument("--n-test", "--limit", dest="n_test", type=int, help="evaluate the first N test points only")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--labels", default="predicted", choices=("predicted", "true"),
                         help="attack the predicted label (default, no label leaking) or the true one")
@@ -72,7 +73,8 @@ def load_runs(args: argparse.Namespace) -> list[LoadedRun | ExternalModel]:
     check_model_arguments(args)
     raw = getattr(args, "runs", None)
     paths = [] if raw is None else raw if isinstance(raw, list) else [raw]
-    loaded: list[LoadedRun | ExternalModel] = [load_run(p, device=args.device) for p in paths]
+    # looked up at call time, so a test may stand in for gradreg.runs.load_run
+    loaded: list[LoadedRun | ExternalModel] = [runs.load_run(p, device=args.device) for p in paths]
     if getattr(args, "model", None):
         loaded.append(load_external(args))
     if not loaded:
@@ -103,6 +105,32 @@ def check_same_data(runs: list[LoadedRun | ExternalModel]) -> str:
     if len(data) != 1:
         raise ValueError(f"runs were trained on different data sets ({', '.join(sorted(data))}); compare like with like")
     return data.pop()
+
+
+def run_record(args: argparse.Namespace, *, n: int, seeds: list[int]) -> dict[str, object]:
+    """What produced a results file: versions, the command, n test points, seeds, git commit."""
+    import platform
+    import shlex
+
+    import torch
+
+    from .. import __version__
+    from ..train import git_commit
+
+    argv = getattr(args, "_argv", None)
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    return {"gradreg": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "command": shlex.join(["gradreg", *argv]), "n": int(n), "seeds": [int(s) for s in seeds],
+            "git_commit": git_commit()}
+
+
+def add_record(path: Path, args: argparse.Namespace, *, n: int, seeds: list[int]) -> None:
+    """Add ``"record": run_record(...)`` to a results JSON file written by a command."""
+    import json
+
+    payload = json.loads(path.read_text())
+    payload["record"] = run_record(args, n=n, seeds=seeds)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def output_dir(args: argparse.Namespace) -> Path:

@@ -21,5 +21,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"{key}:")
         for name, doc in reg.describe().items():
             origin = reg.origins.get(name)
-            print(f"  {name:<16} {doc}" + (f"  [plugin: {origin}]" if origin else ""))
+            extra = f"  [plugin: {origin}]" if origin else ""
+            if key == "data" and data.train_defaults(name):
+                d = data.train_defaults(name)
+                extra += f"  (train defaults: {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g})"
+            print(f"  {name:<16} {doc}{extra}")
     return 0
