@@ -93,6 +93,7 @@ BAD = [
     ("{tmp}/bad.npz", "must hold x and y"),
     ("{tmp}/range.npz", "outside the data set's bounds"),
     ("{tmp}/garbage.safetensors", "not a readable safetensors file"),
+    ("{tmp}/few.npz", "cannot make a stratified 80/20 split"),
 ]
 
 
@@ -101,6 +102,7 @@ def test_bad_data_is_one_line_exit_2(spec: str, message: str, tmp_path: Path, ca
     np.savez(tmp_path / "bad.npz", images=np.zeros((4, 2, 2)))
     np.savez(tmp_path / "range.npz", x=np.full((20, 2, 2), 3.0, dtype=np.float32), y=np.arange(20) % 2)
     (tmp_path / "garbage.safetensors").write_bytes(b"not a tensor file")
+    np.savez(tmp_path / "few.npz", x=np.zeros((20, 2, 2), dtype=np.float32), y=np.arange(20) % 10)
     code = main(["train", "--data", spec.replace("{tmp}", str(tmp_path)), "--epochs", "1", "--out",
                  str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.strip()

@@ -88,7 +88,11 @@ def _bundle(name: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor | 
         counts = torch.bincount(y)
         if len(y) < 10 or int(counts[counts > 0].min()) < 2:
             raise DataError(f"{name}: too few examples per class for a stratified train/test split")
-        tr, te = stratified_split(y.numpy(), test_fraction=0.2, seed=SPLIT_SEED)
+        try:
+            tr, te = stratified_split(y.numpy(), test_fraction=0.2, seed=SPLIT_SEED)
+        except ValueError as err:  # e.g. fewer test points than classes
+            raise DataError(f"{name}: cannot make a stratified 80/20 split ({str(err).splitlines()[0]}); "
+                            "give more examples or your own x_test/y_test") from None
         x, y, x_test, y_test = x[tr], y[tr], x[te], y[te]
     elif len(x_test) != len(y_test):
         raise DataError(f"{name}: {len(x_test)} test images but {len(y_test)} test labels")
