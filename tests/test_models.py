@@ -6,7 +6,12 @@ import torch
 
 from gradreg import models
 
-SHAPES = {"cw": [(1, 28, 28), (3, 32, 32), (1, 8, 8)], "mlp": [(1, 8, 8), (3, 32, 32)], "resnet18": [(3, 32, 32)]}
+SHAPES = {"cw": [(1, 28, 28), (3, 32, 32), (1, 8, 8)], "mlp": [(1, 8, 8), (3, 32, 32)], "resnet18": [(3, 32, 32)],
+          "wrn": [(3, 32, 32), (1, 8, 8)], "wrn-28-10": [(3, 32, 32)], "wrn-34-10": [(3, 32, 32)],
+          "preact-resnet18": [(3, 32, 32), (1, 28, 28)]}
+# tiny widths/depths keep the forward passes fast; the full sizes are checked by parameter count
+TINY = {"wrn": {"depth": 10, "widen_factor": 1}, "wrn-28-10": {"depth": 10, "widen_factor": 2},
+        "wrn-34-10": {"depth": 10, "widen_factor": 1}, "preact-resnet18": {"width": 4}}
 
 
 def _conv(cin: int, cout: int) -> int:
@@ -24,7 +29,7 @@ def test_every_model_is_covered() -> None:
 @pytest.mark.parametrize("name,shape", [(n, s) for n, shapes in SHAPES.items() for s in shapes])
 def test_models_return_logits(name: str, shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
-    model = models.make(name, in_shape=shape, num_classes=7).eval()
+    model = models.make(name, in_shape=shape, num_classes=7, **TINY.get(name, {})).eval()
     out = model(torch.rand(3, *shape))
     assert out.shape == (3, 7) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="expects inputs of shape"):
@@ -49,6 +54,25 @@ def test_resnet18_parameter_count() -> None:
     # − 7·7·3·64 (stem) + 3·3·3·64 − 512·1000 − 1000 + 512·10 + 10.
     expected = 11_689_512 - 7 * 7 * 3 * 64 + 3 * 3 * 3 * 64 - 512 * 1000 - 1000 + 512 * 10 + 10
     assert sum(p.numel() for p in models.make("resnet18").parameters()) == expected
+
+
+@pytest.mark.parametrize("name,count", [
+    ("wrn-28-10", 36_479_194),  # the counts usually quoted for these CIFAR-10 networks
+    ("wrn-34-10", 46_160_474),
+    ("preact-resnet18", 11_171_146),
+])
+def test_robustbench_architectures_parameter_counts(name: str, count: int) -> None:
+    assert sum(p.numel() for p in models.make(name).parameters()) == count
+
+
+def test_wrn_normalization_and_aux_heads() -> None:
+    model = models.make("wrn", depth=10, widen_factor=1, mean=[0.5] * 3, std=[0.25] * 3, aux_classes=(2,)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    main, aux = models.forward_all(model, x)
+    assert torch.allclose(main, model.fc(model.features((x - 0.5) / 0.25)))
+    assert aux.shape == (2, 2)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        models.make("wrn", depth=12)
 
 
 def test_normalization_lives_inside_the_model() -> None:

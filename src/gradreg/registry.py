@@ -2,6 +2,10 @@
 
 The CLI resolves names through these registries and the test-suite iterates over them, so
 registering a new member is all it takes to get it on the command line and under test.
+
+Third-party packages add members through entry points (see :mod:`gradreg.plugins`): a
+registry with an ``entry_point_group`` loads that group the first time it is asked for its
+names or for a name it does not hold.
 """
 from __future__ import annotations
 
@@ -23,12 +27,15 @@ class UnknownNameError(KeyError):
 class Registry(Generic[T]):
     """Maps names to factories. ``make(name, **params)`` builds a member."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, entry_point_group: str | None = None) -> None:
         self.kind = kind
+        self.entry_point_group = entry_point_group
         self._factories: dict[str, Callable[..., T]] = {}
         self._docs: dict[str, str] = {}
+        self.origins: dict[str, str] = {}  # name → distribution, for members added by plugins
+        self._plugins_loaded = entry_point_group is None
 
-    def register(self, name: str, *, doc: str | None = None) -> Callable[[F], F]:
+    def register(self, name: str, *, doc: str | None = None, origin: str | None = None) -> Callable[[F], F]:
         """Register a factory (a function, or a class registered directly) under ``name``."""
 
         def decorator(factory: F) -> F:
@@ -37,11 +44,24 @@ class Registry(Generic[T]):
             self._factories[name] = cast(Callable[..., T], factory)  # a factory of T by contract
             first_line = (doc or factory.__doc__ or "").strip().splitlines()
             self._docs[name] = first_line[0] if first_line else ""
+            if origin is not None:
+                self.origins[name] = origin
             return factory
 
         return decorator
 
+    def load_plugins(self) -> None:
+        """Register this registry's entry-point members (once)."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True  # first: a plugin that asks the registry must not recurse
+        from .plugins import load_group
+
+        load_group(self)
+
     def get(self, name: str) -> Callable[..., T]:
+        if name not in self._factories:
+            self.load_plugins()
         try:
             return self._factories[name]
         except KeyError:
@@ -55,12 +75,15 @@ class Registry(Generic[T]):
         return self.get(name)(**params)
 
     def names(self) -> list[str]:
+        self.load_plugins()
         return sorted(self._factories)
 
     def describe(self) -> dict[str, str]:
         return {n: self._docs[n] for n in self.names()}
 
     def __contains__(self, name: object) -> bool:
+        if name not in self._factories:
+            self.load_plugins()
         return name in self._factories
 
     def __iter__(self) -> Iterator[str]:

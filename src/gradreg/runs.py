@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,21 @@ from torch import nn
 from . import data, models
 from .data.augment import attach_standardization
 from .train import resolve_device
+
+
+def device_for(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked (one-line error for a missing GPU)."""
+    if name.startswith("cuda:"):
+        try:
+            index = int(name.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} requested but {torch.cuda.device_count()} CUDA device(s) are available")
+        return torch.device(name)
+    if name not in ("auto", "cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    return resolve_device(name)
 
 
 class NotARunError(ValueError):
@@ -63,8 +78,104 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
         raise NotARunError(f"{weights} cannot be read ({err})") from None
     model.load_state_dict(state)
     attach_standardization(model, config.get("config", {}).get("standardize", "none"))  # part of the model
-    dev = resolve_device(device)
+    dev = device_for(device)
     model.to(dev).eval()
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return LoadedRun(path=path, model=model, config=config, metrics=metrics, device=dev)
+
+
+@dataclass
+class ExternalModel:
+    """A model that is not a gradreg run (``--model``), with the data it is evaluated on.
+    Quacks like :class:`LoadedRun` for the evaluation commands."""
+
+    name: str
+    model: nn.Module  # eval mode, on ``device``
+    data_spec: str
+    device: torch.device
+    input_shape: tuple[int, int, int] | None = None
+    bounds: tuple[float, float] | None = None
+    num_classes: int | None = None
+    path: Path | None = None
+
+    @property
+    def train_config(self) -> dict[str, Any]:
+        return {"data": self.data_spec}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"config": self.train_config, "model": self.name}
+
+    def data(self, *, data_dir: str | None = None) -> data.DataBundle:
+        """The test data, checked against the declared input shape, classes and bounds."""
+        bundle = data.load(self.data_spec, data_dir=data_dir, download=False)
+        if self.input_shape is not None and bundle.in_shape != self.input_shape:
+            raise ValueError(f"data {bundle.name!r} has inputs of shape {bundle.in_shape}, "
+                             f"--input-shape says {self.input_shape}")
+        if self.num_classes is not None:
+            if bundle.num_classes > self.num_classes:
+                raise ValueError(f"data {bundle.name!r} has {bundle.num_classes} classes, "
+                                 f"--num-classes says {self.num_classes}")
+            bundle = replace(bundle, num_classes=self.num_classes)
+        if self.bounds is not None and tuple(bundle.bounds) != self.bounds:
+            bundle = replace(bundle, bounds=self.bounds)  # __post_init__ checks the data lies inside
+        return bundle
+
+
+def parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    """``"3,32,32"`` or ``"3x32x32"`` → (3, 32, 32)."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").replace("×", ",").split(",") if p.strip()]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--input-shape expects C,H,W (e.g. 3,32,32), got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"--input-shape expects three positive sizes C,H,W, got {text!r}")
+    return shape  # type: ignore[return-value]  # length checked above
+
+
+def parse_bounds(text: str | None) -> tuple[float, float] | None:
+    """``"0,1"`` → (0.0, 1.0); lo < hi."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--bounds expects LO,HI (e.g. 0,1), got {text!r}") from None
+    if not lo < hi:
+        raise ValueError(f"--bounds needs LO < HI, got {text!r}")
+    return lo, hi
+
+
+def external_model(spec: str, *, params: dict[str, Any] | None = None, weights: str | None = None,
+                   data_spec: str | None = None, input_shape: tuple[int, int, int] | None = None,
+                   bounds: tuple[float, float] | None = None, num_classes: int | None = None,
+                   device: str = "auto", threat_model: str = "Linf", dataset: str = "cifar10",
+                   model_dir: str = "models") -> ExternalModel:
+    """Build ``spec`` (``package.module:factory``, a registered name or ``robustbench:NAME``),
+    load ``weights`` into it and pair it with its test data."""
+    from .loading import LoadError, build_model, load_state, read_state_dict, robustbench_model
+
+    if num_classes is not None and num_classes < 2:
+        raise LoadError(f"--num-classes must be ≥ 2, got {num_classes}")
+    if spec.startswith("robustbench:"):
+        rb_name = spec.split(":", 1)[1]
+        if weights or params:
+            raise LoadError("a RobustBench model takes no --weights or --model-param (its file lives in --model-dir)")
+        model = robustbench_model(rb_name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
+        name, data_spec = rb_name, data_spec or dataset
+    else:
+        if data_spec is None:
+            raise LoadError("--model needs --data: the test data to evaluate it on")
+        model = build_model(spec, params, in_shape=input_shape, num_classes=num_classes)
+        if weights is None:
+            raise LoadError(f"--model {spec} needs --weights FILE (.safetensors, .pt or .pth)")
+        load_state(model, read_state_dict(weights), source=f"weights in {weights}")
+        name = Path(weights).stem
+    dev = device_for(device)
+    model.to(dev).eval()
+    return ExternalModel(name=name, model=model, data_spec=data_spec, device=dev, input_shape=input_shape,
+                         bounds=bounds, num_classes=num_classes, path=Path(weights) if weights else None)

@@ -386,5 +386,9 @@ def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: st
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,
           log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one run as configured and write its run directory; returns its metrics."""
-    return Trainer(cfg, log=log).fit(resume=resume, stop_after_epoch=stop_after_epoch)
+    """Train one run as configured and write its run directory; returns its metrics. The run
+    directory is locked against a second writer first (:mod:`gradreg.lock`)."""
+    from .lock import run_lock
+
+    with run_lock(cfg.out, enabled=distributed.rank_world()[0] == 0):
+        return Trainer(cfg, log=log).fit(resume=resume, stop_after_epoch=stop_after_epoch)

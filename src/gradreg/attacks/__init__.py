@@ -11,7 +11,7 @@ from ..registry import Registry
 from .base import Attack, predict
 from .pgd_core import ce_loss, input_gradient, pgd
 
-ATTACKS: Registry[Attack] = Registry("attack")
+ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gradreg.attacks")
 
 from . import autoattack, deepfool, gradient, lrc, noise  # noqa: E402,F401  (registration side effects)
 

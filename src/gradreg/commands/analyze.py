@@ -8,7 +8,7 @@ from ..analysis import perturbation_covariance, softmax_along_line
 from ..harness import test_subset
 from ..report import _pyplot, plot_curves, write_json
 from ..threat import check_eps_fits, parse_eps
-from .common import add_eval_arguments, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
+from .common import add_eval_arguments, add_record, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
 
 HELP = "covariance function of a model's PGD perturbations vs the data's; softmax along adversarial lines"
 
@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    (loaded,) = load_runs(args)
+    sources = load_runs(args)
+    if len(sources) != 1:
+        raise ValueError("analyze takes one model: a run directory or --model, not both")
+    loaded = sources[0]
     settings = settings_from_args(args)
     bundle = loaded.data(data_dir=args.data_dir)
     grid = settings.checked_grid(bundle)
@@ -80,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
         payload["norms"] = [s.__dict__ for s in norm_stats(values)]
     (out / "report.md").write_text(text)
     write_json(out / "results.json", payload)
+    add_record(out / "results.json", args, n=len(x), seeds=[settings.seed])
     print(text)
     return 0

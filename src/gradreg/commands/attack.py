@@ -28,13 +28,16 @@ _PARAM_FLAGS = {"steps": "steps", "rel_stepsize": "rel_stepsize", "random_start"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="a finished run (config.json + model.safetensors)")
+    from .common import add_model_arguments
+
+    parser.add_argument("run_dir", metavar="RUN_DIR", nargs="?",
+                        help="a finished run (config.json + model.safetensors), or a model given with --model")
     parser.add_argument("--attack", default="pgd", help="registered attack name (see `gradreg list attacks`)")
     parser.add_argument("--norm", default="linf", help="threat norm: linf, l2 or l1 (default: linf)")
     parser.add_argument("--eps", nargs="+", required=True, metavar="EPS",
                         help="radii in input units, fractions allowed: --eps 0 0.1 8/255")
-    parser.add_argument("--labels", choices=("true", "predicted"), default="true",
-                        help="attack the true labels or the model's predictions (no label leaking)")
+    parser.add_argument("--labels", choices=("predicted", "true"), default="predicted",
+                        help="attack the predicted label (default, no label leaking) or the true one")
     parser.add_argument("--steps", type=int, default=None, help="iterations (pgd, tpgd)")
     parser.add_argument("--rel-stepsize", dest="rel_stepsize", type=float, default=None,
                         help="step size relative to ε (pgd, tpgd; default 2.5/steps)")
@@ -49,12 +52,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mode the model runs in during the attack (default: eval)")
     parser.add_argument("--param", dest="params", metavar="KEY=VALUE", action="append", default=[],
                         help="any other attack parameter, e.g. --param overshoot=0.05")
-    parser.add_argument("--limit", type=int, default=None, help="attack only the first N test images")
+    parser.add_argument("--limit", "--n-test", dest="limit", type=int, default=None,
+                        help="attack only the first N test images")
     parser.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: only on a terminal)")
     parser.add_argument("--json", dest="json_file", metavar="FILE", default=None, help="write the results as JSON")
+    add_model_arguments(parser)
 
 
 def _literal(text: str) -> Any:
@@ -100,7 +105,6 @@ def run(args: argparse.Namespace) -> int:
     from .. import distributed
     from ..evaluate import clean_accuracy
     from ..harness import EvalSettings, sharded_accuracy
-    from ..runs import load_run
     from ..threat import ThreatModel, canonical_norm, check_eps_fits, parse_eps
 
     norm = canonical_norm(args.norm)
@@ -113,8 +117,13 @@ def run(args: argparse.Namespace) -> int:
     if norm not in attack.norms:  # fail before loading anything
         raise ValueError(f"attack {attack.name!r} supports norms {', '.join(attack.norms)}, not {norm!r}")
 
-    distributed.init_from_env()
-    loaded = load_run(args.run_dir, device=args.device)
+    from .common import load_runs
+
+    args.runs = [args.run_dir] if args.run_dir else []
+    sources = load_runs(args)
+    if len(sources) != 1:
+        raise ValueError("attack takes one model: a run directory or --model, not both")
+    loaded = sources[0]
     bundle = loaded.data()
     x, y = bundle.test_x, bundle.test_y
     if args.limit is not None:
@@ -128,13 +137,16 @@ def run(args: argparse.Namespace) -> int:
     rows = [{"attack": attack.name, "norm": norm, "eps": e, "accuracy": a} for e, a in zip(eps_list, accs)]
     if distributed.rank_world()[0] != 0:
         return 0
-    print(f"{Path(args.run_dir).name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
+    print(f"{Path(args.run_dir).name if args.run_dir else loaded.name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
           f"of {bundle.name}")
     print(format_table(rows, clean))
     if args.json_file:
         out = Path(args.json_file)
         if out.parent and not out.parent.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"clean_accuracy": clean, "results": rows}, indent=2) + "\n")
+        from .common import run_record
+
+        record = run_record(args, n=len(y), seeds=[args.seed if args.seed is not None else 0])
+        out.write_text(json.dumps({"clean_accuracy": clean, "results": rows, "record": record}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0

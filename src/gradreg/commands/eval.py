@@ -5,7 +5,7 @@ import argparse
 
 from ..harness import evaluate_model
 from ..report import fmt, markdown_table, plot_curves, write_csv, write_json
-from .common import add_eval_arguments, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
+from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
     settings_from_args, warn_checks
 
 HELP = "evaluate runs: clean, noise, FGSM, PGD, targeted PGD over an ε grid; DeepFool ρ; masking checks"
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         results.append(ev)
     if is_writer():
         write_eval_report(out, results, data=data, settings_desc=describe(settings, data))
+        add_record(out / "results.json", args, n=min(settings.n_test or len(bundle.test_y), len(bundle.test_y)),
+                   seeds=[settings.seed])
     return 0
 
 

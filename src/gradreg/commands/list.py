@@ -23,5 +23,10 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{key}:")
         for name, doc in reg.describe().items():
-            print(f"  {name:<14} {doc}")
+            origin = reg.origins.get(name)
+            extra = f"  [plugin: {origin}]" if origin else ""
+            if key == "data" and data.train_defaults(name):
+                d = data.train_defaults(name)
+                extra += f"  (train defaults: {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g})"
+            print(f"  {name:<16} {doc}{extra}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from ..harness import EvalSettings, lrc_curves, lrc_data_std
 from ..report import fmt, markdown_table, plot_curves, write_csv, write_json
 from ..threat import parse_eps
-from .common import add_run_arguments, check_same_data, is_writer, load_runs, output_dir
+from .common import add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir
 
 HELP = "accuracy under long-range-correlated Gaussian noise (SGR paper) as a function of ζ and ε"
 
@@ -65,4 +65,6 @@ def run(args: argparse.Namespace) -> int:
         f"averaged over ε ∈ {{{', '.join(f'{e:g}' for e in eps)}}}, per decay length ζ.\n\n{table}\n\n" + "\n".join(plots) + "\n")
     write_json(out / "results.json", {"data": data, "eps": eps, "samples": args.samples, "scale": args.scale,
                                       "results": {n: {str(z): a for z, a in c.items()} for n, c in results.items()}})
+    add_record(out / "results.json", args, n=min(args.n_test or len(bundle.test_y), len(bundle.test_y)),
+               seeds=[args.seed])
     return 0

@@ -35,13 +35,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults ← TOML file ← flags ← --set, each later source winning."""
-    cfg = TrainConfig()
-    if args.config_file:
-        apply_overrides(cfg, load_toml(args.config_file))
-    apply_overrides(cfg, {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None})
-    apply_overrides(cfg, parse_set(args.overrides))
-    return cfg.validate()
+    """Defaults ← the data set's defaults ← TOML file ← flags ← --set, each later source winning."""
+    from ..data import train_defaults
+
+    def build(base: dict[str, object]) -> TrainConfig:
+        cfg = TrainConfig()
+        apply_overrides(cfg, base)
+        if args.config_file:
+            apply_overrides(cfg, load_toml(args.config_file))
+        apply_overrides(cfg, {name: getattr(args, name) for name in _FLAGS if getattr(args, name, None) is not None})
+        apply_overrides(cfg, parse_set(args.overrides))
+        return cfg
+
+    return build(train_defaults(build({}).data)).validate()  # type: ignore[arg-type]  # values are config scalars
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

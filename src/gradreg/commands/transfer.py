@@ -5,7 +5,7 @@ import argparse
 
 from ..harness import transfer_matrix
 from ..report import fmt, markdown_table, plot_matrix, write_csv, write_json
-from .common import add_eval_arguments, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
+from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
     settings_from_args
 
 HELP = "PGD transfer matrix: examples crafted on each source run, judged on each target run"
@@ -43,4 +43,6 @@ def run(args: argparse.Namespace) -> int:
         f"each source, averaged over ε ∈ {{{', '.join(f'{e:.4g}' for e in grid)}}} ({settings.norm}). "
         f"The diagonal is white-box.\n\n{table}\n\n![transfer](transfer.png)\n")
     write_json(out / "results.json", {"data": data, "eps": grid, "matrix": matrix})
+    add_record(out / "results.json", args, n=min(settings.n_test or len(bundle.test_y), len(bundle.test_y)),
+               seeds=[settings.seed])
     return 0

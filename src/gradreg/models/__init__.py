@@ -8,9 +8,9 @@ from __future__ import annotations
 from ..registry import Registry
 from .base import Classifier, Normalize, forward_all, num_heads, unwrap
 
-MODELS: Registry[Classifier] = Registry("model")
+MODELS: Registry[Classifier] = Registry("model", entry_point_group="gradreg.models")
 
-from . import cw, mlp, resnet  # noqa: E402,F401  (registration side effects)
+from . import cw, mlp, resnet, wide_resnet  # noqa: E402,F401  (registration side effects)
 
 
 def make(name: str, **params: object) -> Classifier:

@@ -11,7 +11,7 @@ import importlib
 from ..registry import Registry
 from .base import CleanPass, Penalty, Requirements, Term, main_targets, split_targets
 
-PENALTIES: Registry[Penalty] = Registry("method")
+PENALTIES: Registry[Penalty] = Registry("method", entry_point_group="gradreg.penalties")
 
 # One module per family; importing registers its members.
 _FAMILIES = ("clean", "datagrad", "lyu", "sgr", "arr", "opnorm", "advtrain", "noise_aug")

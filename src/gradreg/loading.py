@@ -1,0 +1,231 @@
+"""Models and weights from anywhere: ``package.module:factory`` specs, foreign checkpoints,
+RobustBench model ids.
+
+- :func:`import_object` resolves ``package.module:attr`` (dots after the colon walk attributes).
+- :func:`read_state_dict` reads ``.safetensors``, or ``.pt``/``.pth`` with
+  ``torch.load(weights_only=True)`` (never unpickles code), finds a state dict nested under a
+  common key (``state_dict``, ``model``, ``model_state_dict``, ``net``, ``state``, …) and strips
+  ``module.`` (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes.
+- :func:`load_state` loads it strictly, except that missing input-normalization buffers
+  (``mu``/``sigma``, ``normalize.mean``/``normalize.std``) keep the model's own values
+  (our choice: many published checkpoints normalize outside the saved module).
+- :func:`build_model` builds a registered model name or a ``package.module:factory``.
+- :func:`robustbench_model` loads a RobustBench model id through the ``robustbench`` package
+  when it is installed, otherwise from a local checkpoint ``DIR/dataset/threat/NAME.pt`` for
+  the ids whose architecture gradreg has (:data:`ROBUSTBENCH_ARCHS`).
+"""
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "state", "ema", "params")
+PREFIXES = ("module.", "_orig_mod.")
+NORMALIZATION_KEYS = ("mu", "sigma", "normalize.mean", "normalize.std")
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+
+# RobustBench id → (gradreg model, parameters); from RobustBench's model zoo (CIFAR-10). Ids
+# with other architectures need the robustbench package.
+ROBUSTBENCH_ARCHS: dict[tuple[str, str], dict[str, tuple[str, dict[str, Any]]]] = {
+    ("cifar10", "Linf"): {
+        "Standard": ("wrn", {"depth": 28, "widen_factor": 10}),
+        "Wong2020Fast": ("preact-resnet18", {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}),
+        "Andriushchenko2020Understanding": ("preact-resnet18", {}),
+        "Carmon2019Unlabeled": ("wrn", {"depth": 28, "widen_factor": 10, "sub_block1": True}),
+        "Sehwag2020Hydra": ("wrn", {"depth": 28, "widen_factor": 10, "sub_block1": True}),
+        "Wang2020Improving": ("wrn", {"depth": 28, "widen_factor": 10, "sub_block1": True}),
+        "Zhang2019Theoretically": ("wrn", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+        "Huang2020Self": ("wrn", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+        "Zhang2019You": ("wrn", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+        "Zhang2020Attacks": ("wrn", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+        "Wu2020Adversarial_extra": ("wrn", {"depth": 28, "widen_factor": 10, "sub_block1": True}),
+        "Wu2020Adversarial": ("wrn", {"depth": 34, "widen_factor": 10}),
+        "Sehwag2021Proxy": ("wrn", {"depth": 34, "widen_factor": 10}),
+        "Sitawarin2020Improving": ("wrn", {"depth": 34, "widen_factor": 10, "sub_block1": True}),
+        "Zhang2020Geometry": ("wrn", {"depth": 28, "widen_factor": 10, "sub_block1": True}),
+        "Chen2021LTD_WRN34_10": ("wrn", {"depth": 34, "widen_factor": 10}),
+        "Addepalli2022Efficient_WRN_34_10": ("wrn", {"depth": 34, "widen_factor": 10}),
+    },
+    ("cifar10", "L2"): {
+        "Standard": ("wrn", {"depth": 28, "widen_factor": 10}),
+        "Wu2020Adversarial": ("wrn", {"depth": 34, "widen_factor": 10}),
+        "Sehwag2021Proxy": ("wrn", {"depth": 34, "widen_factor": 10}),
+    },
+}
+THREAT_MODELS = ("Linf", "L2", "corruptions")
+
+
+class LoadError(ValueError):
+    """A model spec, weights file or RobustBench id that cannot be used (one-line message)."""
+
+
+def import_object(spec: str) -> Any:
+    """``package.module:attr[.attr…]`` → the object."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise LoadError(f"expected package.module:name, got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise LoadError(f"cannot import {module_name!r} from {spec!r} ({err})") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise LoadError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def parse_params(items: Sequence[str], *, flag: str = "--model-param") -> dict[str, Any]:
+    """``["depth=16", "mean=(0.5,0.5,0.5)"]`` → dict; values are Python literals, else strings."""
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LoadError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            params[key.strip().replace("-", "_")] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            params[key.strip().replace("-", "_")] = value.strip()
+    return params
+
+
+def _find_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(4):  # a few levels: {"model": {"state_dict": {...}}}
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return dict(obj)
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if tensors and len(tensors) >= len(obj) - 2:  # a state dict next to e.g. "epoch"
+                return tensors
+            break
+        obj = inner
+    raise LoadError(f"{path} does not hold a state dict of tensors (looked under: {', '.join(NESTED_KEYS)})")
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(state)
+    for prefix in PREFIXES:
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or ``.pt``/``.pth``/``.bin`` (weights only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LoadError(f"weights file {str(p)!r} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return strip_prefixes(load_file(str(p)))
+        except (SafetensorError, OSError) as err:
+            raise LoadError(f"{p} is not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    try:
+        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every refusal (pickled code, corrupt file) reads the same
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise LoadError(f"{p} cannot be loaded as plain weights ({type(err).__name__}: {first})") from None
+    return strip_prefixes(_find_state(obj, p))
+
+
+def load_state(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str = "weights") -> None:
+    """``load_state_dict`` that names the first mismatch in one line; missing normalization
+    buffers keep the model's values (module docstring)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and k not in NORMALIZATION_KEYS]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (first: {missing[0]!r})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]!r})")
+        raise LoadError(f"{source} do not fit the model: {'; '.join(parts)}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise LoadError(f"{source} do not fit the model: {k!r} has shape {tuple(v.shape)}, "
+                            f"the model's is {tuple(own[k].shape)}")
+    model.load_state_dict({**{k: own[k] for k in NORMALIZATION_KEYS if k in own}, **state})
+
+
+def _accepts(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def build_model(spec: str, params: Mapping[str, Any] | None = None, *, in_shape: tuple[int, int, int] | None = None,
+                num_classes: int | None = None) -> nn.Module:
+    """A registered model name (``wrn-28-10``) or a ``package.module:factory`` called with
+    ``params``; ``in_shape``/``num_classes`` are passed when the factory takes them."""
+    from . import models
+
+    kwargs = dict(params or {})
+    if ":" in spec:
+        factory = import_object(spec)
+        if not callable(factory):
+            raise LoadError(f"{spec} is not callable")
+    else:
+        factory = models.MODELS.get(spec)
+    for name, value in (("in_shape", in_shape), ("num_classes", num_classes)):
+        if value is not None and name not in kwargs and _accepts(factory, name):
+            kwargs[name] = value
+    try:
+        model = factory(**kwargs)
+    except TypeError as err:
+        raise LoadError(f"cannot build {spec} with {kwargs or 'no parameters'}: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise LoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def robustbench_path(name: str, *, model_dir: str | Path, dataset: str, threat_model: str) -> Path:
+    """Where RobustBench keeps a checkpoint: ``model_dir/dataset/threat_model/name.pt``."""
+    return Path(model_dir) / dataset / threat_model / f"{name}.pt"
+
+
+def robustbench_model(name: str, *, model_dir: str | Path = "models", dataset: str = "cifar10",
+                      threat_model: str = "Linf") -> nn.Module:
+    """A RobustBench model in eval mode, from local files (no download when the file exists)."""
+    if threat_model not in THREAT_MODELS:
+        raise LoadError(f"--threat-model must be one of {', '.join(THREAT_MODELS)}, got {threat_model!r}")
+    path = robustbench_path(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
+    try:
+        from robustbench.utils import load_model as rb_load  # optional extra: gradreg[robustbench]
+    except ImportError:
+        rb_load = None
+    if rb_load is not None:
+        try:
+            return rb_load(model_name=name, model_dir=str(model_dir), dataset=dataset, threat_model=threat_model).eval()
+        except Exception as err:  # noqa: BLE001 - robustbench raises many kinds; report one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise LoadError(f"robustbench could not load {name!r} ({type(err).__name__}: {first})") from None
+    archs = ROBUSTBENCH_ARCHS.get((dataset, threat_model), {})
+    if name not in archs:
+        raise LoadError(f"RobustBench model {name!r} ({dataset}, {threat_model}) needs the robustbench package "
+                        f"(pip install 'gradreg[robustbench]'); without it gradreg knows: "
+                        f"{', '.join(sorted(archs)) or 'none for this data set and threat model'}")
+    if not path.is_file():
+        raise LoadError(f"no checkpoint for {name!r} at {path} (download it with RobustBench, or pass --model-dir)")
+    arch, params = archs[name]
+    model = build_model(arch, params)
+    load_state(model, read_state_dict(path), source=f"weights in {path}")
+    return model.eval()
