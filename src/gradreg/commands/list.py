@@ -11,9 +11,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import attacks, data, models, penalties
+    from typing import Any
 
-    registries = {"data": data.DATASETS, "models": models.MODELS, "methods": penalties.PENALTIES,
+    from .. import attacks, data, models, penalties
+    from ..registry import Registry
+
+    registries: dict[str, Registry[Any]] = {"data": data.DATASETS, "models": models.MODELS, "methods": penalties.PENALTIES,
                   "attacks": attacks.ATTACKS}
     for key, reg in registries.items():
         if args.what and args.what != key:
