@@ -199,3 +199,27 @@ def test_robustbench_package_path() -> None:
     pytest.importorskip("robustbench")
     with pytest.raises(loading.LoadError):  # no network, no file: one-line error, not a traceback
         loading.robustbench_model("Standard", model_dir="/nonexistent-dir")
+
+
+@pytest.mark.parametrize("command", [
+    ["transfer", "{run}", "--eps", "0", "0.1", "--steps", "2", "--n-test", "20"],
+    ["lrc", "--zeta", "2", "--eps", "0", "0.1", "--samples", "2", "--n-test", "20"],
+    ["analyze", "--eps", "0", "0.1", "--steps", "2", "--n-test", "20", "--examples", "2"],
+])
+def test_other_commands_take_model(command: list[str], trained: tuple[torch.nn.Module, Path], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from gradreg.config import TrainConfig
+    from gradreg.train import train
+
+    run = tmp_path / "run"
+    if "{run}" in command:
+        train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(run),
+                          model_params={"hidden": [8]}), log=lambda s: None)
+    argv = [a.replace("{run}", str(run)) for a in command]
+    code = main([*argv, "--model", "byo_nets:small_bn_net", "--weights", str(trained[1] / "net.pt"), "--data",
+                 "digits", "--out", str(tmp_path / "o")])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert res["record"]["command"].startswith(f"gradreg {command[0]} --") or command[0] == "transfer"
+    if command[0] == "transfer":
+        assert set(res["matrix"]) == {"run", "net"}

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bar (default: only on a terminal)")
     parser.add_argument("--json", dest="json_file", metavar="FILE", default=None, help="write the results as JSON")
-    add_model_arguments(parser)
+    add_model_arguments(parser, data_dir=True)
 
 
 def _literal(text: str) -> Any:
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if len(sources) != 1:
         raise ValueError("attack takes one model: a run directory or --model, not both")
     loaded = sources[0]
-    bundle = loaded.data()
+    bundle = loaded.data(data_dir=args.data_dir)
     x, y = bundle.test_x, bundle.test_y
     if args.limit is not None:
         x, y = x[:args.limit], y[:args.limit]

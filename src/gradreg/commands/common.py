@@ -26,9 +26,12 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 … (default auto)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that name a model that is not a gradreg run (see :mod:`gradreg.loading`)."""
+def add_model_arguments(parser: argparse.ArgumentParser, *, data_dir: bool = False) -> None:
+    """Flags that name a model that is not a gradreg run (see :mod:`gradreg.loading`);
+    ``data_dir`` adds ``--data-dir`` for commands that do not have it yet."""
     g = parser.add_argument_group("a model from anywhere (instead of, or besides, run directories)")
+    if data_dir:
+        g.add_argument("--data-dir", help="data directory, if not the one the run was trained with")
     g.add_argument("--model", metavar="SPEC",
                    help="package.module:factory, a registered model (gradreg list models) or robustbench:NAME")
     g.add_argument("--model-param", dest="model_params", metavar="KEY=VALUE", action="append", default=[],

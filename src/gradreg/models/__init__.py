@@ -5,15 +5,17 @@ the data as loaded (pixels in [0, 1]).
 """
 from __future__ import annotations
 
+from torch import nn
+
 from ..registry import Registry
 from .base import Classifier, Normalize, forward_all, num_heads, unwrap
 
-MODELS: Registry[Classifier] = Registry("model", entry_point_group="gradreg.models")
+MODELS: Registry[nn.Module] = Registry("model", entry_point_group="gradreg.models")
 
 from . import cw, mlp, resnet, wide_resnet  # noqa: E402,F401  (registration side effects)
 
 
-def make(name: str, **params: object) -> Classifier:
+def make(name: str, **params: object) -> nn.Module:
     """Build a registered model: ``make("cw", in_shape=(1, 28, 28), num_classes=10)``."""
     return MODELS.make(name, **params)
 

@@ -29,6 +29,10 @@ from . import MODELS
 class _NormalizedNet(nn.Module):
     """Shared pieces: the (x − mu)/sigma buffers, the input check and auxiliary heads."""
 
+    mu: torch.Tensor
+    sigma: torch.Tensor
+    aux_heads: nn.ModuleList
+
     def _setup(self, *, in_shape: tuple[int, int, int], num_classes: int, mean: Sequence[float] | None,
                std: Sequence[float] | None) -> None:
         c = in_shape[0]
@@ -187,13 +191,13 @@ def wrn(*, depth: int = 28, widen_factor: int = 10, in_shape: tuple[int, int, in
 @MODELS.register("wrn-28-10")
 def wrn_28_10(**params: object) -> WideResNet:
     """WideResNet-28-10 (depth/widen_factor overridable), RobustBench-compatible weights."""
-    return wrn(**{"depth": 28, "widen_factor": 10, **params})  # type: ignore[arg-type]  # checked by WideResNet
+    return WideResNet(**{"depth": 28, "widen_factor": 10, **params})  # type: ignore[arg-type]  # keywords checked by WideResNet
 
 
 @MODELS.register("wrn-34-10")
 def wrn_34_10(**params: object) -> WideResNet:
     """WideResNet-34-10 (TRADES/Madry CIFAR model), RobustBench-compatible weights."""
-    return wrn(**{"depth": 34, "widen_factor": 10, **params})  # type: ignore[arg-type]  # checked by WideResNet
+    return WideResNet(**{"depth": 34, "widen_factor": 10, **params})  # type: ignore[arg-type]  # keywords checked by WideResNet
 
 
 @MODELS.register("preact-resnet18")
