@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from gradreg import ThreatModel
+from gradreg import ThreatModel, stats
 from gradreg.analysis import decay_length, softmax_along_line
 from gradreg.cli import main
 from gradreg.config import TrainConfig
@@ -193,3 +193,63 @@ def test_eval_transfer_lrc_analyze_commands_write_reports(two_runs: list[Path], 
     an = json.loads((tmp_path / "an" / "results.json").read_text())
     assert len(an["perturbation"]) == len(an["data"]) and an["data"][0] > 0
     assert (tmp_path / "an" / "covariance.png").is_file() and (tmp_path / "an" / "smoothness.png").is_file()
+
+
+# AutoAttack kept cheap: Square (gradient-free, so quantization cannot hide from it) with a few
+# queries beside APGD-CE with a few iterations, on 40 points
+AA_CHEAP = {"attacks": ["apgd-ce", "square"], "n_iter": 5, "n_queries": 100}
+AA_SETTINGS = EvalSettings(attacks=("pgd",), pgd_steps=10, n_test=40, deepfool=False, unbounded_check=False,
+                           autoattack=True, aa_version="custom", aa_params=AA_CHEAP)
+
+
+def test_autoattack_check_fires_on_a_masked_model_and_not_on_a_normal_one(digits_cw: nn.Module, digits,  # type: ignore[no-untyped-def]
+                                                                           tmp_path: Path) -> None:
+    masked = evaluate_model(Rounded(digits_cw).eval(), digits, AA_SETTINGS, name="rounded")
+    normal = evaluate_model(digits_cw, digits, AA_SETTINGS, name="cw")
+    for ev in (masked, normal):
+        assert ev.autoattack is not None and [a["eps"] for a in ev.autoattack] == [0.3]  # digits' standard ε
+        entry = ev.autoattack[0]
+        assert entry["n"] == 40 and entry["run"]["package"] in ("autoattack", "pyautoattack")
+        assert entry["run"]["attacks"] == ["apgd-ce", "square"] and entry["run"]["seed"] == 0
+        assert entry["interval"]["lo"] <= entry["accuracy"] <= entry["interval"]["hi"]
+    aa_check = {ev.name: next(c for c in ev.checks if c.name == "AutoAttack close to PGD") for ev in (masked, normal)}
+    assert masked.autoattack[0]["pgd"] > 0.5 and masked.autoattack[0]["accuracy"] < 0.2  # PGD is fooled
+    assert not aa_check["rounded"].passed and aa_check["cw"].passed
+    assert masked.autoattack[0]["paired"]["significant"]
+    # the eval report puts AutoAttack beside PGD at the same ε, every accuracy with n and interval
+    from gradreg.commands.eval import write_eval_report
+
+    write_eval_report(tmp_path, [masked, normal], data="digits", settings_desc="test")
+    report = (tmp_path / "report.md").read_text()
+    assert "| run | n | clean | PGD (avg) | PGD ε=0.3 | AutoAttack ε=0.3 |" in report
+    iv = stats.proportion(masked.aa_flags[0.3])
+    assert f"| rounded | 40 |" in report and iv.text() in report and "⚠" in report
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("run,n,clean,clean_lo,clean_hi,pgd_avg,pgd_avg_lo,pgd_avg_hi,pgd_eps0.3")
+    res = json.loads(json.dumps(masked.to_dict()))
+    assert res["autoattack"][0]["interval"]["n"] == 40 and len(res["outcomes"]["autoattack"]["0.3"]) == 40
+    assert res["intervals"]["clean"]["n"] == 40 and (tmp_path / "accuracy_pgd.png").is_file()
+
+
+def test_autoattack_is_built_once_and_resumes_finished_batches(digits_cw: nn.Module, digits, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradreg.attacks.autoattack import AutoAttack
+
+    settings = EvalSettings(**{**AA_SETTINGS.__dict__, "batch_size": 10, "n_test": 30, "aa_cache": str(tmp_path),
+                               "aa_params": {"attacks": ["apgd-ce"], "n_iter": 3}})
+    built, calls = [], []
+    make = settings.make_autoattack
+    monkeypatch.setattr(EvalSettings, "make_autoattack", lambda self: built.append(make()) or built[-1])
+    first = evaluate_model(digits_cw, digits, settings, name="cw")
+    assert len(built) == 1 and built[0].built == 1  # one package object for 3 batches
+    cache = next(tmp_path.glob("autoattack-cw-*.json"))
+    saved = json.loads(cache.read_text())
+    assert sorted(saved["batches"]) == ["0", "10", "20"]
+    # an interrupted run: drop the last batch; the re-run attacks only that one
+    del saved["batches"]["20"]
+    cache.write_text(json.dumps(saved))
+    original = AutoAttack._perturb
+    monkeypatch.setattr(AutoAttack, "_perturb", lambda self, *a: calls.append(len(a[1])) or original(self, *a))
+    again = evaluate_model(digits_cw, digits, settings, name="cw")
+    assert len(calls) == 1 and calls[0] <= 10  # one batch (less its clean mistakes) attacked again
+    assert again.autoattack[0]["accuracy"] == first.autoattack[0]["accuracy"]

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gradreg import experiments, penalties
 from gradreg.cli import main
@@ -75,3 +76,107 @@ def test_tiny_lrc_cifar10_reproduction(tmp_path: Path) -> None:
         assert number in report, number
     assert "beside our column **LRC Σ=data**" in report and "worst-of-10" in report
     assert (tmp_path / "lrc.png").is_file()
+
+
+FAST = {"data": "digits", "model": "cw", "epochs": 1, "batch_size": 64, "lr": 1e-3, "n_test": 20, "pgd_steps": 2,
+        "aa_attacks": ["apgd-ce"], "aa_n_iter": 2, "aa_n": 10, "cost_rounds": 2}
+
+
+@pytest.fixture
+def fast_sgr_mnist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sgr-mnist with a budget that trains in seconds (1 epoch, 20 test points, PGD-2)."""
+    real = experiments.load
+
+    def load(name: str) -> experiments.Experiment:
+        exp = real(name)
+        exp.budgets["tiny"] = dict(FAST)
+        return exp
+
+    monkeypatch.setattr(experiments, "load", load)
+
+
+@pytest.mark.slow
+def test_seeds_twin_transfer_intervals_and_autoattack_column(fast_sgr_mnist: None, tmp_path: Path) -> None:
+    assert main(["reproduce", "sgr-mnist", "--budget", "tiny", "--out", str(tmp_path), "--rows", "clean", "FGSM-AT",
+                 "--seeds", "0", "1"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["seeds"] == [0, 1] and result["transfer_twin_seeds"] == [1, 0]
+    # every transfer cell is crafted on a twin: never the weights of the model it judges
+    prov = result["transfer_sources"]
+    assert {(p["seed"], p["source"]) for p in prov} == {(0, "clean"), (0, "FGSM-AT"), (1, "clean"), (1, "FGSM-AT")}
+    for p in prov:
+        assert p["source_seed"] != p["seed"]
+        assert all(p["source_fingerprint"] != fp for fp in p["target_fingerprints"].values())
+    for name, row in result["rows"].items():
+        assert len(row["evals"]) == 2 and row["step_cost"] is not None
+        for col in ("test", "PGD", "←clean", "←FGSM-AT", "PGD ε=0.1", "AA ε=0.1"):
+            iv = row["intervals"][col]
+            values = row["per_seed"][col]
+            assert iv["seeds"] == 2 and iv["value"] == pytest.approx(sum(values) / 2)
+            assert iv["lo"] <= iv["value"] <= iv["hi"]
+        assert row["cells"]["←PGD-AT"] is None  # a source row that was not trained
+    report = (tmp_path / "report.md").read_text()
+    assert "| PGD | PGD ε=0.1 | AA ε=0.1 | T-PGD |" in report and " ± " in report
+    assert "## Differences between rows" in report and "twin" in report
+    assert (tmp_path / "runs" / "fgsm-at-s1" / "model.safetensors").is_file()
+
+
+def test_report_wording_follows_the_paired_test() -> None:
+    from gradreg.reproduce import difference_lines
+
+    n = 200
+    same = torch.zeros(n, dtype=torch.float64)
+    same[:150] = 1
+    close = same.clone()
+    close[150:153] = 1  # 3 more right: McNemar p = 0.25
+    far = same.clone()
+    far[150:190] = 1  # 40 more right: p ≈ 2e-12
+    quiet = difference_lines("test", {"A": same, "B": close}, reference="A")
+    loud = difference_lines("test", {"A": same, "B": far}, reference="A")
+    assert len(quiet) == 1 and "not distinguishable at this n" in quiet[0]
+    assert len(loud) == 1 and "B is more accurate than A by 20.0 points" in loud[0] and "mcnemar-exact" in loud[0]
+    # several seeds: the paired bootstrap decides
+    seeds_far = difference_lines("PGD", {"A": torch.stack([same, same]), "B": torch.stack([far, far])}, reference="A")
+    assert "more accurate" in seeds_far[0] and "paired-bootstrap" in seeds_far[0]
+
+
+def test_step_cost_comes_from_interleaved_rounds_and_never_shows_more_work_as_cheaper() -> None:
+    """Costs are medians of per-round ratios: a load that grows during the measurement cancels
+    (sequential timing would report the load, not the work). With a clock that counts the
+    models' layer calls, the measured ratio is a work ratio: PGD-AT (7 attack steps besides the
+    training pass) must come out above 1× a clean step."""
+    from gradreg.cost import interleaved_costs
+    from gradreg.reproduce import step_costs
+
+    clock, load = {"t": 0.0}, {"k": 1.0}
+
+    def work(units: float):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            clock["t"] += units * load["k"]
+        return run
+
+    def grow() -> None:  # a background load that doubles every round
+        load["k"] *= 2
+
+    costs = interleaved_costs({"clean": work(1.0), "heavy": work(3.0), "load": grow}, reference="clean", rounds=6,
+                              clock=lambda: clock["t"])
+    assert costs["heavy"].ratio == pytest.approx(3.0) and costs["heavy"].lo == pytest.approx(3.0)
+    assert costs["clean"].ratio == 1.0
+    with pytest.raises(ValueError, match="reference"):
+        interleaved_costs({"a": grow}, reference="clean", rounds=1)
+
+    exp = experiments.load("sgr-mnist")
+    budget = {**FAST, "batch_size": 16}
+    rows = [r for r in exp.rows if r.name in ("clean", "PGD-AT")]
+    calls = {"n": 0}
+
+    def count(module, args, output):  # type: ignore[no-untyped-def]
+        if isinstance(module, torch.nn.Linear):
+            calls["n"] += 1
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        real = step_costs(exp, rows, budget, Path("/tmp/unused"), None, rounds=2, clock=lambda: float(calls["n"]))
+    finally:
+        handle.remove()
+    assert real["clean"].ratio == 1.0 and real["PGD-AT"].ratio > 4.0

@@ -100,3 +100,27 @@ def test_over_seeds_combines_seed_and_test_error() -> None:
     assert (iv.lo, iv.hi) == (pytest.approx(mean - half), pytest.approx(mean + half))
     one = stats.over_seeds([0.9], 500)
     assert (one.lo, one.hi) == pytest.approx(stats.wilson_interval(450, 500))
+
+
+def test_mean_score_is_wilson_for_outcomes_and_never_narrower_than_the_normal_interval() -> None:
+    flags = np.array([1] * 37 + [0] * 13)
+    assert stats.mean_score(flags) == stats.proportion(flags.astype(bool))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = rng.integers(0, 10, size=300) / 9  # a point's accuracy averaged over a 9-point ε grid
+        iv = stats.mean_score(scores)
+        normal_half = stats.Z95 * scores.std(ddof=1) / math.sqrt(scores.size)
+        assert iv.lo <= scores.mean() <= iv.hi
+        assert (iv.hi - iv.lo) / 2 >= normal_half * 0.99  # Bhatia–Davis: Var ≤ μ(1 − μ)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        stats.mean_score([0.5, 1.5])
+
+
+def test_compare_takes_the_paired_bootstrap_for_graded_scores() -> None:
+    a = np.full(100, 0.5)
+    b = a.copy()
+    b[:60] = 1.0  # b is better on 60 points, never worse: the bootstrap never draws a difference ≤ 0
+    cmp = stats.compare(b, a, a="b", b="a", rounds=2000)
+    assert cmp.test == "paired-bootstrap" and cmp.p_value == 0.0 and cmp.diff == pytest.approx(0.3)
+    same = stats.compare(a, a, rounds=200)
+    assert same.p_value == 1.0 and "not distinguishable" in same.wording()

@@ -96,7 +96,7 @@ def _progress(total: int, desc: str, progress: bool | None):  # type: ignore[no-
 def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
                    progress: bool | None = None, device: torch.device | str | None = None) -> float:
     """Fraction of ``x`` classified as ``y`` with the model in eval mode (mode restored)."""
-    correct = _clean_correct(model, x, y, batch_size=batch_size, progress=progress, device=device)
+    correct = clean_correct(model, x, y, batch_size=batch_size, progress=progress, device=device)
     return _fraction(correct)
 
 
@@ -105,8 +105,9 @@ def _fraction(flags: torch.Tensor) -> float:
     return int(flags.sum()) / flags.numel() if flags.numel() else float("nan")
 
 
-def _clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                   progress: bool | None, device: torch.device | str | None) -> torch.Tensor:
+def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
+                  progress: bool | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """Per-example outcomes ``(N,)`` bool on the CPU: ``x[i]`` classified as ``y[i]`` (eval mode)."""
     dev = torch.device(device) if device is not None else model_device(model)
     out = torch.zeros(len(y), dtype=torch.bool)
     with run_mode(model, "eval"), _progress(len(y), "clean", progress) as bar:

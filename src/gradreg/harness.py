@@ -9,22 +9,37 @@ model's *predicted* labels (no label leaking) and are judged against the true la
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import attacks, distributed
+from . import attacks, distributed, stats
 from .attacks.base import Attack
 from .attacks.lrc import covariance_factor, data_covariance, mean_marginal_variance
 from .data import DataBundle
-from .evaluate import clean_accuracy, deepfool_rho, evaluate_attack
+from .evaluate import clean_correct, deepfool_rho, evaluate_attack
+from .stats import Interval
 from .threat import ThreatModel, check_eps_fits
 
 CIFAR_LIKE = ("cifar10", "cifar100")
+AA_GAP = 0.05  # AutoAttack more than 5 points below PGD is a masking sign (our choice)
+AA_VERSIONS = ("standard", "rand", "plus", "custom")
+
+
+def standard_eps(data_name: str, norm: str = "linf") -> float:
+    """The data set's standard AutoAttack radius (RobustBench's ℓ∞ convention): 8/255 for
+    CIFAR, 0.3 for the MNIST family (digits included); ℓ2: 0.5 CIFAR, 2.0 MNIST family."""
+    cifar = data_name in CIFAR_LIKE
+    if norm == "l2":
+        return 0.5 if cifar else 2.0
+    return 8 / 255 if cifar else 0.3
 
 
 def default_grid(data_name: str, *, points: int = 9) -> list[float]:
@@ -43,7 +58,15 @@ class EvalSettings:
     pgd_steps: int = 40
     labels: str = "predicted"  # SGR paper: attack the predicted label
     deepfool: bool = True
-    autoattack_eps: float | None = None
+    # AutoAttack at the radii aa_eps (None: standard_eps of the data set) on the first aa_n of
+    # the evaluated points; aa_params go to the attack (e.g. version="custom", attacks=[...]);
+    # aa_cache: a folder where finished batches are kept, so an interrupted run resumes
+    autoattack: bool = False
+    aa_eps: list[float] | None = None
+    aa_version: str = "standard"
+    aa_n: int | None = None
+    aa_params: dict[str, Any] = field(default_factory=dict)
+    aa_cache: str | None = None
     n_test: int | None = None  # evaluate the first n test points only
     batch_size: int = 256
     seed: int = 0
@@ -76,6 +99,14 @@ class EvalSettings:
             name = "fgm"
         return attacks.make(name, **params)
 
+    def aa_grid(self, data_name: str) -> list[float]:
+        return list(self.aa_eps) if self.aa_eps else [standard_eps(data_name, self.norm)]
+
+    def make_autoattack(self) -> Attack:
+        if self.aa_version not in AA_VERSIONS:
+            raise ValueError(f"AutoAttack version must be one of {AA_VERSIONS}, got {self.aa_version!r}")
+        return attacks.make("autoattack", version=self.aa_version, seed=self.seed, labels="true", **self.aa_params)
+
 
 @dataclass
 class Check:
@@ -88,27 +119,76 @@ class Check:
 
 @dataclass
 class ModelEval:
+    """Accuracies of one model, with the per-example outcomes behind them (for intervals and
+    paired tests: point i of every flag tensor is the same test point)."""
+
     name: str
     eps: list[float]
     clean: float
     curves: dict[str, list[float]]  # attack → accuracy per ε (cumulative over radii: monotone)
     rho: float | None = None
-    autoattack: dict[str, float] | None = None  # {"eps": ε, "accuracy": a, "pgd": a_pgd}
+    # one entry per AutoAttack ε: {"eps", "accuracy", "pgd", "n", "interval", "pgd_interval", "run"}
+    autoattack: list[dict[str, Any]] | None = None
     unbounded: float | None = None  # PGD accuracy with ε covering the whole input box
     checks: list[Check] = field(default_factory=list)
     # attack → accuracy per ε with every ε attacked independently (no carry-over, not made
     # monotone): the honest curve for "accuracy falls with ε"; PGD only (EvalSettings.raw_pgd)
     raw_curves: dict[str, list[float]] = field(default_factory=dict)
+    clean_flags: torch.Tensor | None = None  # (n,) bool: point i classified correctly
+    flags: dict[str, torch.Tensor] = field(default_factory=dict)  # attack → (K, n) bool, as curves
+    aa_flags: dict[float, torch.Tensor] = field(default_factory=dict)  # AutoAttack ε → (n_aa,) bool
+
+    @property
+    def n(self) -> int:
+        return int(self.clean_flags.numel()) if self.clean_flags is not None else 0
 
     def average(self, attack: str) -> float:
         """Accuracy averaged over the ε grid (the SGR paper's metric)."""
         values = self.curves[attack]
         return sum(values) / len(values)
 
+    def scores(self, attack: str) -> torch.Tensor:
+        """Each point's accuracy averaged over the ε grid ``(n,)`` (the paired unit of the average)."""
+        return self.flags[attack].double().mean(dim=0)
+
+    def clean_interval(self) -> Interval | None:
+        return stats.proportion(self.clean_flags) if self.clean_flags is not None and self.n else None
+
+    def curve_intervals(self, attack: str) -> list[Interval] | None:
+        """Wilson interval of the accuracy at every ε."""
+        if attack not in self.flags or not self.n:
+            return None
+        return [stats.proportion(row) for row in self.flags[attack]]
+
+    def average_interval(self, attack: str) -> Interval | None:
+        """Interval of the grid average (:func:`gradreg.stats.mean_score`)."""
+        return stats.mean_score(self.scores(attack)) if attack in self.flags and self.n else None
+
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["average"] = {a: self.average(a) for a in self.curves}
+        """JSON-ready: every accuracy with n and its 95 % interval; per-example outcomes as
+        0/1 strings (point i is character i)."""
+        out: dict[str, Any] = {"name": self.name, "eps": self.eps, "n": self.n, "clean": self.clean,
+                               "curves": self.curves, "raw_curves": self.raw_curves, "rho": self.rho,
+                               "unbounded": self.unbounded, "autoattack": self.autoattack,
+                               "checks": [vars(c) for c in self.checks],
+                               "average": {a: self.average(a) for a in self.curves}}
+        ci = self.clean_interval()
+        out["intervals"] = {
+            "clean": ci.as_dict() if ci else None,
+            "curves": {a: [iv.as_dict() for iv in ivs] for a in self.curves if (ivs := self.curve_intervals(a))},
+            "average": {a: iv.as_dict() for a in self.curves if (iv := self.average_interval(a))},
+        }
+        out["outcomes"] = {
+            "clean": bits(self.clean_flags) if self.clean_flags is not None else None,
+            "curves": {a: [bits(row) for row in f] for a, f in self.flags.items()},
+            "autoattack": {f"{e:.6g}": bits(f) for e, f in self.aa_flags.items()},
+        }
         return out
+
+
+def bits(flags: torch.Tensor) -> str:
+    """``(n,)`` bool → ``"0110…"`` (compact per-example outcomes in JSON)."""
+    return "".join("1" if v else "0" for v in flags.tolist())
 
 
 def test_subset(bundle: DataBundle, n_test: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +210,17 @@ def sharded_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
                    carry_over: bool | None = None) -> tuple[list[float], list[float]]:
     """(robust accuracy per ε, raw accuracy per ε before it is made monotone), sharded as
     :func:`sharded_accuracy`. With ``carry_over=False`` the raw curve attacks every ε afresh."""
+    robust, raw = sharded_flags(model, x, y, attack, threat, eps, settings, source=source, carry_over=carry_over)
+    if not len(y):
+        return [math.nan] * len(eps), [math.nan] * len(eps)
+    return robust.double().mean(dim=1).tolist(), raw.double().mean(dim=1).tolist()
+
+
+def sharded_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
+                  eps: Sequence[float], settings: EvalSettings, *, source: nn.Module | None = None,
+                  carry_over: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example outcomes (robust ``(K, N)``, raw ``(K, N)``) bool, sharded as
+    :func:`sharded_accuracy`."""
     rank, world = distributed.rank_world()
     bs = settings.batch_size
     mine = torch.cat([torch.arange(i, min(i + bs, len(y))) for i in range(rank * bs, len(y), world * bs)] or
@@ -139,11 +230,49 @@ def sharded_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: A
     raw = rep.robust if rep.raw_robust is None else rep.raw_robust
     both = torch.cat([rep.robust, raw]).t().contiguous()  # (n_rank, 2K): one gather for both curves
     idx, rows = distributed.all_gather_rows(mine.to(_comm_device(model)), both.to(_comm_device(model)))
-    rows = rows.cpu()[idx.cpu().argsort()]  # (N, 2K) in the original order
-    if not len(y):
-        return [math.nan] * len(eps), [math.nan] * len(eps)
-    acc = rows.double().mean(dim=0).tolist()
-    return acc[:len(eps)], acc[len(eps):]
+    rows = rows.cpu()[idx.cpu().argsort()].bool().t()  # (2K, N) in the original order
+    return rows[:len(eps)].contiguous(), rows[len(eps):].contiguous()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameters and buffers (a resumed run must be the same model)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def resumable_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
+                    eps: float, settings: EvalSettings, *, cache: Path | None, key: dict[str, Any]) -> torch.Tensor:
+    """Robust flags ``(N,)`` at one ε, batch by batch; with ``cache`` every finished batch is
+    written to that JSON file at once and skipped when the evaluation is run again with the same
+    ``key`` (model fingerprint, ε, attack settings, points, batch size). Under torch.distributed
+    the batches are sharded as :func:`sharded_accuracy` and nothing is cached."""
+    if cache is None or distributed.rank_world()[1] > 1:
+        return sharded_flags(model, x, y, attack, threat, [eps], settings)[0][0]
+    bs = settings.batch_size
+    done: dict[str, str] = {}
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            done = saved["batches"] if saved.get("key") == key else {}
+        except (ValueError, KeyError, TypeError):  # a torn or foreign file: start afresh
+            done = {}
+    out = torch.zeros(len(y), dtype=torch.bool)
+    for i in range(0, len(y), bs):
+        part = done.get(str(i))
+        if part is None or len(part) != len(y[i:i + bs]):
+            rep = evaluate_attack(model, x[i:i + bs], y[i:i + bs], attack, threat, [eps], batch_size=bs,
+                                  progress=False)
+            part = bits(rep.robust[0])
+            done[str(i)] = part
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"key": key, "batches": done}))
+            tmp.replace(cache)  # atomic: an interrupt never leaves half a file
+        out[i:i + len(part)] = torch.tensor([c == "1" for c in part])
+    return out
 
 
 def _comm_device(model: nn.Module) -> torch.device:
@@ -157,32 +286,65 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
     x, y = test_subset(bundle, settings.n_test)
     grid = settings.checked_grid(bundle)
     threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
-    clean = clean_accuracy(model, x, y, batch_size=settings.batch_size, progress=progress)
+    clean_flags = clean_correct(model, x, y, batch_size=settings.batch_size, progress=progress)
+    clean = int(clean_flags.sum()) / len(y) if len(y) else math.nan
     curves: dict[str, list[float]] = {}
     raw_curves: dict[str, list[float]] = {}
+    flags: dict[str, torch.Tensor] = {}
     for a in settings.attacks:
-        if a == "pgd" and settings.raw_pgd:
-            # one run without carry-over gives both curves: the reported one is the cumulative
-            # judgement of these independent attempts (the same definition as with carry-over)
-            curves[a], raw_curves[a] = sharded_curves(model, x, y, settings.make_attack(a), threat, grid,
-                                                      settings, carry_over=False)
-        else:
-            curves[a] = sharded_accuracy(model, x, y, settings.make_attack(a), threat, grid, settings)
-    result = ModelEval(name=name, eps=grid, clean=clean, curves=curves, raw_curves=raw_curves)
+        # PGD without carry-over gives both curves in one run: the reported one is the
+        # cumulative judgement of these independent attempts (the same definition as with carry-over)
+        raw_run = a == "pgd" and settings.raw_pgd
+        robust, raw = sharded_flags(model, x, y, settings.make_attack(a), threat, grid, settings,
+                                    carry_over=False if raw_run else None)
+        flags[a] = robust
+        curves[a] = robust.double().mean(dim=1).tolist()
+        if raw_run:
+            raw_curves[a] = raw.double().mean(dim=1).tolist()
+    result = ModelEval(name=name, eps=grid, clean=clean, curves=curves, raw_curves=raw_curves,
+                       clean_flags=clean_flags, flags=flags)
     if settings.deepfool:
         result.rho = deepfool_rho(model, x, y, bounds=bundle.bounds, norm="l2", labels=settings.labels,
                                   batch_size=settings.batch_size, progress=progress)
     if settings.unbounded_check:
         whole_box = (bundle.bounds[1] - bundle.bounds[0]) * (1.0 if threat.norm == "linf" else math.sqrt(x[0].numel()))
         result.unbounded = sharded_accuracy(model, x, y, settings.make_attack("pgd"), threat, [whole_box], settings)[0]
-    if settings.autoattack_eps is not None:
-        aa = attacks.make("autoattack", version="standard", seed=settings.seed)
-        eps_aa = settings.autoattack_eps
-        acc = sharded_accuracy(model, x, y, aa, threat, [eps_aa], settings)[0]
-        pgd = sharded_accuracy(model, x, y, settings.make_attack("pgd"), threat, [eps_aa], settings)[0]
-        result.autoattack = {"eps": eps_aa, "accuracy": acc, "pgd": pgd}
+    if settings.autoattack:
+        run_autoattack(model, x, y, threat, bundle, settings, result)
     result.checks = masking_checks(result, tolerance=settings.tolerance)
     return result
+
+
+def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, bundle: DataBundle,
+                   settings: EvalSettings, result: ModelEval) -> None:
+    """AutoAttack at every ε of ``settings.aa_grid`` on the first ``aa_n`` points, beside PGD at
+    the same ε on the same points (from the grid's flags when ε is on the grid). One attack
+    object for the whole evaluation; finished batches are kept in ``settings.aa_cache``."""
+    n = len(y) if settings.aa_n is None else min(settings.aa_n, len(y))
+    xa, ya = x[:n], y[:n]
+    aa = settings.make_autoattack()
+    run = {**aa.describe(), "n": n} if hasattr(aa, "describe") else {"n": n}
+    fp = fingerprint(model) if settings.aa_cache else ""
+    entries = []
+    for e in settings.aa_grid(bundle.name):
+        check_eps_fits(e, settings.norm, bundle.bounds, x[0].numel())
+        cache = None
+        if settings.aa_cache:
+            cache = Path(settings.aa_cache) / f"autoattack-{result.name}-{settings.norm}-{e:.6g}.json".replace("/", "_")
+        key = {"model": fp, "eps": e, "norm": settings.norm, "n": n, "batch_size": settings.batch_size, **run}
+        aa_flags = resumable_flags(model, xa, ya, aa, threat, e, settings, cache=cache, key=key)
+        on_grid = [k for k, g in enumerate(result.eps) if math.isclose(g, e, rel_tol=1e-9, abs_tol=1e-12)]
+        if on_grid and "pgd" in result.flags:
+            pgd_flags = result.flags["pgd"][on_grid[0], :n]
+        else:
+            pgd_flags = sharded_flags(model, xa, ya, settings.make_attack("pgd"), threat, [e], settings)[0][0]
+        result.aa_flags[e] = aa_flags
+        entries.append({"eps": e, "accuracy": int(aa_flags.sum()) / n, "pgd": int(pgd_flags.sum()) / n, "n": n,
+                        "interval": stats.proportion(aa_flags).as_dict(),
+                        "pgd_interval": stats.proportion(pgd_flags).as_dict(),
+                        "paired": stats.compare(pgd_flags, aa_flags, a="PGD", b="AutoAttack").as_dict(),
+                        "pgd_bits": bits(pgd_flags), "run": run})
+    result.autoattack = entries
 
 
 def masking_checks(ev: ModelEval, *, tolerance: float = 0.02,
@@ -226,11 +388,12 @@ def masking_checks(ev: ModelEval, *, tolerance: float = 0.02,
                  for a, c in weaker_curves.items() for k in range(len(c)) if c[k] < pgd[k] - tol]
         checks.append(Check("white-box PGD is the strongest", not beats,
                              "beaten by " + "; ".join(beats) if beats else "ok"))
-    if ev.autoattack is not None:
-        gap = ev.autoattack["pgd"] - ev.autoattack["accuracy"]
-        checks.append(Check("AutoAttack close to PGD", gap <= 0.05,
-                            f"PGD {100 * ev.autoattack['pgd']:.1f}% vs AutoAttack {100 * ev.autoattack['accuracy']:.1f}% "
-                            f"at ε={ev.autoattack['eps']:.4g}"))
+    if ev.autoattack:
+        far = [f"PGD {100 * a['pgd']:.1f}% vs AutoAttack {100 * a['accuracy']:.1f}% at ε={a['eps']:.4g}"
+               for a in ev.autoattack if a["pgd"] - a["accuracy"] > AA_GAP]
+        detail = "; ".join(far) if far else "ok: " + "; ".join(
+            f"PGD {100 * a['pgd']:.1f}% vs AutoAttack {100 * a['accuracy']:.1f}% at ε={a['eps']:.4g}" for a in ev.autoattack)
+        checks.append(Check("AutoAttack close to PGD", not far, detail))
     return checks
 
 
@@ -280,23 +443,37 @@ def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, th
                       for i in range(0, len(y), batch_size)], dim=1)
 
 
-def transfer_matrix(models: dict[str, nn.Module], bundle: DataBundle, settings: EvalSettings,
-                    *, sources: Sequence[str] | None = None) -> dict[str, dict[str, list[float]]]:
-    """``out[source][target]`` = accuracy of ``target`` per ε on PGD examples crafted on
-    ``source`` (white-box on the diagonal). Each source's examples are crafted once."""
+def transfer_flags(models: dict[str, nn.Module], bundle: DataBundle, settings: EvalSettings, *,
+                   sources: Sequence[str] | None = None,
+                   source_models: dict[str, nn.Module] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """``out[source][target]``: ``(K, n)`` bool, target robust at every ε of the grid against PGD
+    examples crafted on the source. The source model is ``source_models[source]`` when given (a
+    twin: the same method trained with another seed), else ``models[source]`` (white-box on the
+    diagonal). Each source's examples are crafted once."""
     x, y = test_subset(bundle, settings.n_test)
     grid = settings.checked_grid(bundle)
     threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
     pgd = settings.make_attack("pgd")
-    out: dict[str, dict[str, list[float]]] = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
     for s in sources if sources is not None else list(models):
-        x_advs = craft(models[s], x, y, pgd, threat, grid, batch_size=settings.batch_size)
+        crafter = (source_models or {}).get(s, models.get(s))
+        if crafter is None:
+            raise ValueError(f"no model for transfer source {s!r}")
+        x_advs = craft(crafter, x, y, pgd, threat, grid, batch_size=settings.batch_size)
         out[s] = {}
         for t, target in models.items():
             replay = _Precomputed(x_advs, s)
             rep = evaluate_attack(target, x, y, replay, threat, grid, batch_size=len(y) or 1, progress=False)
-            out[s][t] = rep.robust_accuracy
+            out[s][t] = rep.robust
     return out
+
+
+def transfer_matrix(models: dict[str, nn.Module], bundle: DataBundle, settings: EvalSettings,
+                    *, sources: Sequence[str] | None = None,
+                    source_models: dict[str, nn.Module] | None = None) -> dict[str, dict[str, list[float]]]:
+    """``out[source][target]`` = accuracy of ``target`` per ε (see :func:`transfer_flags`)."""
+    flags = transfer_flags(models, bundle, settings, sources=sources, source_models=source_models)
+    return {s: {t: f.double().mean(dim=1).tolist() for t, f in row.items()} for s, row in flags.items()}
 
 
 def lrc_curves(model: nn.Module, bundle: DataBundle, *, zetas: Sequence[float], eps: Sequence[float],

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .stats import Interval
+
 Cell = str | float | int | None
 
 
@@ -18,6 +20,16 @@ def fmt(value: Cell, *, digits: int = 1, percent: bool = True) -> str:
     if isinstance(value, str):
         return value
     return f"{100 * value:.{digits}f}" if percent else f"{value:.{max(digits, 3)}f}"
+
+
+def fmt_interval(iv: Interval | None, *, digits: int = 1) -> str:
+    """``97.4 [96.1, 98.3]`` (percent), with seeds ``97.4 ± 0.3 [95.9, 98.6]``; None as ``–``."""
+    return "–" if iv is None else iv.text(digits=digits)
+
+
+def interval_columns(name: str) -> list[str]:
+    """CSV columns of one accuracy: value, lower and upper end of its 95 % interval."""
+    return [name, f"{name}_lo", f"{name}_hi"]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -55,12 +67,26 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 
 def plot_curves(path: Path, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-                xlabel: str, ylabel: str = "accuracy (%)", percent: bool = True, logx: bool = False) -> Path:
-    """One line per name: ``curves[name] = (xs, ys)``; fractions shown as percentages."""
+                xlabel: str, ylabel: str = "accuracy (%)", percent: bool = True, logx: bool = False,
+                bands: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                points: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]]
+                | None = None) -> Path:
+    """One line per name: ``curves[name] = (xs, ys)``; fractions shown as percentages.
+
+    ``bands[name] = (lo, hi)``: the 95 % interval drawn as a shaded band around that line;
+    ``points[name] = (xs, ys, lo, hi)``: single results (e.g. AutoAttack) with error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    k = 100 if percent else 1
     for name, (xs, ys) in curves.items():
-        ax.plot(list(xs), [100 * y if percent else y for y in ys], marker="o", markersize=3, label=name)
+        (line,) = ax.plot(list(xs), [k * y for y in ys], marker="o", markersize=3, label=name)
+        if bands and name in bands:
+            lo, hi = bands[name]
+            ax.fill_between(list(xs), [k * v for v in lo], [k * v for v in hi], color=line.get_color(), alpha=0.15,
+                            linewidth=0)
+    for name, (xs, ys, lo, hi) in (points or {}).items():
+        err = [[k * (y - a) for y, a in zip(ys, lo)], [k * (b - y) for y, b in zip(ys, hi)]]
+        ax.errorbar(list(xs), [k * y for y in ys], yerr=err, fmt="s", markersize=5, capsize=3, label=name)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -32,19 +32,23 @@ from . import experiments
 from .config import TrainConfig, apply_overrides
 from .data import DataBundle
 from .data import load as load_data
+from . import stats
+from .cost import StepCost, interleaved_costs, training_step
 from .harness import (
     EvalSettings,
     ModelEval,
     evaluate_model,
+    fingerprint,
     lrc_covariance_curve,
     lrc_curves,
     lrc_data_factor,
     lrc_data_std,
     masking_checks,
-    transfer_matrix,
+    transfer_flags,
 )
-from .report import fmt, markdown_table, plot_curves, plot_matrix, write_csv, write_json
+from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
+from .stats import Interval, compare, from_count, mean_score, over_seeds
 from .train import train
 
 # a column name → which attack's grid average it shows (transfer columns are "←ROW")
@@ -65,13 +69,20 @@ TRAIN_KEYS = {"data", "data_dir", "model", "epochs", "batch_size", "lr", "optimi
 
 @dataclass
 class RowResult:
+    """One row of the table over its seeds (lists are per seed, in the order of the seeds)."""
+
     name: str
     method: str
-    eval: ModelEval
-    train_seconds: float
-    test_accuracy: float
-    transfer: dict[str, float] = field(default_factory=dict)  # source row → grid-average accuracy
-    lrc: dict[str, float] = field(default_factory=dict)  # LRC column → accuracy at the experiment's ε
+    evals: list[ModelEval]
+    train_seconds: list[float]
+    test_accuracy: list[float]
+    transfer: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # source row → per seed (K, n) bool
+    lrc: list[dict[str, float]] = field(default_factory=list)  # per seed: LRC column → accuracy at the ε
+    step_cost: StepCost | None = None
+
+    @property
+    def eval(self) -> ModelEval:
+        return self.evals[0]
 
 
 @dataclass
@@ -135,90 +146,279 @@ def _log(msg: str) -> None:
 
 
 def row_config(exp: experiments.Experiment, row: experiments.Row, budget: dict[str, Any], out: Path,
-               data_dir: str | None) -> TrainConfig:
+               data_dir: str | None, *, seed: int | None = None, run_name: str | None = None) -> TrainConfig:
+    """The row's training config; ``seed`` overrides the budget's, ``run_name`` the run folder."""
     cfg = TrainConfig(method=row.method, lam=row.lam, task_weight=row.task_weight, penalty=dict(row.penalty),
-                      out=str(out / "runs" / row.slug), quiet=True)
+                      out=str(out / "runs" / (run_name or row.slug)), quiet=True)
     apply_overrides(cfg, {k: v for k, v in budget.items() if k in TRAIN_KEYS})
     apply_overrides(cfg, row.train)
+    if seed is not None:
+        apply_overrides(cfg, {"seed": seed})
     if data_dir:
         cfg.data_dir = data_dir
     return cfg.validate()
 
 
+def run_name(row: experiments.Row, seed: int, *, default_seed: int | None) -> str:
+    """Run folder of a row at a seed: the row's slug for the budget's own seed when no seeds are
+    asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise."""
+    return row.slug if seed == default_seed else f"{row.slug}-s{seed}"
+
+
+def twin_seeds(seeds: list[int]) -> list[int]:
+    """The seed of each seed's transfer twin: the next seed of the list (cyclically), or seed + 1
+    for a single seed — same method, another training seed, never the judged model itself."""
+    return [seeds[(i + 1) % len(seeds)] for i in range(len(seeds))] if len(seeds) > 1 else [seeds[0] + 1]
+
+
+def autoattack_settings(exp: experiments.Experiment, budget: dict[str, Any]) -> dict[str, Any] | None:
+    """EvalSettings fields for the AutoAttack column at the experiment's training ε (None: no column)."""
+    if exp.autoattack_eps is None:
+        return None
+    params: dict[str, Any] = {}
+    if "aa_attacks" in budget:
+        params["attacks"] = list(budget["aa_attacks"])
+    for key in ("n_iter", "n_queries", "n_restarts"):
+        if f"aa_{key}" in budget:
+            params[key] = int(budget[f"aa_{key}"])
+    version = str(budget.get("aa_version", "custom" if "attacks" in params else "standard"))
+    return {"autoattack": True, "aa_eps": [float(exp.autoattack_eps)], "aa_version": version,
+            "aa_n": budget.get("aa_n"), "aa_params": params}
+
+
+def aa_columns(exp: experiments.Experiment) -> list[str]:
+    """The columns PGD and AutoAttack at the training ε (beside each other), if the experiment has them."""
+    if exp.autoattack_eps is None:
+        return []
+    return [f"PGD ε={exp.autoattack_eps:g}", f"AA ε={exp.autoattack_eps:g}"]
+
+
+def display_columns(exp: experiments.Experiment) -> list[tuple[str, int | None]]:
+    """(column, index into the paper's numbers): the experiment's columns with the AutoAttack
+    pair placed right after PGD (or after the accuracy columns if there is no PGD column)."""
+    cols: list[tuple[str, int | None]] = [(c, j) for j, c in enumerate(exp.columns)]
+    extra = [(c, None) for c in aa_columns(exp)]
+    if not extra:
+        return cols
+    at = next((k + 1 for k, (c, _) in enumerate(cols) if c == "PGD"), len(cols))
+    return cols[:at] + extra + cols[at:]
+
+
+def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Any:
+    run_dir = Path(cfg.out)
+    if not (run_dir / "model.safetensors").exists():
+        log(f"training {label} ({cfg.method}, seed {cfg.seed}) on {cfg.data}, {cfg.epochs} epochs")
+        cfg.quiet = False
+        train(cfg, resume=True, log=lambda s: None)
+    else:
+        log(f"{label}: reusing {run_dir}")
+    return load_run(run_dir, device=cfg.device)
+
+
 def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | None = None,
-                   rows: list[str] | None = None, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Train (or reuse finished runs in ``out/runs``), evaluate and write ``out/report.md``."""
+                   rows: list[str] | None = None, seeds: list[int] | None = None,
+                   log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Train (or reuse finished runs in ``out/runs``) every row once per seed, evaluate, and write
+    ``out/report.md``. Transfer sources are twins trained with another seed."""
     exp = experiments.load(name)
     budget = exp.budget(budget_name)
     chosen = [r for r in exp.rows if rows is None or r.name in rows or r.slug in rows]
     if rows is not None and len(chosen) != len(rows):
         known = ", ".join(r.name for r in exp.rows)
         raise ValueError(f"unknown rows in {rows} (experiment {name!r} has: {known})")
+    default_seed = int(budget.get("seed", 0))
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"--seeds must be distinct, got {seeds}")
+    seed_list = list(seeds) if seeds else [default_seed]
+    naming_default = None if seeds else default_seed
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    trained: dict[str, tuple[Any, dict[str, Any]]] = {}
-    for i, row in enumerate(chosen, 1):
-        cfg = row_config(exp, row, budget, out, data_dir)
-        run_dir = Path(cfg.out)
-        if not (run_dir / "model.safetensors").exists():
-            log(f"[{i}/{len(chosen)}] training {row.name} ({row.method}) on {cfg.data}, {cfg.epochs} epochs")
-            cfg.quiet = False
-            train(cfg, resume=True, log=lambda s: None)
-        else:
-            log(f"[{i}/{len(chosen)}] {row.name}: reusing {run_dir}")
-        loaded = load_run(run_dir, device=cfg.device)
-        trained[row.name] = (loaded, loaded.metrics)
+    trained: dict[tuple[str, int], Any] = {}
+    total = len(chosen) * len(seed_list)
+    for i, row in enumerate(chosen):
+        for j, seed in enumerate(seed_list):
+            cfg = row_config(exp, row, budget, out, data_dir, seed=seed,
+                             run_name=run_name(row, seed, default_seed=naming_default))
+            trained[(row.name, seed)] = _train_row(cfg, f"[{i * len(seed_list) + j + 1}/{total}] {row.name}", log)
+    sources = [s for s in exp.transfer_sources if any(r.name == s for r in chosen)]
+    twins = twin_seeds(seed_list)
+    for s in sources:  # a single seed needs its twins trained; with several seeds they exist
+        row = next(r for r in chosen if r.name == s)
+        for t in twins:
+            if (s, t) not in trained:
+                cfg = row_config(exp, row, budget, out, data_dir, seed=t,
+                                 run_name=run_name(row, t, default_seed=naming_default))
+                trained[(s, t)] = _train_row(cfg, f"transfer twin {s}", log)
     bundle = load_data(budget["data"], data_dir=data_dir)
+    aa = autoattack_settings(exp, budget)
     settings = EvalSettings(norm=exp.norm, attacks=tuple(a for a in ("pgd", "tpgd-all", "uniform", "fgsm")
                                                           if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns)),
                             pgd_steps=int(budget.get("pgd_steps", 40)), n_test=budget.get("n_test"),
-                            deepfool="ρ" in exp.columns, seed=int(budget.get("seed", 0)))
+                            deepfool="ρ" in exp.columns, seed=default_seed, **(aa or {}))
     lrc_cols = [c for c in exp.columns if lrc_column(c) is not None]
     lrc = LRCSettings.declared(exp, budget).resolve(bundle, lrc_cols) if lrc_cols else None
     results: dict[str, RowResult] = {}
     for i, row in enumerate(chosen, 1):
-        loaded, metrics = trained[row.name]
-        log(f"[{i}/{len(chosen)}] evaluating {row.name}")
-        ev = evaluate_model(loaded.model, bundle, settings, name=row.name, progress=False)
-        results[row.name] = RowResult(row.name, row.method, ev, metrics.get("train_seconds", float("nan")),
-                                      metrics.get("test_accuracy", ev.clean))
-        if lrc is not None:
-            results[row.name].lrc = lrc_cells(loaded.model, bundle, lrc_cols, lrc, settings)
-    sources = [s for s in exp.transfer_sources if s in trained]
+        res = RowResult(row.name, row.method, [], [], [])
+        for seed in seed_list:
+            loaded = trained[(row.name, seed)]
+            log(f"[{i}/{len(chosen)}] evaluating {row.name}, seed {seed}")
+            if aa is not None:
+                settings.aa_cache = str(out / "autoattack" / f"s{seed}")
+            ev = evaluate_model(loaded.model, bundle, settings, name=row.name, progress=False)
+            res.evals.append(ev)
+            res.train_seconds.append(float(loaded.metrics.get("train_seconds", float("nan"))))
+            res.test_accuracy.append(float(loaded.metrics.get("test_accuracy", ev.clean)))
+            if lrc is not None:
+                res.lrc.append(lrc_cells(loaded.model, bundle, lrc_cols, lrc, settings))
+        results[row.name] = res
+    provenance: list[dict[str, Any]] = []
     matrix: dict[str, dict[str, list[float]]] = {}
     if sources:
-        log(f"transfer attacks from {', '.join(sources)}")
-        matrix = transfer_matrix({n: trained[n][0].model for n in results}, bundle, settings, sources=sources)
-        for target, res in results.items():
-            res.transfer = {s: sum(matrix[s][target]) / len(matrix[s][target]) for s in sources}
-            others = {s: matrix[s][target] for s in sources if s != target}
-            res.eval.checks = masking_checks(res.eval, tolerance=settings.tolerance, transfer=others)
+        log(f"transfer attacks from twins of {', '.join(sources)}")
+        for k, (seed, twin) in enumerate(zip(seed_list, twins)):
+            targets = {n: trained[(n, seed)].model for n in results}
+            source_models = {s: trained[(s, twin)].model for s in sources}
+            provenance += [{"seed": seed, "source": s, "source_seed": twin,
+                            "source_run": str(trained[(s, twin)].path),
+                            "source_fingerprint": fingerprint(source_models[s]),
+                            "target_fingerprints": {t: fingerprint(m) for t, m in targets.items()}} for s in sources]
+            flags = transfer_flags(targets, bundle, settings, sources=sources, source_models=source_models)
+            for target, res in results.items():
+                for s in sources:
+                    res.transfer.setdefault(s, []).append(flags[s][target])
+                ev = res.evals[k]
+                curves = {s: flags[s][target].double().mean(dim=1).tolist() for s in sources}
+                ev.checks = masking_checks(ev, tolerance=settings.tolerance, transfer=curves)
+        matrix = {s: {t: [sum(f[e].double().mean().item() for f in results[t].transfer[s]) / len(seed_list)
+                          for e in range(len(settings.grid(bundle.name)))] for t in results} for s in sources}
+    cost_rounds = int(budget.get("cost_rounds", 0))
+    if cost_rounds > 0 and any(r.method == "clean" for r in chosen):
+        log(f"step costs: {len(chosen)} methods interleaved, {cost_rounds} rounds")
+        costs = step_costs(exp, chosen, budget, out, data_dir, rounds=cost_rounds)
+        for row_name, step_cost in costs.items():
+            results[row_name].step_cost = step_cost
     for res in results.values():
-        for c in res.eval.checks:
-            if not c.passed:
-                print(f"WARNING [{res.name}] gradient-masking check failed: {c.name}: {c.detail}", file=sys.stderr)
+        for ev in res.evals:
+            for c in ev.checks:
+                if not c.passed:
+                    print(f"WARNING [{res.name}] gradient-masking check failed: {c.name}: {c.detail}", file=sys.stderr)
     summary = write_report(exp, budget_name, budget, results, matrix, out, settings,
-                           elapsed=time.perf_counter() - started, lrc=lrc)
+                           elapsed=time.perf_counter() - started, lrc=lrc, seeds=seed_list, twins=twins,
+                           provenance=provenance)
     return summary
 
 
-def cell(res: RowResult, column: str) -> float | None:
+def step_costs(exp: experiments.Experiment, chosen: list[experiments.Row], budget: dict[str, Any], out: Path,
+               data_dir: str | None, *, rounds: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, StepCost]:
+    """Every row's training step interleaved with the others' in this process, relative to the
+    clean row's (:mod:`gradreg.cost`); one fixed training batch of the budget's size."""
+    from .train import build_model, build_objective
+
+    steps = {}
+    bundle = None
+    clean = next(r.name for r in chosen if r.method == "clean")
+    for row in chosen:
+        cfg = row_config(exp, row, budget, out, data_dir)
+        if bundle is None:
+            bundle = load_data(cfg.data, data_dir=cfg.data_dir)
+        torch.manual_seed(0)
+        model, _ = build_model(cfg, bundle)
+        objective, _, _ = build_objective(cfg)
+        for pen in objective.penalties.values():
+            pen.setup(bundle.train_x)
+        x, y = bundle.train_x[:cfg.batch_size], bundle.train_y[:cfg.batch_size]
+        steps[row.name] = training_step(model, objective, x, y, lr=cfg.lr)
+    return interleaved_costs(steps, reference=clean, rounds=rounds, clock=clock)
+
+
+def cell_scores(res: RowResult, column: str) -> list[torch.Tensor] | None:
+    """Per seed, each test point's score in [0, 1] behind the cell (the paired unit of the
+    row comparisons): 0/1 outcomes, or a point's accuracy averaged over the ε grid; None for
+    cells without per-point outcomes (LRC, ρ)."""
     if column == "test":
-        return res.eval.clean
+        clean = [ev.clean_flags for ev in res.evals]
+        return [f.double() for f in clean if f is not None] if all(f is not None for f in clean) else None
     if column in ATTACK_COLUMNS:
         attack = ATTACK_COLUMNS[column]
-        return res.eval.average(attack) if attack in res.eval.curves else None
+        return [ev.scores(attack) for ev in res.evals] if all(attack in ev.flags for ev in res.evals) else None
     if column.startswith("←"):
-        return res.transfer.get(column[1:])
+        flags = res.transfer.get(column[1:])
+        return [f.double().mean(dim=0) for f in flags] if flags else None
+    kind, _, eps = column.partition(" ε=")
+    if kind in ("PGD", "AA") and eps:
+        out = []
+        for ev in res.evals:
+            entry = next((a for a in ev.autoattack or [] if f"{a['eps']:g}" == eps), None)
+            if entry is None:
+                return None
+            if kind == "AA":
+                out.append(ev.aa_flags[entry["eps"]].double())
+            else:
+                out.append(torch.tensor([v == "1" for v in entry["pgd_bits"]], dtype=torch.float64))
+        return out
+    return None
+
+
+def cell_values(res: RowResult, column: str) -> list[float | None]:
+    """The cell's number for every seed."""
+    scores = cell_scores(res, column)
+    if scores is not None:
+        return [float(s.mean()) for s in scores]
     if column == "ρ":
-        return res.eval.rho
+        return [ev.rho for ev in res.evals]
     if lrc_column(column) is not None:
-        return res.lrc.get(column)
+        return [cells.get(column) for cells in res.lrc] or [None]
+    if column.startswith("←") or column in ATTACK_COLUMNS or column.startswith(("PGD ε=", "AA ε=")):
+        return [None]
     raise ValueError(f"unknown column {column!r}")
 
 
+def cell(res: RowResult, column: str) -> float | None:
+    """The cell's number: the mean over seeds."""
+    values = cell_values(res, column)
+    if any(v is None for v in values):
+        return None
+    return sum(values) / len(values)  # type: ignore[arg-type]  # no None left
+
+
+def cell_interval(res: RowResult, column: str) -> Interval | None:
+    """The cell's 95 % interval: Wilson (grid averages: :func:`gradreg.stats.mean_score`) for
+    one seed, :func:`gradreg.stats.over_seeds` for several; None for ρ and empty cells."""
+    if column == "ρ":
+        return None
+    values = cell_values(res, column)
+    if any(v is None for v in values):
+        return None
+    scores = cell_scores(res, column)
+    n = int(scores[0].numel()) if scores is not None else res.eval.n
+    if not n:
+        return None
+    if len(values) > 1:
+        return over_seeds([float(v) for v in values], n)  # type: ignore[arg-type]
+    if scores is not None:
+        return mean_score(scores[0])
+    return from_count(round(float(values[0]) * n), n)  # type: ignore[arg-type]  # LRC: a proportion at n
+
+
+COMPARED_COLUMNS = ("test", "PGD")  # (our choice) the clean and the main white-box column, plus AutoAttack
+
+
+def difference_lines(column: str, scores: dict[str, torch.Tensor], *, reference: str | None) -> list[str]:
+    """What the report may say about the rows of one column: every row against ``reference``
+    (the clean row) and every row against the next one in the column's ranking, each sentence
+    from a paired test on the same test points (:func:`gradreg.stats.compare`). ``scores[row]``
+    is ``(n,)`` (one seed) or ``(S, n)``."""
+    names = list(scores)
+    pairs = [(n, reference) for n in names if reference is not None and n != reference and reference in scores]
+    ranked = sorted(names, key=lambda n: -float(scores[n].double().mean()))
+    pairs += [(a, b) for a, b in zip(ranked, ranked[1:]) if (a, b) not in pairs and (b, a) not in pairs]
+    return [f"{column}: " + compare(scores[a], scores[b], a=a, b=b).wording() for a, b in pairs]
+
+
 def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: list[float],
-                     lrc: LRCSettings | None, data_label: str) -> str:
+                     lrc: LRCSettings | None, data_label: str, *, seeds: list[int]) -> str:
     """The paragraph under the title that says what every kind of column in the table measures."""
     has = {"grid": any(c in ATTACK_COLUMNS or c.startswith("←") for c in exp.columns),
            "transfer": any(c.startswith("←") for c in exp.columns), "rho": "ρ" in exp.columns}
@@ -233,8 +433,20 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
     if "T-PGD" in exp.columns:
         parts.append("T-PGD: targeted PGD at each of the K − 1 other classes in turn; a point counts only if no "
                      "target changes its class (our reading of the paper's T-PGD).")
+    if len(seeds) > 1:
+        parts.append(f"Every row is trained once per seed ({', '.join(map(str, seeds))}): a cell reads "
+                     "'mean ± standard deviation over seeds [95 % interval]', the interval combining the seeds' "
+                     "t-interval with the test points' Wilson interval (gradreg.stats.over_seeds).")
+    else:
+        parts.append("A cell reads 'accuracy [95 % interval]': Wilson's interval on the n test points (for a grid "
+                     "average, Wilson's interval at its mean, which is at least as wide as needed).")
+    parts.append("Paper numbers are in parentheses.")
+    if exp.autoattack_eps is not None:
+        parts.append(f"'PGD ε={exp.autoattack_eps:g}' and 'AA ε={exp.autoattack_eps:g}': PGD and AutoAttack at the "
+                     "training ε on the same points (AutoAttack on the true label).")
     if has["transfer"]:
-        parts.append("'←M' is PGD transferred from the model of row M.")
+        parts.append("'←M' is PGD transferred from a twin of row M: the same method trained with another seed, so no "
+                     "cell (the diagonal included) is crafted on the model it judges.")
     if has["rho"]:
         parts.append("ρ is DeepFool's mean ‖r‖₂/‖x‖₂.")
     if lrc is not None:
@@ -248,75 +460,137 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
         if LRC_DATA_COLUMN in exp.columns:
             parts.append(f"'{LRC_DATA_COLUMN}': ξ ~ N(0, Σ_data), Σ_data the covariance of the training inputs of "
                          f"{data_label}, s = 1 (our reading of the paper's \"data covariance as Σ_LRC\").")
-    parts.append("Cost is training time relative to clean training.")
+    parts.append("'step ×clean': the median over interleaved rounds of a training step's time over the clean step's "
+                 "in the same round, with the interquartile range (gradreg.cost); 'train min': the wall-clock "
+                 "training time of the run (mean over seeds), which depends on the machine's load.")
     return " ".join(parts)
 
 
 def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str, Any], results: dict[str, RowResult],
                  matrix: dict[str, dict[str, list[float]]], out: Path, settings: EvalSettings, *,
-                 elapsed: float, lrc: LRCSettings | None = None) -> dict[str, Any]:
+                 elapsed: float, lrc: LRCSettings | None = None, seeds: list[int] | None = None,
+                 twins: list[int] | None = None, provenance: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     data = budget["data"]
-    clean_time = next((r.train_seconds for r in results.values() if r.method == "clean"), None)
-    header = ["method", *exp.columns, "cost ×clean", "checks"]
+    seeds = seeds or [int(budget.get("seed", 0))]
+    columns = display_columns(exp)
+    names_cols = [c for c, _ in columns]
+    header = ["method", *names_cols, "step ×clean", "train min", "checks"]
     rows, raw_rows = [], []
     for name, res in results.items():
         paper = exp.paper.get(name, [])
         cells = []
-        for j, col in enumerate(exp.columns):
-            ours = cell(res, col)
-            theirs = paper[j] if j < len(paper) else None
-            pct = col != "ρ"
-            text = fmt(ours, percent=pct)
-            if theirs is not None:
-                text += f" ({theirs:.1f})" if pct else f" ({theirs:.3f})"
+        for col, j in columns:
+            theirs = paper[j] if j is not None and j < len(paper) else None
+            if col == "ρ":
+                text = fmt(cell(res, col), percent=False)
+                text += f" ({theirs:.3f})" if theirs is not None else ""
+            else:
+                text = fmt_interval(cell_interval(res, col))
+                text += f" ({theirs:.1f})" if theirs is not None else ""
             cells.append(text)
-        cost = res.train_seconds / clean_time if clean_time else None
-        failed = [c.name for c in res.eval.checks if not c.passed]
-        rows.append([name, *cells, f"{cost:.1f}×" if cost else "–", "ok" if not failed else "⚠ " + "; ".join(failed)])
-        raw_rows.append([name, *[cell(res, c) for c in exp.columns], res.train_seconds])
+        failed = sorted({c.name for ev in res.evals for c in ev.checks if not c.passed})
+        minutes = sum(res.train_seconds) / len(res.train_seconds) / 60
+        rows.append([name, *cells, res.step_cost.text() if res.step_cost else "–",
+                     f"{minutes:.1f}" if math.isfinite(minutes) else "–", "ok" if not failed else "⚠ " + "; ".join(failed)])
+        raw: list[object] = [name]
+        for col in names_cols:
+            iv = None if col == "ρ" else cell_interval(res, col)
+            raw += [cell(res, col), iv.lo if iv else None, iv.hi if iv else None]
+        cost = res.step_cost
+        raw_rows.append([*raw, len(res.evals), res.eval.n, sum(res.train_seconds) / len(res.train_seconds),
+                         cost.ratio if cost else None, cost.lo if cost else None, cost.hi if cost else None])
     table = markdown_table(header, rows)
     grid = settings.grid(data)
     data_label = DATA_LABELS.get(data, data)
+    seeds_text = f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines = [
         f"# {exp.title}", "",
-        f"Experiment `{exp.name}`, budget `{budget_name}`: trained and evaluated on **{data_label}**"
+        f"Experiment `{exp.name}`, budget `{budget_name}`, {seeds_text}: trained and evaluated on **{data_label}**"
         + (f"; the paper's numbers (in parentheses) are on {exp.paper_data}, so they are a reference, not a like-for-like "
            "comparison" if exp.paper_data and data not in exp.paper_data.lower() else "") + ".",
         "",
-        describe_columns(exp, settings, grid, lrc, data_label), "",
+        describe_columns(exp, settings, grid, lrc, data_label, seeds=seeds), "",
         table, "",
         f"Budget: {json.dumps(budget)}. Total time {elapsed / 60:.1f} min on {torch.get_num_threads()} threads.", "",
     ]
     if exp.note:
         lines += [exp.note, ""]
-    pgd_curves = {n: (r.eval.eps, r.eval.curves["pgd"]) for n, r in results.items() if "pgd" in r.eval.curves}
+    aa_runs = [a["run"] for res in results.values() for a in res.eval.autoattack or []]
+    if aa_runs:
+        r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]
+        lines += [f"AutoAttack: {r['package']} {r['package_version']}, version {r['version']}, attacks "
+                  f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.", ""]
+    # what the statistics allow us to say about differences between rows
+    reference = next((n for n, r in results.items() if r.method == "clean"), None)
+    sentences = []
+    for col in [c for c in names_cols if c in COMPARED_COLUMNS or c.startswith("AA ε=")]:
+        scores = {n: torch.stack(sc) if len(sc) > 1 else sc[0]
+                  for n, r in results.items() if (sc := cell_scores(r, col)) is not None}
+        if len(scores) > 1:
+            sentences += difference_lines(col, scores, reference=reference)
+    if sentences:
+        test = "exact McNemar test" if len(seeds) == 1 else "paired bootstrap over test points and seeds"
+        lines += ["## Differences between rows", "",
+                  f"Paired tests on the same test points ({test}; grid averages: paired bootstrap), α = 0.05. "
+                  "A difference is stated only where its test supports it.", ""]
+        lines += [f"- {s}" for s in sentences] + [""]
+    if provenance:
+        lines += ["## Transfer sources", "",
+                  "Every transfer column is crafted on a twin of the source row (same method, another training seed); "
+                  "no twin is the model it is judged on.", ""]
+        lines += [f"- seed {p['seed']}: ←{p['source']} crafted on {p['source_run']} (seed {p['source_seed']})"
+                  for p in provenance] + [""]
+    pgd_curves = {n: (r.eval.eps, _seed_mean([ev.curves["pgd"] for ev in r.evals]))
+                  for n, r in results.items() if "pgd" in r.eval.curves}
     if pgd_curves:
-        plot_curves(out / "pgd.png", pgd_curves, title=f"PGD accuracy vs ε ({data})", xlabel="ε (input units)")
+        bands = {n: _curve_band(r, "pgd") for n, r in results.items() if "pgd" in r.eval.flags}
+        points = {}
+        for n, r in results.items():
+            iv = cell_interval(r, aa_columns(exp)[1]) if exp.autoattack_eps is not None else None
+            if iv is not None:
+                points[f"{n} AutoAttack"] = ([float(exp.autoattack_eps)], [iv.value], [iv.lo], [iv.hi])  # type: ignore[arg-type]
+        plot_curves(out / "pgd.png", pgd_curves, title=f"PGD accuracy vs ε ({data}), 95 % bands",
+                    xlabel="ε (input units)", bands=bands, points=points)
         lines.append("![PGD accuracy](pgd.png)")
     zeta_cols = [(c, z) for c in exp.columns if isinstance(z := lrc_column(c), float)]
     if lrc is not None and zeta_cols:
-        lrc_plot = {n: ([z for _, z in zeta_cols], [r.lrc.get(c, math.nan) for c, _ in zeta_cols])
+        lrc_plot = {n: ([z for _, z in zeta_cols], [_or_nan(cell(r, c)) for c, _ in zeta_cols])
                     for n, r in results.items()}
+        lrc_bands = {n: ([iv.lo if (iv := cell_interval(r, c)) else math.nan for c, _ in zeta_cols],
+                         [iv.hi if (iv := cell_interval(r, c)) else math.nan for c, _ in zeta_cols])
+                     for n, r in results.items()}
         plot_curves(out / "lrc.png", lrc_plot, title=f"LRC worst-of-{lrc.samples}, ε = {lrc.eps:g} ({data})",
-                    xlabel="decay length ζ (pixels)", logx=True)
+                    xlabel="decay length ζ (pixels)", logx=True, bands=lrc_bands)  # type: ignore[arg-type]
         lines.append("![LRC accuracy](lrc.png)")
     if matrix:
         names = list(results)
         srcs = list(matrix)
         avg = [[sum(matrix[s][t]) / len(matrix[s][t]) for t in names] for s in srcs]
-        plot_matrix(out / "transfer.png", avg, rows=srcs, cols=names, title="PGD transfer accuracy (avg over ε)",
-                    xlabel="target", ylabel="source")
+        plot_matrix(out / "transfer.png", avg, rows=[f"twin of {s}" for s in srcs], cols=names,
+                    title="PGD transfer accuracy (avg over ε)", xlabel="target", ylabel="source")
         lines.append("![transfer](transfer.png)")
     lines += ["", "## Gradient-masking checks", ""]
     for res in results.values():
-        for c in res.eval.checks:
-            lines.append(f"- {res.name}: {'ok' if c.passed else '**FAILED**'} — {c.name} ({c.detail})")
+        for seed, ev in zip(seeds, res.evals):
+            tag = f" (seed {seed})" if len(seeds) > 1 else ""
+            for c in ev.checks:
+                lines.append(f"- {res.name}{tag}: {'ok' if c.passed else '**FAILED**'} — {c.name} ({c.detail})")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    write_csv(out / "table.csv", ["method", *exp.columns, "train_seconds"], raw_rows)
+    write_csv(out / "table.csv", ["method", *[k for c in names_cols for k in interval_columns(c)], "seeds", "n",
+                                  "train_seconds", "step_cost", "step_cost_lo", "step_cost_hi"], raw_rows)
     summary = {"experiment": exp.name, "budget": budget_name, "data": data, "columns": exp.columns,
+               "display_columns": names_cols, "seeds": seeds, "transfer_twin_seeds": twins,
                "rows": {n: {"cells": dict(zip(exp.columns, [cell(r, c) for c in exp.columns])),
-                            "train_seconds": r.train_seconds, "eval": r.eval.to_dict()} for n, r in results.items()},
-               "paper": exp.paper, "transfer": matrix, "table_markdown": table}
+                            "extra_cells": {c: cell(r, c) for c in aa_columns(exp)},
+                            "intervals": {c: iv.as_dict() for c in names_cols if (iv := cell_interval(r, c))},
+                            "per_seed": {c: cell_values(r, c) for c in names_cols},
+                            "train_seconds": sum(r.train_seconds) / len(r.train_seconds),
+                            "train_seconds_per_seed": r.train_seconds,
+                            "step_cost": r.step_cost.as_dict() if r.step_cost else None,
+                            "eval": r.eval.to_dict(), "evals": [ev.to_dict() for ev in r.evals]}
+                        for n, r in results.items()},
+               "paper": exp.paper, "transfer": matrix, "transfer_sources": provenance or [],
+               "differences": sentences, "table_markdown": table}
     if lrc is not None:
         summary["lrc"] = {"eps": lrc.eps, "samples": lrc.samples, "scale": lrc.scale,
                           "marginal_std": lrc.marginal_std}
@@ -324,3 +598,21 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     print(table)
     print(f"report: {out / 'report.md'}")
     return summary
+
+
+def _or_nan(v: float | None) -> float:
+    return math.nan if v is None else v
+
+
+def _seed_mean(curves: list[list[float]]) -> list[float]:
+    return [sum(v) / len(v) for v in zip(*curves)]
+
+
+def _curve_band(res: RowResult, attack: str) -> tuple[list[float], list[float]]:
+    """95 % band of a curve per ε: Wilson for one seed, over_seeds for several."""
+    ivs = []
+    for k in range(len(res.eval.eps)):
+        rows = [ev.flags[attack][k] for ev in res.evals]
+        ivs.append(stats.proportion(rows[0]) if len(rows) == 1 else
+                   over_seeds([float(r.double().mean()) for r in rows], int(rows[0].numel())))
+    return [iv.lo for iv in ivs], [iv.hi for iv in ivs]

@@ -57,7 +57,7 @@ class Interval:
         return f"{pct(self.value)}{spread} [{pct(self.lo)}, {pct(self.hi)}]"
 
 
-def wilson_interval(successes: int, n: int, *, z: float = Z95) -> tuple[float, float]:
+def wilson_interval(successes: float, n: int, *, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a proportion ``successes / n``."""
     if n <= 0:
         raise ValueError(f"an interval needs n > 0, got n={n}")
@@ -82,6 +82,23 @@ def proportion(correct: torch.Tensor | np.ndarray | Sequence[bool]) -> Interval:
 def from_count(successes: int, n: int) -> Interval:
     lo, hi = wilson_interval(successes, n)
     return Interval(value=successes / n, n=n, lo=lo, hi=hi)
+
+
+def mean_score(scores: torch.Tensor | np.ndarray | Sequence[float]) -> Interval:
+    """Mean of per-example scores in [0, 1] ``(n,)`` — e.g. each point's accuracy averaged over
+    an ε grid — with a Wilson interval at the same mean and n (our choice, reasoned): a score in
+    [0, 1] with mean μ has variance ≤ μ(1 − μ) (Bhatia–Davis), the variance of a 0/1 outcome,
+    so this interval is at least as wide as the mean's own normal interval; for 0/1 scores it
+    is :func:`proportion`'s interval."""
+    arr = np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=float).ravel()
+    if arr.size == 0:
+        raise ValueError("mean_score needs at least one score")
+    if arr.min() < 0 or arr.max() > 1:
+        raise ValueError("scores must lie in [0, 1]")
+    n = int(arr.size)
+    total = float(arr.sum())
+    lo, hi = wilson_interval(min(float(n), max(0.0, total)), n)  # a real-valued "count"
+    return Interval(value=total / n, n=n, lo=lo, hi=hi)
 
 
 def over_seeds(accuracies: Sequence[float], n: int) -> Interval:
@@ -150,12 +167,29 @@ def _flags(x: torch.Tensor | np.ndarray | Sequence[bool] | Sequence[Sequence[boo
     return np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=bool)
 
 
+def _scores(x: torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]) -> np.ndarray:
+    return np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x, dtype=float)
+
+
+def is_binary(x: torch.Tensor | np.ndarray | Sequence[float] | Sequence[Sequence[float]]) -> bool:
+    arr = _scores(x)
+    return bool(np.all((arr == 0) | (arr == 1)))
+
+
 def compare(correct_a: torch.Tensor | np.ndarray | Sequence[bool], correct_b: torch.Tensor | np.ndarray | Sequence[bool],
             *, a: str = "a", b: str = "b", rounds: int = 10_000, seed: int = 0) -> Comparison:
     """Paired test of two sets of per-example outcomes on the same test points.
 
     ``(n,)`` each: exact McNemar. ``(S, n)`` each (S seeds, same n points in the same order):
-    paired bootstrap over points of the difference of seed-mean accuracies."""
+    paired bootstrap over points of the difference of seed-mean accuracies. Scores in [0, 1]
+    that are not all 0/1 (e.g. a point's accuracy averaged over an ε grid) take the paired
+    bootstrap also for ``(n,)`` (as one seed)."""
+    if not (is_binary(correct_a) and is_binary(correct_b)):
+        fa, fb = _scores(correct_a), _scores(correct_b)
+        if fa.shape != fb.shape:
+            raise ValueError(f"paired outcomes must have the same shape, got {fa.shape} and {fb.shape}")
+        return _bootstrap(fa.reshape(1, -1) if fa.ndim == 1 else fa, fb.reshape(1, -1) if fb.ndim == 1 else fb,
+                          a=a, b=b, rounds=rounds, seed=seed)
     fa, fb = _flags(correct_a), _flags(correct_b)
     if fa.shape != fb.shape:
         raise ValueError(f"paired outcomes must have the same shape, got {fa.shape} and {fb.shape}")
@@ -163,6 +197,11 @@ def compare(correct_a: torch.Tensor | np.ndarray | Sequence[bool], correct_b: to
         only_a, only_b = int((fa & ~fb).sum()), int((~fa & fb).sum())
         return Comparison(a=a, b=b, diff=float(fa.mean() - fb.mean()), p_value=mcnemar_exact_p(only_a, only_b),
                           test="mcnemar-exact", n=int(fa.size), only_a=only_a, only_b=only_b)
+    return _bootstrap(fa.astype(float), fb.astype(float), a=a, b=b, rounds=rounds, seed=seed)
+
+
+def _bootstrap(fa: np.ndarray, fb: np.ndarray, *, a: str, b: str, rounds: int, seed: int) -> Comparison:
+    """Paired bootstrap over points of ``(S, n)`` scores (see :func:`compare`)."""
     if fa.ndim != 2:
         raise ValueError(f"outcomes must be (n,) or (seeds, n), got shape {fa.shape}")
     n = fa.shape[1]

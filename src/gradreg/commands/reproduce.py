@@ -17,8 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder for the runs and report.md (re-running reuses finished runs)")
     parser.add_argument("--data-dir", help="data directory for the budget's data set")
     parser.add_argument("--rows", nargs="+", help="only these rows (names or slugs)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                        help="train every row once per seed and report mean ± spread with intervals "
+                             "(default: the budget's seed)")
 
 
 def run(args: argparse.Namespace) -> int:
-    run_experiment(args.experiment, budget_name=args.budget, out=Path(args.out), data_dir=args.data_dir, rows=args.rows)
+    run_experiment(args.experiment, budget_name=args.budget, out=Path(args.out), data_dir=args.data_dir, rows=args.rows,
+                   seeds=args.seeds)
     return 0

@@ -11,6 +11,11 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
 - ``[lrc]`` configures the LRC columns (``"LRC ζ=4"``, ``"LRC Σ=data"``): ``eps`` (noise
   strength), ``samples`` (worst-of-k; a budget may override it with ``lrc_samples``) and
   ``scale`` (``"unit"`` or ``"data"``, see :mod:`gradreg.reproduce`).
+- ``autoattack_eps`` (the training ε) adds the columns "PGD ε=E" and "AA ε=E" beside PGD; a
+  budget sets the AutoAttack protocol with ``aa_version``, ``aa_n`` (first N points) and, for a
+  cheap custom run, ``aa_attacks``, ``aa_n_iter``, ``aa_n_queries``.
+- a budget's ``cost_rounds`` (> 0) measures the step-cost column: the rows' training steps
+  interleaved in one process for that many rounds (:mod:`gradreg.cost`).
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class Experiment:
     paper: dict[str, list[float | None]]
     paper_data: str
     lrc: dict[str, Any] = field(default_factory=dict)  # the LRC columns' eps, samples, scale
+    autoattack_eps: float | None = None  # the training ε: PGD and AutoAttack columns there
 
     def budget(self, name: str) -> dict[str, Any]:
         if name not in self.budgets:
@@ -82,4 +88,5 @@ def load(name: str) -> Experiment:
     return Experiment(name=name, title=raw["title"], note=raw.get("note", ""), columns=raw["columns"],
                       transfer_sources=raw.get("transfer_sources", []), norm=raw.get("norm", "linf"),
                       budgets=raw["budgets"], rows=rows, paper=paper,
-                      paper_data=raw.get("paper_data", ""), lrc=dict(raw.get("lrc", {})))
+                      paper_data=raw.get("paper_data", ""), lrc=dict(raw.get("lrc", {})),
+                      autoattack_eps=float(raw["autoattack_eps"]) if "autoattack_eps" in raw else None)

@@ -1,0 +1,90 @@
+"""What a training step of each method costs, measured so that noise cannot turn it upside down.
+
+Wall-clock times of whole training runs, run one after another on a shared machine, can show a
+method that does strictly more work than clean training as *cheaper* (a background load during
+the clean run is enough). Here the methods' training steps are **interleaved in one process**:
+every round times one step of each method on the same batch, so a load that comes and goes
+affects all of them alike. A method's cost is the median of its per-round ratios to the clean
+step of the same round, reported with the interquartile range of those ratios (our choice, as
+``benchmarks/penalties.py``); the wall-clock training time is reported separately.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """One method's step time relative to the clean step: median and interquartile range of
+    the per-round ratios, and the median step time in seconds."""
+
+    ratio: float
+    lo: float
+    hi: float
+    seconds: float
+    rounds: int
+
+    def text(self) -> str:
+        return f"{self.ratio:.2f}× [{self.lo:.2f}, {self.hi:.2f}]"
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"ratio": self.ratio, "lo": self.lo, "hi": self.hi, "seconds": self.seconds, "rounds": self.rounds}
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def interleaved_costs(steps: Mapping[str, Step], *, reference: str, rounds: int, warmup: int = 1,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, StepCost]:
+    """Time ``steps`` round-robin (one call of each per round, ``warmup`` untimed rounds first)
+    and return every step's cost relative to ``steps[reference]`` (see the module docstring).
+    ``clock`` is injectable: any monotone measure of work (tests count forward passes)."""
+    if reference not in steps:
+        raise ValueError(f"the reference step {reference!r} is not among {list(steps)}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be ≥ 1, got {rounds}")
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for r in range(warmup + rounds):
+        for name, step in steps.items():
+            t0 = clock()
+            step()
+            if r >= warmup:
+                times[name].append(clock() - t0)
+    ref = times[reference]
+    out = {}
+    for name, ts in times.items():
+        ratios = [t / c if c > 0 else float("nan") for t, c in zip(ts, ref)]  # the same round: the same load
+        lo, hi = _quartiles(ratios)
+        out[name] = StepCost(ratio=statistics.median(ratios), lo=lo, hi=hi, seconds=statistics.median(ts),
+                             rounds=rounds)
+    return out
+
+
+def training_step(model: nn.Module, objective: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                  lr: float = 1e-3) -> Step:
+    """One training step of ``objective`` on a fixed batch, as the training loop takes it
+    (train mode, parameter gradients only, an Adam update)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    index = torch.arange(len(y))
+
+    def step() -> None:
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        out = objective(model, x, y, index=index)
+        out.loss.backward(inputs=params)
+        opt.step()
+
+    return step
