@@ -165,3 +165,26 @@ def test_checkpoint_of_another_model_fails_with_a_clear_message(tmp_path: Path) 
     checkpoint.save(run / checkpoint.CURRENT, groups, meta)
     with pytest.raises(ValueError, match="cannot resume .*penalty state does not fit"):
         train(_legacy_config("opnorm", run), resume=True, log=lambda s: None)
+
+
+def test_penalties_take_the_data_sets_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop hands the data set's bounds to the penalties: the inner attack's box and default
+    ε follow them, unless the method's parameters fix the bounds."""
+    import dataclasses
+
+    from gradreg import data
+    from gradreg.penalties.inner import DEFAULT_EPS
+
+    real_load = data.load
+
+    def wide_load(*args: object, **kwargs: object) -> data.DataBundle:
+        return dataclasses.replace(real_load(*args, **kwargs), bounds=(-1.0, 2.0))
+
+    monkeypatch.setattr(data, "load", wide_load)
+    trainer = Trainer(_cfg(tmp_path, "b", method="pgd-at", epochs=1), log=lambda s: None)
+    threat = trainer.objective.terms()["pgd-at"].threat  # type: ignore[attr-defined]
+    assert threat.bounds == (-1.0, 2.0) and threat.eps == pytest.approx(3 * DEFAULT_EPS["linf"])
+    fixed = Trainer(_cfg(tmp_path, "f", method="pgd-at", epochs=1, penalty={"bounds": [0.0, 1.0], "eps": 0.1}),
+                    log=lambda s: None)
+    threat = fixed.objective.terms()["pgd-at"].threat  # type: ignore[attr-defined]
+    assert threat.bounds == (0.0, 1.0) and threat.eps == 0.1
