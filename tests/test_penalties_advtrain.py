@@ -36,7 +36,7 @@ def test_fgsm_at_objective_is_goodfellow_mix_multi_head() -> None:
     y = torch.stack([torch.randint(0, 5, (10,)), torch.randint(0, 2, (10,))], dim=1)
     eps = 0.05
     pen = make("fgsm-at", eps=eps)
-    assert (pen.task_weight, pen.default_lam) == (0.5, 0.5)
+    assert (pen.task_weight, pen.default_lam, pen.adv_weight) == (0.0, 1.0, 0.5)
     loss = Objective([("fgsm-at", pen, pen.default_lam)], task_weight=pen.task_weight)(model, x, y).loss
     got = torch.autograd.grad(loss, list(model.parameters()))
 
@@ -106,3 +106,81 @@ def test_perturbed_bn_policy_train_updates_stats() -> None:
 def test_bad_policy_rejected() -> None:
     with pytest.raises(ValueError, match="BatchNorm policy"):
         make("pgd-at", bn_policy="batch")
+
+
+def _linear_model() -> nn.Module:
+    """A float64 linear classifier on (1, 4, 4) inputs, 3 classes: its prediction differs from
+    the label on some inputs, and its input gradient has a closed form."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).double()
+
+
+@pytest.mark.parametrize("name", ["fgsm-at", "pgd-at"])
+@pytest.mark.parametrize("fast_paths", [True, False])
+def test_mixture_gradient_is_the_hand_written_one(name: str, fast_paths: bool) -> None:
+    """adv_weight α: the objective's gradient is (1−α)·∇θL(x) + α·∇θL(x_adv), with x_adv from
+    an FGSM step written out here (PGD with one step, no random start, is the same attack)."""
+    model = _linear_model().train()
+    x, y = batch(12, shape=(1, 4, 4))
+    x = x.double() * 0.8 + 0.1
+    eps, alpha = 0.05, 0.3
+    extra = {} if name == "fgsm-at" else {"steps": 1, "rel_stepsize": 1.0, "random_start": False}
+    pen = make(name, eps=eps, adv_weight=alpha, **extra)
+    assert pen.requires.clean_coeff == pytest.approx(1 - alpha)
+    out = Objective([(name, pen, pen.default_lam)], task_weight=pen.task_weight, fast_paths=fast_paths)(model, x, y)
+    got = torch.autograd.grad(out.loss, list(model.parameters()))
+
+    w, b = model[1].weight, model[1].bias
+    p = torch.softmax(x.flatten(1) @ w.T + b, dim=1).detach()  # (N, 3)
+    g = ((p - F.one_hot(y, 3)) @ w.detach()).view_as(x)  # ∇ₓ CE of each sample, closed form
+    x_adv = (x + eps * g.sign()).clamp(0, 1)
+    ref = (1 - alpha) * F.cross_entropy(model(x), y) + alpha * F.cross_entropy(model(x_adv), y)
+    want = torch.autograd.grad(ref, list(model.parameters()))
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for a, b_ in zip(got, want):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+    # standalone (a user's loop): the penalty alone is the mixture, with the same gradient
+    alone = make(name, eps=eps, adv_weight=alpha, **extra)(model, x, y)
+    torch.testing.assert_close(alone, ref)
+    for a, b_ in zip(torch.autograd.grad(alone, list(model.parameters())), want):
+        torch.testing.assert_close(a, b_, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["fgsm-at", "pgd-at"])
+def test_predicted_labels_attack_the_predicted_class(name: str) -> None:
+    """labels="predicted": the perturbation ascends the loss of the model's argmax, not of y. For
+    a linear model the FGSM direction is sign((p − onehot(t))ᵀW), so the two label choices give
+    different examples exactly where the prediction differs from y."""
+    model = _linear_model().eval()
+    x, y = batch(24, shape=(1, 4, 4))
+    x = x.double() * 0.8 + 0.1
+    pred = model(x).argmax(dim=1)
+    y = torch.where(torch.arange(len(y)) % 2 == 0, pred, (pred + 1) % 3)  # wrong on every odd row
+    assert bool((pred != y).any()) and bool((pred == y).any())
+    eps = 0.05
+    extra = {} if name == "fgsm-at" else {"steps": 1, "rel_stepsize": 1.0, "random_start": False}
+    w, b = model[1].weight.detach(), model[1].bias.detach()
+    p = torch.softmax(x.flatten(1) @ w.T + b, dim=1)
+
+    def fgsm(target: torch.Tensor) -> torch.Tensor:
+        return (x + eps * ((p - F.one_hot(target, 3)) @ w).view_as(x).sign()).clamp(0, 1)
+
+    predicted = make(name, eps=eps, labels="predicted", adv_weight=1.0, **extra)
+    assert not predicted.requires.input_grad  # the shared input gradient is of y's loss
+    x_pred = predicted.attack(model, x, y)
+    x_true = make(name, eps=eps, **extra).attack(model, x, y)
+    torch.testing.assert_close(x_pred, fgsm(pred))
+    torch.testing.assert_close(x_true, fgsm(y))
+    differs = (x_pred != x_true).flatten(1).any(dim=1)
+    assert torch.equal(differs, pred != y)
+    # the predicted-label example lowers the predicted class's margin; through the objective
+    # (reading the shared clean pass for the prediction) it is the same example
+    out = Objective([(name, predicted, 1.0)], task_weight=0.0)(model, x, y)
+    torch.testing.assert_close(out.parts[name], F.cross_entropy(model(x_pred), y))
+
+
+def test_bad_adv_weight_and_labels_rejected() -> None:
+    with pytest.raises(ValueError, match="adv_weight"):
+        make("pgd-at", adv_weight=1.5)
+    with pytest.raises(ValueError, match="labels"):
+        make("fgsm-at", labels="leaky")

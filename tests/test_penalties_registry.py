@@ -150,6 +150,10 @@ COMPOSITION_CASES = [(name, {}) for name in NAMES] + [
     ("datagrad", {"solver": "fd", "fd_step": 0.05}), ("datagrad", {"p": 2, "solver": "fd"}),
     ("lyu", {"solver": "onestep"}), ("lyu", {"norm": "l2", "solver": "onestep"}),
     ("arr", {"attack": "pgd", "steps": 2}), ("opnorm", {"form": "uJv"}), ("opnorm", {"warm_start": True}),
+    # adversarial training as the SGR paper defines it: a clean/adversarial mixture, predicted labels
+    ("fgsm-at", {"labels": "predicted"}), ("fgsm-at", {"adv_weight": 1.0}),
+    ("pgd-at", {"adv_weight": 0.5}), ("pgd-at", {"adv_weight": 0.5, "labels": "predicted"}),
+    ("sgr", {"labels": "predicted"}), ("sgr", {"source": "fgsm", "labels": "predicted"}),
 ]
 
 

@@ -333,6 +333,33 @@ def test_fgsm_source_runs_in_eval_mode_and_restores_the_model() -> None:
     assert torch.equal(bn.running_mean, bn_ref.running_mean) and torch.equal(bn.running_var, bn_ref.running_var)
 
 
+def test_fgsm_source_with_predicted_labels_follows_the_prediction() -> None:
+    """labels="predicted": ξ is the FGSM step on the eval-mode model's argmax, not on y; on rows
+    where the prediction differs from y it differs from the true-label step."""
+    model = tiny_model(bn=True).train()
+    reference = copy.deepcopy(model)
+    x, _ = batch(n=12, seed=2)
+    reference(x)  # the loop's clean pass (train mode) moves BatchNorm's statistics first
+    reference.eval()
+    pred = reference(x).argmax(dim=1)
+    y = torch.where(torch.arange(len(x)) % 2 == 0, pred, (pred + 1) % 3)  # wrong on every odd row
+    pen = SGR(representation="full", source="fgsm", eps=0.1, bounds=(0.0, 1.0), standardize="none",
+              labels="predicted").double()
+    pen.setup(None, batch()[0])
+    pen(model, x, y, ctx=CleanPass(model, x, y, need_input_grad=True))
+
+    def xi(target: torch.Tensor) -> torch.Tensor:
+        xr = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(reference(xr), target, reduction="sum"), xr)
+        return (x + 0.1 * g.sign()).clamp(0.0, 1.0) - x
+
+    torch.testing.assert_close(pen.cov.sigma, second_moment(xi(pred)), rtol=1e-10, atol=1e-14)
+    differs = (xi(pred) != xi(y)).flatten(1).any(dim=1)
+    assert torch.equal(differs, pred != y) and bool(differs.any())
+    with pytest.raises(ValueError, match="labels"):
+        SGR(labels="leaky")
+
+
 def test_pgd_source_stays_in_the_threat_model() -> None:
     model = tiny_model()
     x, y = batch(seed=2)

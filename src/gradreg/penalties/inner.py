@@ -1,7 +1,7 @@
 """What the inner-maximization penalties share (adversarial training, ARR/TRADES, the
 operator-norm adversarial counterpart, SGR's attack sources): the threat model of the inner
 attack with its defaults, the one-step attack read off the shared clean pass, and the clean
-logits in the mode of a perturbed pass."""
+logits in the mode of a perturbed pass, and the labels an attack ascends (true or predicted)."""
 from __future__ import annotations
 
 from typing import Protocol
@@ -17,6 +17,32 @@ from ..threat import ThreatModel, canonical_norm, parse_eps
 # Default radii for [0, 1] images of CIFAR scale (our choice; the usual ones), scaled by the
 # width of the data set's box for other bounds.
 DEFAULT_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 10.0}
+
+ATTACK_LABELS = ("true", "predicted")
+"""What an inner attack ascends: the cross-entropy with the true label (Madry et al. 2018), or
+with the model's predicted label, so the example does not carry the true label into training
+("label leaking", Kurakin, Goodfellow, Bengio, ICLR 2017; the SGR paper's FGSM/PGD rows)."""
+
+
+def check_labels(labels: str) -> str:
+    if labels not in ATTACK_LABELS:
+        raise ValueError(f"labels must be one of {ATTACK_LABELS}, got {labels!r}")
+    return labels
+
+
+def attack_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass, *, labels: str,
+                  bn_policy: BNPolicy) -> torch.Tensor:
+    """Main-task labels ``(N,)`` for the inner attack: ``y``'s main column (``"true"``), or the
+    argmax of the model's clean logits in the attack's mode (``"predicted"``): read off the shared
+    clean pass when the reuse rule allows it, from a pass without gradient under ``bn_policy``
+    otherwise (never moving BatchNorm statistics)."""
+    y_main = y if y.dim() == 1 else y[:, 0]
+    if labels == "true":
+        return y_main
+    if ctx.may_reuse(model, bn_policy):
+        return ctx.logits.detach().argmax(dim=1)
+    with torch.no_grad(), run_mode(model, "frozen" if bn_policy == "train" else bn_policy):
+        return model(x).argmax(dim=1)  # (N,)
 
 
 def resolve_eps(norm: str, eps: float | str | None, bounds: tuple[float, float]) -> float:

@@ -14,7 +14,10 @@ covariance estimator" (:mod:`.covariance`); GN is the same quadratic form with �
   training steps from the current batch. ``source`` picks ξ:
   ``grad``  ξ = eps·g/‖g‖₂ ,  ``sign``  ξ = eps·sign(g)  (both reuse the clean pass's g: free),
   ``fgsm``  ξ = FGSM(x) − x ,  ``pgd``  ξ = PGD(x) − x  (``attack_norm``, radius ``eps``, clipped
-  to ``bounds``; extra passes under ``bn_policy``, default eval, modes restored).
+  to ``bounds``; extra passes under ``bn_policy``, default eval, modes restored). The attack
+  sources ascend the cross-entropy of the true label (``labels="true"``, default) or of the
+  model's predicted label (``labels="predicted"``: no label leaking, as the paper's
+  adversarial baselines; :func:`.inner.attack_labels`).
 * ``centred=True`` (default): Ω_Σ alone (the perturbations are taken as zero-mean).
   ``centred=False``: the uncentred Ω_{μ,Σ} = −E[∇ₓlog p_yᵀμ] + Ω_Σ = E[gᵀμ] + Ω_Σ, with μ the
   EMA of the mean perturbation (same β and schedule). In both variants Σ is the *raw* second
@@ -86,9 +89,10 @@ from ..attacks.pgd_core import ce_loss, pgd
 from ..modes import BNPolicy, check_policy
 from ..threat import ThreatModel, canonical_norm
 from . import PENALTIES
-from .base import CleanPass, Penalty, Requirements, Term, main_targets
+from .base import CleanPass, Penalty, Requirements, Term
 from .covariance import (Covariance, CovFunCovariance, FullCovariance, IdentityCovariance, average_over_ranks,
                          covfun_second_moment, load_sigma_file, mean_pixel_variance)
+from .inner import attack_labels, check_labels
 from .norms import safe_l2
 
 REPRESENTATIONS = ("full", "covfun", "auto")
@@ -173,6 +177,7 @@ class SGR(GradientQuadratic):
         radius_pixels: int | None = None,
         sigma_file: str | Path | None = None,
         bn_policy: BNPolicy = "eval",
+        labels: str = "true",
     ) -> None:
         super().__init__(None, bounds=bounds)
         if representation not in REPRESENTATIONS:
@@ -205,6 +210,7 @@ class SGR(GradientQuadratic):
         self.radius_pixels = radius_pixels
         self.sigma_file = None if sigma_file is None else str(sigma_file)
         self.bn_policy = check_policy(bn_policy)
+        self.labels = check_labels(labels)
         self._fixed = load_sigma_file(sigma_file) if sigma_file is not None else None
         # Placeholders until setup (or, standalone, the first batch) gives the input shape.
         self.register_buffer("mean", torch.zeros(0))  # (C, H, W): EMA of the mean perturbation μ
@@ -304,7 +310,8 @@ class SGR(GradientQuadratic):
             return self.eps * g.sign()
         threat = ThreatModel(norm=self.attack_norm, eps=self.eps, bounds=self.bounds)
         x = ctx.x.detach()
-        loss_fn = ce_loss(main_targets(ctx.y))
+        target = attack_labels(model, x, ctx.y, ctx, labels=self.labels, bn_policy=self.bn_policy)  # (N,)
+        loss_fn = ce_loss(target)
         if self.source == "fgsm":
             x_adv = pgd(model, x, threat, loss_fn, steps=1, rel_stepsize=1.0, random_start=False,
                         bn_policy=self.bn_policy)
