@@ -22,6 +22,9 @@ def test_experiments_load_and_name_registered_methods() -> None:
         for paper_row, numbers in exp.paper.items():
             assert paper_row in {r.name for r in exp.rows}
             assert len(numbers) == len(exp.columns)
+        for row in exp.rows:  # every adversarial-training row says which variant it runs
+            if row.method in ("fgsm-at", "pgd-at"):
+                assert row.note, f"{name}: row {row.name!r} ({row.method}) has no note"
     with pytest.raises(ValueError, match="unknown experiment"):
         experiments.load("nope")
 
@@ -118,6 +121,7 @@ def test_seeds_twin_transfer_intervals_and_autoattack_column(fast_sgr_mnist: Non
     report = (tmp_path / "report.md").read_text()
     assert "| PGD | PGD ε=0.1 | AA ε=0.1 | T-PGD |" in report and " ± " in report
     assert "## Differences between rows" in report and "twin" in report
+    assert "- **FGSM-AT**: the SGR paper's FGSM baseline" in report  # the row's variant, printed
     assert (tmp_path / "runs" / "fgsm-at-s1" / "model.safetensors").is_file()
 
 

@@ -51,7 +51,7 @@ class TrainConfig:
     # method: task_weight·task loss + lam·penalty
     method: str = "clean"
     lam: float | None = None  # None: the method's default
-    task_weight: float | None = None  # None: the method's default (1; PGD-AT 0; FGSM-AT α)
+    task_weight: float | None = None  # None: the method's default (1; fgsm-at/pgd-at 0: the term is the mixture)
     penalty: dict[str, Any] = field(default_factory=dict)  # the penalty's keyword parameters
     # optimization
     epochs: int = field(default=10, metadata=_RUNTIME)

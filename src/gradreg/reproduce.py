@@ -326,8 +326,7 @@ def step_costs(exp: experiments.Experiment, chosen: list[experiments.Row], budge
         torch.manual_seed(0)
         model, _ = build_model(cfg, bundle)
         objective, _, _ = build_objective(cfg)
-        for pen in objective.penalties.values():
-            pen.setup(bundle.train_x)
+        objective.setup(model, bundle.train_x, bundle.bounds)  # as the training loop does
         x, y = bundle.train_x[:cfg.batch_size], bundle.train_y[:cfg.batch_size]
         steps[row.name] = training_step(model, objective, x, y, lr=cfg.lr)
     return interleaved_costs(steps, reference=clean, rounds=rounds, clock=clock)
@@ -515,6 +514,9 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     ]
     if exp.note:
         lines += [exp.note, ""]
+    row_notes = [f"- **{r.name}**: {r.note}" for r in exp.rows if r.note and r.name in results]
+    if row_notes:  # which variant each row runs (e.g. which adversarial training)
+        lines += ["Rows:", "", *row_notes, ""]
     aa_runs = [a["run"] for res in results.values() for a in res.eval.autoattack or []]
     if aa_runs:
         r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]

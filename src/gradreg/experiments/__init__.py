@@ -6,6 +6,9 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
 
 - ``rows_from`` + ``row_names`` reuse another experiment's rows (so shared settings cannot
   drift apart); ``[[rows]]`` in the same file add rows of its own after them.
+- a row's ``note`` says which variant of a method it runs and where it departs from the paper
+  it cites (e.g. Madry's PGD-AT vs the SGR paper's clean/adversarial mixture on predicted
+  labels); the report prints it under the table.
 - ``[paper]`` lists one number per column, in column order; ``nan`` marks a cell the paper
   does not report (TOML has no null), and trailing cells may be left out.
 - ``[lrc]`` configures the LRC columns (``"LRC ζ=4"``, ``"LRC Σ=data"``): ``eps`` (noise
@@ -36,6 +39,7 @@ class Row:
     task_weight: float | None = None
     penalty: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for this row
+    note: str = ""  # which variant the row runs, where it departs from the cited paper (printed in the report)
 
     @property
     def slug(self) -> str:

@@ -66,8 +66,8 @@ class Penalty(nn.Module):
     """Base class of every regularizer in the registry (see the module doc).
 
     ``default_lam`` is λ when the user gives none; ``task_weight`` the weight of the clean task
-    loss when this penalty is the method (1 for a regularizer; Madry's PGD-AT uses 0, the
-    Goodfellow mix α)."""
+    loss when this penalty is the method (1 for a regularizer; 0 for adversarial training, whose
+    term is the whole clean/adversarial mixture)."""
 
     requires: Requirements = Requirements()
     default_lam: float = 1.0
