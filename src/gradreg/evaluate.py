@@ -86,7 +86,7 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _progress(total: int, desc: str, progress: bool | None):  # type: ignore[no-untyped-def]
+def _progress(total: int, desc: str, progress: bool | None):
     from tqdm.auto import tqdm
 
     disable = not (sys.stderr.isatty() if progress is None else progress)
@@ -139,7 +139,7 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
         raise ValueError("eps_list is empty")
     if labels is not None and labels != attack.labels:
         attack = copy.copy(attack)
-        attack.labels = labels  # type: ignore[assignment]
+        attack.labels = labels  # type: ignore[assignment]  # a checked label mode (the attack validates it)
     attacker = source_model if source_model is not None else model
     dev = torch.device(device) if device is not None else model_device(model)
     n, k = len(y), len(eps_values)
@@ -215,7 +215,7 @@ def deepfool_rho(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bounds: 
     ‖·‖₂, as the SGR paper's tables). Predicted labels by default, as in the paper: every input
     is pushed across its own decision boundary. Inputs with ‖x‖₂ = 0 are left out.
     """
-    attack = DeepFool(labels=labels, **deepfool_params)  # type: ignore[arg-type]
+    attack = DeepFool(labels=labels, **deepfool_params)  # type: ignore[arg-type]  # DeepFool's keywords, checked by its constructor
     threat = ThreatModel(norm, 0.0, bounds)
     dev = torch.device(device) if device is not None else model_device(model)
     ratios = []

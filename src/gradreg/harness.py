@@ -426,7 +426,7 @@ class _Precomputed(Attack):
         self.x_advs = x_advs  # (K, N, ...)
         self.offset = 0
 
-    def perturb_multi(self, model, x, y, threat, eps_list, **kwargs):  # type: ignore[no-untyped-def,override]
+    def perturb_multi(self, model, x, y, threat, eps_list, **kwargs):
         out = self.x_advs[:, self.offset:self.offset + len(x)].to(x.device)
         self.offset += len(x)
         return out

@@ -209,7 +209,7 @@ def robustbench_model(name: str, *, model_dir: str | Path = "models", dataset: s
         raise LoadError(f"--threat-model must be one of {', '.join(THREAT_MODELS)}, got {threat_model!r}")
     path = robustbench_path(name, model_dir=model_dir, dataset=dataset, threat_model=threat_model)
     try:
-        from robustbench.utils import load_model as rb_load  # type: ignore[import-not-found]  # optional extra
+        from robustbench.utils import load_model as rb_load  # optional extra
     except ImportError:
         rb_load = None
     if rb_load is not None:

@@ -376,10 +376,11 @@ def cell_values(res: RowResult, column: str) -> list[float | None]:
 
 def cell(res: RowResult, column: str) -> float | None:
     """The cell's number: the mean over seeds."""
-    values = cell_values(res, column)
-    if any(v is None for v in values):
+    raw = cell_values(res, column)
+    values = [v for v in raw if v is not None]
+    if not values or len(values) < len(raw):  # an empty cell in any seed
         return None
-    return sum(values) / len(values)  # type: ignore[arg-type]  # no None left
+    return sum(values) / len(values)
 
 
 def cell_interval(res: RowResult, column: str) -> Interval | None:
@@ -387,18 +388,19 @@ def cell_interval(res: RowResult, column: str) -> Interval | None:
     one seed, :func:`gradreg.stats.over_seeds` for several; None for ρ and empty cells."""
     if column == "ρ":
         return None
-    values = cell_values(res, column)
-    if any(v is None for v in values):
+    raw = cell_values(res, column)
+    values = [v for v in raw if v is not None]
+    if not values or len(values) < len(raw):  # an empty cell in any seed
         return None
     scores = cell_scores(res, column)
     n = int(scores[0].numel()) if scores is not None else res.eval.n
     if not n:
         return None
     if len(values) > 1:
-        return over_seeds([float(v) for v in values], n)  # type: ignore[arg-type]
+        return over_seeds([float(v) for v in values], n)
     if scores is not None:
         return mean_score(scores[0])
-    return from_count(round(float(values[0]) * n), n)  # type: ignore[arg-type]  # LRC: a proportion at n
+    return from_count(round(float(values[0]) * n), n)  # LRC: a proportion at n
 
 
 COMPARED_COLUMNS = ("test", "PGD")  # (our choice) the clean and the main white-box column, plus AutoAttack
@@ -519,7 +521,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         lines += ["Rows:", "", *row_notes, ""]
     aa_runs = [a["run"] for res in results.values() for a in res.eval.autoattack or []]
     if aa_runs:
-        r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]
+        r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]  # present: aa_runs is non-empty
         lines += [f"AutoAttack: {r['package']} {r['package_version']}, version {r['version']}, attacks "
                   f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.", ""]
     # what the statistics allow us to say about differences between rows
@@ -550,7 +552,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         for n, r in results.items():
             iv = cell_interval(r, aa_columns(exp)[1]) if exp.autoattack_eps is not None else None
             if iv is not None:
-                points[f"{n} AutoAttack"] = ([float(exp.autoattack_eps)], [iv.value], [iv.lo], [iv.hi])  # type: ignore[arg-type]
+                points[f"{n} AutoAttack"] = ([float(exp.autoattack_eps)], [iv.value], [iv.lo], [iv.hi])  # type: ignore[arg-type]  # plot_curves takes (x, y, lo, hi) series as well
         plot_curves(out / "pgd.png", pgd_curves, title=f"PGD accuracy vs ε ({data}), 95 % bands",
                     xlabel="ε (input units)", bands=bands, points=points)
         lines.append("![PGD accuracy](pgd.png)")
@@ -562,7 +564,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
                          [iv.hi if (iv := cell_interval(r, c)) else math.nan for c, _ in zeta_cols])
                      for n, r in results.items()}
         plot_curves(out / "lrc.png", lrc_plot, title=f"LRC worst-of-{lrc.samples}, ε = {lrc.eps:g} ({data})",
-                    xlabel="decay length ζ (pixels)", logx=True, bands=lrc_bands)  # type: ignore[arg-type]
+                    xlabel="decay length ζ (pixels)", logx=True, bands=lrc_bands)
         lines.append("![LRC accuracy](lrc.png)")
     if matrix:
         names = list(results)

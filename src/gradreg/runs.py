@@ -134,7 +134,7 @@ def parse_shape(text: str | None) -> tuple[int, int, int] | None:
         raise ValueError(f"--input-shape expects C,H,W (e.g. 3,32,32), got {text!r}") from None
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"--input-shape expects three positive sizes C,H,W, got {text!r}")
-    return shape  # type: ignore[return-value]  # length checked above
+    return shape  # length checked above
 
 
 def parse_bounds(text: str | None) -> tuple[float, float] | None:

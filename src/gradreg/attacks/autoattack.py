@@ -63,7 +63,7 @@ def _build(name: str, model: nn.Module, *, attacks: list[str] | None, device: to
            seed: int, version: str) -> Any:  # the package's untyped AutoAttack object
     """The package's AutoAttack object; the two packages name their arguments differently."""
     if name == "autoattack":
-        from autoattack import AutoAttack as Official  # type: ignore[import-not-found]  # optional package
+        from autoattack import AutoAttack as Official  # optional package
 
         aa = Official(model, norm=norm, eps=eps, version=version, device=device, seed=seed, verbose=False)
         if attacks:
@@ -71,7 +71,7 @@ def _build(name: str, model: nn.Module, *, attacks: list[str] | None, device: to
         return aa
     from pyautoattack import AutoAttack as _AA
 
-    return _AA(model, attacks=attacks, device=device, eps=eps, norm=norm, seed=seed, version=version)  # type: ignore[arg-type]  # norm/version are checked strings
+    return _AA(model, attacks=attacks, device=device, eps=eps, norm=norm, seed=seed, version=version)  # norm/version are checked strings
 
 
 class _UnitBox(nn.Module):
@@ -132,13 +132,13 @@ class AutoAttack(Attack):
         aa = _build(self.backend, _UnitBox(model, threat.lo, scale), attacks=self.attacks, device=device,
                     eps=threat.eps / scale, norm=_AA_NORMS[threat.norm], seed=self.seed, version=self.version)
         # None keeps the package's settings for the version (e.g. 100 iterations, 1 restart in "standard")
-        for sub in (aa.apgd, aa.apgd_targeted, aa.fab, aa.square):  # type: ignore[attr-defined]
-            if self.n_iter is not None and sub is not aa.square:  # type: ignore[attr-defined]
+        for sub in (aa.apgd, aa.apgd_targeted, aa.fab, aa.square):
+            if self.n_iter is not None and sub is not aa.square:
                 sub.n_iter = self.n_iter
             if self.n_restarts is not None:
                 sub.n_restarts = self.n_restarts
         if self.n_queries is not None:
-            aa.square.n_queries = self.n_queries  # type: ignore[attr-defined]
+            aa.square.n_queries = self.n_queries
         self._cached = (key, aa)
         self.built += 1
         return aa
@@ -155,7 +155,7 @@ class AutoAttack(Attack):
             logger.setLevel(logging.WARNING)
         try:
             u_adv = aa.run_standard_evaluation(u, y, bs=x.shape[0]) if self.backend == "autoattack" \
-                else aa.run_standard_evaluation(u, y, batch_size=x.shape[0])[0]  # type: ignore[attr-defined]
+                else aa.run_standard_evaluation(u, y, batch_size=x.shape[0])[0]
         finally:
             logger.setLevel(level)
         return u_adv if (threat.lo == 0.0 and scale == 1.0) else threat.lo + scale * u_adv

@@ -67,7 +67,7 @@ def settings_from_args(args: argparse.Namespace, **extra: object) -> EvalSetting
     if args.n_test is not None and args.n_test < 1:
         raise ValueError(f"--n-test must be ≥ 1, got {args.n_test}")
     return EvalSettings(norm=canonical_norm(args.norm), eps=eps, pgd_steps=args.steps, n_test=args.n_test,
-                        batch_size=args.batch_size, labels=args.labels, seed=args.seed, **extra)  # type: ignore[arg-type]
+                        batch_size=args.batch_size, labels=args.labels, seed=args.seed, **extra)  # type: ignore[arg-type]  # extra holds EvalSettings fields by name
 
 
 def load_runs(args: argparse.Namespace) -> list[LoadedRun | ExternalModel]:

@@ -64,19 +64,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe(settings, data: str) -> str:  # type: ignore[no-untyped-def]
+def describe(settings, data: str) -> str:
     grid = settings.grid(data)
     return (f"{settings.norm} threat, ε grid {', '.join(f'{e:.4g}' for e in grid)} (input units), "
             f"PGD-{settings.pgd_steps} with random start, {settings.labels} labels, "
             f"{'all' if settings.n_test is None else f'first {settings.n_test}'} test points of {data}")
 
 
-def aa_columns(results: list) -> list[float]:  # type: ignore[type-arg]
+def aa_columns(results: list) -> list[float]:
     """The AutoAttack radii of the evaluation (the same for every run)."""
     return [a["eps"] for a in (results[0].autoattack or [])]
 
 
-def eval_table(results: list) -> tuple[list[str], list[list[str]], list[str], list[list[object]]]:  # type: ignore[type-arg]
+def eval_table(results: list) -> tuple[list[str], list[list[str]], list[str], list[list[object]]]:
     """(Markdown header, Markdown rows, CSV header, CSV rows): every accuracy with its 95 % interval."""
     attacks = list(results[0].curves)
     aa_eps = aa_columns(results)
@@ -106,11 +106,11 @@ def eval_table(results: list) -> tuple[list[str], list[list[str]], list[str], li
     return header, rows, csv_header, csv_rows
 
 
-def _triple(iv) -> tuple[float | None, float | None, float | None]:  # type: ignore[no-untyped-def]
+def _triple(iv) -> tuple[float | None, float | None, float | None]:
     return (iv.value, iv.lo, iv.hi) if iv is not None else (None, None, None)
 
 
-def write_eval_report(out, results: list, *, data: str, settings_desc: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+def write_eval_report(out, results: list, *, data: str, settings_desc: str) -> None:
     header, rows, csv_header, csv_rows = eval_table(results)
     table = markdown_table(header, rows)
     print(table)

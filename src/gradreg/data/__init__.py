@@ -43,7 +43,7 @@ def load(name: str, **params: object) -> DataBundle:
     return DATASETS.make(name, **params)
 
 
-def aux_labels(task: str, y):  # type: ignore[no-untyped-def]
+def aux_labels(task: str, y):
     """Auxiliary labels for the multi-task DataGrad variant. ``parity`` (our choice, SPEC §1):
     whether the digit is odd — meaningful for digit data sets only."""
     if task == "parity":

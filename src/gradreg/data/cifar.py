@@ -47,7 +47,7 @@ def _numpy_reconstruct() -> Any:
     try:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # pragma: no cover - numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]  # numpy < 2 names the module numpy.core
     return _reconstruct
 
 

@@ -184,8 +184,9 @@ def load_standard(name: str, *, data_dir: str | None, download: bool,
     if missing:
         raise MissingDataError(missing_files_message(
             dataset=name, directory=directory, expected=[f"{s}[.gz]" for s in STANDARD_STEMS], missing=missing))
-    train = read_images_labels(paths[STANDARD_STEMS[0]], paths[STANDARD_STEMS[1]])  # type: ignore[arg-type]
-    test = read_images_labels(paths[STANDARD_STEMS[2]], paths[STANDARD_STEMS[3]])  # type: ignore[arg-type]
+    found = [path for path in paths.values() if path is not None]  # all four, in STANDARD_STEMS order
+    train = read_images_labels(found[0], found[1])
+    test = read_images_labels(found[2], found[3])
     return _bundle(name, train, test, classes)
 
 

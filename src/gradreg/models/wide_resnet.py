@@ -17,6 +17,8 @@ with (see :func:`gradreg.loading.load_state`).
 """
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 
 import torch
@@ -189,15 +191,15 @@ def wrn(*, depth: int = 28, widen_factor: int = 10, in_shape: tuple[int, int, in
 
 
 @MODELS.register("wrn-28-10")
-def wrn_28_10(**params: object) -> WideResNet:
+def wrn_28_10(**params: Any) -> WideResNet:
     """WideResNet-28-10 (depth/widen_factor overridable), RobustBench-compatible weights."""
-    return WideResNet(**{"depth": 28, "widen_factor": 10, **params})  # type: ignore[arg-type]  # keywords checked by WideResNet
+    return WideResNet(**{"depth": 28, "widen_factor": 10, **params})
 
 
 @MODELS.register("wrn-34-10")
-def wrn_34_10(**params: object) -> WideResNet:
+def wrn_34_10(**params: Any) -> WideResNet:
     """WideResNet-34-10 (TRADES/Madry CIFAR model), RobustBench-compatible weights."""
-    return WideResNet(**{"depth": 34, "widen_factor": 10, **params})  # type: ignore[arg-type]  # keywords checked by WideResNet
+    return WideResNet(**{"depth": 34, "widen_factor": 10, **params})
 
 
 @MODELS.register("preact-resnet18")
