@@ -78,7 +78,15 @@ def test_opnorm_warm_start_buffer_is_complete_under_two_ranks(tmp_path: Path) ->
     g2, _ = checkpoint.load(tmp_path / "two" / checkpoint.CURRENT)
     v1, v2 = g1["objective"]["penalties.opnorm.u_buf"], g2["objective"]["penalties.opnorm.u_buf"]
     assert v1.shape == v2.shape
-    assert float((v1 - v2).abs().max()) < 1e-3
+    # A row that never reached rank 0 would still hold its cold start, a random unit vector (cosine
+    # near 0). A row that did reach it agrees in direction; its digits need not agree: the 2-rank
+    # run sums in another order, and the warm start carries that difference from step to step,
+    # most where the top two singular values of J(x) nearly tie (on this 2-core machine 174 of the
+    # 1,437 rows differ by more than 1e-3, the largest by 0.13; every cosine is at least 0.97).
+    cos = torch.nn.functional.cosine_similarity(v1.flatten(1), v2.flatten(1), dim=1)
+    assert float(cos.min()) > 0.9
+    close = (v1 - v2).flatten(1).abs().amax(dim=1) < 1e-3
+    assert float(close.float().mean()) > 0.75
 
 
 @pytest.mark.slow
