@@ -1,6 +1,8 @@
 """Shared fixtures: small trained models on the embedded digits data set."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -47,3 +49,15 @@ def digits_mlp(digits: data.DataBundle) -> torch.nn.Module:
     model = models.make("mlp", in_shape=digits.in_shape, num_classes=10, hidden=(64,), mean=digits.mean,
                         std=digits.std)
     return _fit(model, digits, epochs=20, seed=0)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory of a 1-epoch MLP on digits, for tests of the commands that read runs."""
+    from gradreg.config import TrainConfig
+    from gradreg.train import train
+
+    out = tmp_path_factory.mktemp("run") / "r"
+    train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(out),
+                      model_params={"hidden": [16]}), log=lambda s: None)
+    return out

@@ -11,15 +11,6 @@ import torch
 from gradreg.cli import build_parser, main
 from gradreg.commands.train import config_from_args
 from gradreg.config import TrainConfig
-from gradreg.train import train
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(out),
-                      model_params={"hidden": [16]}), log=lambda s: None)
-    return out
 
 
 def test_eval_and_attack_share_flags_and_defaults() -> None:

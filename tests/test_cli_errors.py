@@ -7,17 +7,7 @@ import pytest
 import torch
 
 from gradreg.cli import main
-from gradreg.config import TrainConfig
 from gradreg.data import DataBundle
-from gradreg.train import train
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "r"
-    train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(out),
-                      model_params={"hidden": [16]}), log=lambda s: None)
-    return out
 
 
 CASES = [
