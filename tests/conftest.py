@@ -55,7 +55,7 @@ def digits_mlp(digits: data.DataBundle) -> torch.nn.Module:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run directory of a 1-epoch MLP on digits, for tests of the commands that read runs."""
     from gradreg.config import TrainConfig
-    from gradreg.train import train
+    from gradreg.trainer import train
 
     out = tmp_path_factory.mktemp("run") / "r"
     train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(out),

@@ -74,7 +74,7 @@ def test_analyze_cli_writes_the_norms(tmp_path: Path) -> None:
 
     from gradreg.cli import main
     from gradreg.config import TrainConfig
-    from gradreg.train import train
+    from gradreg.trainer import train
 
     train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(tmp_path / "run")), log=lambda s: None)
     assert main(["analyze", str(tmp_path / "run"), "--out", str(tmp_path / "an"), "--n-test", "20", "--steps", "2",

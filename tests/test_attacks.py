@@ -1,4 +1,4 @@
-"""Attacks and the evaluation harness.
+"""Attacks and the judge (gradreg.judge).
 
 One table (``FAST``) holds a fast configuration of every registered attack; the invariant tests
 iterate over the registry, so registering an attack without adding a row fails. References are
@@ -19,8 +19,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradreg import ThreatModel, evaluate
-from gradreg.attacks import ATTACKS, Attack, make, predict
+from gradreg import ThreatModel, judge
+from gradreg.attacks import ATTACKS, Attack, make
+from gradreg.inference import accuracy, predict
 from gradreg.attacks.gradient import random_targets
 from gradreg.attacks.lrc import lrc_noise
 from gradreg.registry import UnknownNameError
@@ -235,7 +236,7 @@ def test_deepfool_rho_matches_art(art_classifier, digits_cw, batch) -> None:  # 
     ref = torch.from_numpy(DeepFool(art_classifier, max_iter=50, epsilon=0.02, nb_grads=10, batch_size=len(x),
                                     verbose=False).generate(x.numpy()))
     rho_ref = float(((ref - x).flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).mean())
-    rho = evaluate.deepfool_rho(digits_cw, x, y, bounds=(0.0, 1.0))
+    rho = judge.deepfool_rho(digits_cw, x, y, bounds=(0.0, 1.0))
     assert rho == pytest.approx(rho_ref, rel=0.05)
 
 
@@ -253,7 +254,7 @@ def test_deepfool_reaches_the_boundary(norm, digits_cw, batch) -> None:  # type:
 
 
 # ---------------------------------------------------------------------------------------------
-# multi-ε curves and the harness
+# multi-ε curves and the judge
 # ---------------------------------------------------------------------------------------------
 DETERMINISTIC = [("fgsm", {}, "linf", [0.1, 0.0, 0.05, 0.2]),
                  ("fgm", {}, "l2", [0.5, 0.0, 1.5]),
@@ -277,17 +278,17 @@ def test_success_curve_equals_separate_runs(name, params, norm, eps_list, digits
     for k, e in sorted(enumerate(eps_list), key=lambda t: t[1]):
         expected_any = expected_any | separate[e]
         assert torch.equal(curve[k], expected_any), (name, e)
-    # and the harness, judging by itself, agrees
-    accs = evaluate.robust_accuracy(digits_cw, x, y, attack, threat, eps_list, batch_size=50, progress=False)
+    # and the judge, judging by itself, agrees
+    accs = judge.robust_accuracy(digits_cw, x, y, attack, threat, eps_list, batch_size=50, progress=False)
     for k, _ in enumerate(eps_list):
         assert accs[k] == pytest.approx(1.0 - int(curve[k].sum()) / len(y), abs=1e-12)
 
 
-def test_harness_eps_zero_is_clean_accuracy(digits_cw, digits) -> None:  # type: ignore[no-untyped-def]
+def test_judge_eps_zero_is_clean_accuracy(digits_cw, digits) -> None:  # type: ignore[no-untyped-def]
     x, y = digits.test_x, digits.test_y
-    clean = evaluate.clean_accuracy(digits_cw, x, y, batch_size=100, progress=False)
-    report = evaluate.evaluate_attack(digits_cw, x, y, make("fgsm"), ThreatModel("linf", 0.0, (0.0, 1.0)),
-                                      [0, "1/255", 0.1], batch_size=100, progress=False)
+    clean = accuracy(digits_cw, x, y, batch_size=100)
+    report = judge.evaluate_attack(digits_cw, x, y, make("fgsm"), ThreatModel("linf", 0.0, (0.0, 1.0)),
+                                   [0, "1/255", 0.1], batch_size=100, progress=False)
     assert report.robust_accuracy[0] == clean == report.clean_accuracy
     assert report.robust_accuracy[2] <= report.robust_accuracy[1] <= clean
     assert report.robust.shape == (3, len(y))
@@ -307,19 +308,19 @@ class _Cheat(Attack):
         return threat.clip(x + 2 * threat.eps * torch.ones_like(x))
 
 
-def test_harness_never_trusts_an_attack(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
+def test_judge_never_trusts_an_attack(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
     x, y = batch
     threat = ThreatModel("linf", 0.2, (0.0, 1.0))
-    with pytest.raises(evaluate.AttackViolation, match="outside"):
-        evaluate.robust_accuracy(digits_cw, x, y, _Cheat("far"), threat, [0.2], progress=False)
-    with pytest.raises(evaluate.AttackViolation):
-        evaluate.robust_accuracy(digits_cw, x, y, _Cheat("nan"), threat, [0.2], progress=False)
+    with pytest.raises(judge.AttackViolation, match="outside"):
+        judge.robust_accuracy(digits_cw, x, y, _Cheat("far"), threat, [0.2], progress=False)
+    with pytest.raises(judge.AttackViolation):
+        judge.robust_accuracy(digits_cw, x, y, _Cheat("nan"), threat, [0.2], progress=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        acc = evaluate.robust_accuracy(digits_cw, x, y, _Cheat("far"), threat, [0.2], on_violation="warn",
+        acc = judge.robust_accuracy(digits_cw, x, y, _Cheat("far"), threat, [0.2], on_violation="warn",
                                        progress=False)
     assert any("outside" in str(w.message) for w in caught)
-    # judged on the re-projected points, by the harness itself
+    # judged on the re-projected points, by the judge itself
     fixed = threat.project(x, (x + 0.4).clamp(0, 1))
     with torch.no_grad():
         ok = (digits_cw(x).argmax(1) == y) & (digits_cw(fixed).argmax(1) == y)
@@ -341,16 +342,16 @@ class _Spy(Attack):
         return torch.ones(len(eps_list), len(y), dtype=torch.bool)
 
 
-def test_harness_labels_flag_and_judging(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
+def test_judge_labels_flag_and_judging(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
     x, y = batch
     wrong = (y + 1) % 10  # every label wrong: only predicted labels make sense now
     spy = _Spy()
-    acc = evaluate.robust_accuracy(digits_cw, x, wrong, spy, ThreatModel("linf", 0.1, (0, 1)), [0.1],
+    acc = judge.robust_accuracy(digits_cw, x, wrong, spy, ThreatModel("linf", 0.1, (0, 1)), [0.1],
                                    labels="predicted", progress=False)
     with torch.no_grad():
         pred = digits_cw(x).argmax(1)
     assert torch.equal(torch.cat(spy.got), pred)
-    assert acc == [int((pred == wrong).sum()) / len(y)]  # the harness ignores the spy's claims
+    assert acc == [int((pred == wrong).sum()) / len(y)]  # the judge ignores the spy's claims
 
 
 def test_labels_predicted_equals_attacking_the_predictions(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
@@ -365,11 +366,11 @@ def test_labels_predicted_equals_attacking_the_predictions(digits_cw, batch) -> 
         make("pgd", labels="leaky")
 
 
-def test_harness_is_independent_of_batch_size(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
+def test_judge_is_independent_of_batch_size(digits_cw, batch) -> None:  # type: ignore[no-untyped-def]
     x, y = batch
     threat = ThreatModel("linf", 0.0, (0.0, 1.0))
-    a = evaluate.robust_accuracy(digits_cw, x, y, make("fgsm"), threat, [0.05, 0.1], batch_size=7, progress=False)
-    b = evaluate.robust_accuracy(digits_cw, x, y, make("fgsm"), threat, [0.05, 0.1], batch_size=1000,
+    a = judge.robust_accuracy(digits_cw, x, y, make("fgsm"), threat, [0.05, 0.1], batch_size=7, progress=False)
+    b = judge.robust_accuracy(digits_cw, x, y, make("fgsm"), threat, [0.05, 0.1], batch_size=1000,
                                  progress=False)
     assert a == b
 
@@ -377,7 +378,7 @@ def test_harness_is_independent_of_batch_size(digits_cw, batch) -> None:  # type
 def test_transfer_from_a_source_model(digits_cw, digits_mlp, batch) -> None:  # type: ignore[no-untyped-def]
     x, y = batch
     threat = ThreatModel("linf", 0.0, (0.0, 1.0))
-    transfer = evaluate.robust_accuracy(digits_cw, x, y, make("fgsm"), threat, [0.2], source_model=digits_mlp,
+    transfer = judge.robust_accuracy(digits_cw, x, y, make("fgsm"), threat, [0.2], source_model=digits_mlp,
                                         progress=False)
     x_adv = make("fgsm")(digits_mlp, x, y, threat.with_eps(0.2))
     with torch.no_grad():

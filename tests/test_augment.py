@@ -12,7 +12,7 @@ from gradreg import models
 from gradreg.config import ConfigError, TrainConfig
 from gradreg.data.augment import attach_standardization, augment, pad_value_for, standardize_per_image
 from gradreg.runs import load_run
-from gradreg.train import train
+from gradreg.trainer import train
 
 
 def test_mid_padding_fills_the_crop_border_with_the_bounds_middle() -> None:

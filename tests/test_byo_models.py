@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from byo_nets import small_bn_net
 from gradreg import attacks, data, loading, models
 from gradreg.cli import main
-from gradreg.evaluate import evaluate_attack
+from gradreg.judge import evaluate_attack
 from gradreg.threat import ThreatModel
 
 N = 60
@@ -209,7 +209,7 @@ def test_robustbench_package_path() -> None:
 def test_other_commands_take_model(command: list[str], trained: tuple[torch.nn.Module, Path], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     from gradreg.config import TrainConfig
-    from gradreg.train import train
+    from gradreg.trainer import train
 
     run = tmp_path / "run"
     if "{run}" in command:

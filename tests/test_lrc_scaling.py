@@ -17,7 +17,7 @@ from gradreg.attacks.lrc import (
     lrc_transform,
     mean_marginal_variance,
 )
-from gradreg.harness import (
+from gradreg.protocols import (
     EvalSettings,
     lrc_covariance_curve,
     lrc_curves,
@@ -78,7 +78,7 @@ def test_factor_replaces_sigma_lrc() -> None:
     assert "factor=(16, 16)" in repr(attack)  # the matrix itself is not printed
 
 
-def test_harness_lrc_columns_at_zero_strength_are_clean(digits_cw, digits) -> None:  # type: ignore[no-untyped-def]
+def test_protocol_lrc_columns_at_zero_strength_are_clean(digits_cw, digits) -> None:  # type: ignore[no-untyped-def]
     settings = EvalSettings(n_test=60)
     factor = lrc_data_factor(digits)
     curve = lrc_covariance_curve(digits_cw, digits, factor=factor, eps=[0.0, 0.3, 1.0], samples=5, settings=settings)

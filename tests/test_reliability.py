@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from gradreg import checkpoint
 from gradreg.config import ConfigError, TrainConfig, apply_overrides
-from gradreg.train import NonFiniteError, Trainer, load_weights, train
+from gradreg.trainer import NonFiniteError, Trainer, load_weights, train
 from gradreg.models import make as make_model
 
 SLOW_RUN = ["train", "--data", "digits", "--model", "cw", "--epochs", "2", "--batch-size", "16",

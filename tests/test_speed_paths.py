@@ -12,7 +12,7 @@ import torch
 from gradreg.config import ConfigError, TrainConfig
 from gradreg.penalties.base import CleanPass
 from gradreg.models import make as make_model
-from gradreg.train import Trainer
+from gradreg.trainer import Trainer
 
 
 def _trainer(tmp_path: Path, **kw: object) -> Trainer:

@@ -17,7 +17,7 @@ from gradreg.config import ConfigError, TrainConfig
 from gradreg.data.validation import carve_validation
 from gradreg.sweep import (SweepRow, SweepSpec, config_overrides, pick_best_pgd, pick_within_clean,
                            sweep_points)
-from gradreg.train import train
+from gradreg.trainer import train
 
 
 def _row(lam: float, clean: float | None, pgd: float | None, status: str = "done") -> SweepRow:

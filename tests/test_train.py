@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from gradreg import checkpoint
 from gradreg.config import ConfigError, TrainConfig, apply_overrides, parse_set
 from gradreg.runs import load_run
-from gradreg.train import Trainer, TrainingInterrupted, learning_rate, train
+from gradreg.trainer import Trainer, TrainingInterrupted, learning_rate, train
 
 
 def _cfg(tmp_path: Path, name: str, **kw: object) -> TrainConfig:

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from .data import DataBundle
-from .harness import EvalSettings, craft, test_subset
 from .modes import run_mode
 from .penalties.sgr import covfun_second_moment
+from .protocols import EvalSettings, craft, test_subset
+from .report import markdown_table
 from .threat import ThreatModel
 
 
@@ -122,11 +123,9 @@ def norm_stats(values: dict[str, torch.Tensor]) -> list[NormStats]:
 
 def norms_markdown(per_method: dict[str, dict[str, torch.Tensor]]) -> str:
     """One row per (method, quantity): median [q1, q3]."""
-    lines = ["| method | quantity | median | q1 | q3 | n |", "|---|---|---|---|---|---|"]
-    for method, values in per_method.items():
-        for s in norm_stats(values):
-            lines.append(f"| {method} | {s.quantity} | {s.median:.4g} | {s.q1:.4g} | {s.q3:.4g} | {s.n} |")
-    return "\n".join(lines) + "\n"
+    rows = [[method, s.quantity, f"{s.median:.4g}", f"{s.q1:.4g}", f"{s.q3:.4g}", str(s.n)]
+            for method, values in per_method.items() for s in norm_stats(values)]
+    return markdown_table(["method", "quantity", "median", "q1", "q3", "n"], rows) + "\n"
 
 
 def plot_norm_distributions(per_method: dict[str, dict[str, torch.Tensor]], path: str, *, title: str = "") -> None:

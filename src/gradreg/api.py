@@ -1,9 +1,7 @@
-"""The documented Python surface behind ``gradreg.evaluate(...)`` and ``gradreg.train(...)``.
+"""The documented Python surface: ``gradreg.evaluate(...)`` and ``gradreg.train(...)``.
 
-``gradreg.evaluate`` and ``gradreg.train`` are also the names of modules (the harness, the
-training loop); the package makes those two modules callable, so both
-``gradreg.evaluate(model, x, y, threat)`` and ``from gradreg.evaluate import clean_accuracy``
-work (our choice: no renaming of existing modules).
+Both are thin: :func:`evaluate` builds attacks and lets :mod:`gradreg.judge` score them;
+:func:`train` fills a :class:`gradreg.config.TrainConfig` and runs :mod:`gradreg.trainer`.
 """
 from __future__ import annotations
 
@@ -62,24 +60,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatM
     ``threat`` gives the norm, the bounds and (unless ``eps`` lists several radii) the radius.
     ``attacks``: registered names (``"pgd"``, ``"fgsm"``, ``"autoattack"``, …; PGD-like ones
     get ``steps`` and ``seed``) or attack objects from :func:`gradreg.attacks.make`. Every
-    adversarial example is re-checked and re-judged by :func:`gradreg.evaluate.evaluate_attack`.
+    adversarial example is re-checked and re-judged by :func:`gradreg.judge.evaluate_attack`.
     ``labels="predicted"`` attacks the model's own prediction (no label leaking).
     """
     from . import attacks as attack_registry
-    from .attacks.base import predict
-    from .evaluate import evaluate_attack, model_device
-    from .modes import run_mode
+    from .judge import clean_correct, evaluate_attack
 
     if x.dim() < 2 or len(x) != len(y):
         raise ValueError(f"x must be (N, ...) with one label per row; got x {tuple(x.shape)}, y {tuple(y.shape)}")
     eps_values = [parse_eps(e) for e in eps] if eps is not None else [threat.eps]
     for e in eps_values:
         check_eps_fits(e, threat.norm, threat.bounds, x[0].numel())
-    dev = torch.device(device) if device is not None else model_device(model)
-    clean = torch.zeros(len(y), dtype=torch.bool)
-    with run_mode(model, "eval"), torch.no_grad():
-        for i in range(0, len(y), batch_size):
-            clean[i:i + batch_size] = (predict(model, x[i:i + batch_size].to(dev)) == y[i:i + batch_size].to(dev)).cpu()
+    clean = clean_correct(model, x, y, batch_size=batch_size, progress=progress, device=device)
     result = EvaluationResult(n=len(y), eps=eps_values, clean=proportion(clean), clean_correct=clean)
     for spec in attacks:
         if isinstance(spec, str):
@@ -92,7 +84,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatM
         else:
             attack = spec
         report = evaluate_attack(model, x, y, attack, threat, eps_values, batch_size=batch_size, labels=labels,
-                                 progress=progress, device=dev)
+                                 progress=progress, device=device)
         result.robust[attack.name] = [proportion(row) for row in report.robust]
         result.outcomes[attack.name] = report.robust
     return result
@@ -109,7 +101,7 @@ def train(config: Any = None, *, resume: bool = False, log: Any = None, **fields
     from .config import TrainConfig, apply_overrides
     from .data import train_defaults
     from .runs import load_run
-    from .train import train as run_training
+    from .trainer import train as run_training
 
     if config is None:
         config = TrainConfig()

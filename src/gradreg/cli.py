@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from . import distributed
-    from .train import NonFiniteError, TrainingInterrupted
+    from .trainer import NonFiniteError, TrainingInterrupted
 
     try:
         code = int(args._run(args) or 0)

@@ -34,7 +34,7 @@ from .data import DataBundle
 from .data import load as load_data
 from . import stats
 from .cost import StepCost, interleaved_costs, training_step
-from .harness import (
+from .protocols import (
     EvalSettings,
     ModelEval,
     evaluate_model,
@@ -49,7 +49,7 @@ from .harness import (
 from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
 from .stats import Interval, compare, from_count, mean_score, over_seeds
-from .train import train
+from .trainer import train
 
 # a column name → which attack's grid average it shows (transfer columns are "←ROW")
 # T-PGD: the multi-target reading, the one that puts the SGR paper's T-PGD below its PGD (see
@@ -314,7 +314,7 @@ def step_costs(exp: experiments.Experiment, chosen: list[experiments.Row], budge
                clock: Callable[[], float] = time.perf_counter) -> dict[str, StepCost]:
     """Every row's training step interleaved with the others' in this process, relative to the
     clean row's (:mod:`gradreg.cost`); one fixed training batch of the budget's size."""
-    from .train import build_model, build_objective
+    from .trainer import build_model, build_objective
 
     steps = {}
     bundle = None

@@ -13,22 +13,7 @@ from torch import nn
 
 from . import data, models
 from .data.augment import attach_standardization
-from .train import resolve_device
-
-
-def device_for(name: str) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked (one-line error for a missing GPU)."""
-    if name.startswith("cuda:"):
-        try:
-            index = int(name.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r} requested but {torch.cuda.device_count()} CUDA device(s) are available")
-        return torch.device(name)
-    if name not in ("auto", "cpu", "cuda", "mps"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return resolve_device(name)
+from .devices import resolve_device
 
 
 class NotARunError(ValueError):
@@ -78,7 +63,7 @@ def load_run(run_dir: str | Path, *, device: str = "auto") -> LoadedRun:
         raise NotARunError(f"{weights} cannot be read ({err})") from None
     model.load_state_dict(state)
     attach_standardization(model, config.get("config", {}).get("standardize", "none"))  # part of the model
-    dev = device_for(device)
+    dev = resolve_device(device)
     model.to(dev).eval()
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
@@ -175,7 +160,7 @@ def external_model(spec: str, *, params: dict[str, Any] | None = None, weights: 
             raise LoadError(f"--model {spec} needs --weights FILE (.safetensors, .pt or .pth)")
         load_state(model, read_state_dict(weights), source=f"weights in {weights}")
         name = Path(weights).stem
-    dev = device_for(device)
+    dev = resolve_device(device)
     model.to(dev).eval()
     return ExternalModel(name=name, model=model, data_spec=data_spec, device=dev, input_shape=input_shape,
                          bounds=bounds, num_classes=num_classes, path=Path(weights) if weights else None)

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainConfig, apply_overrides
+from .report import markdown_table
 
 DEFAULT_VALIDATION_FRACTION = 0.2  # our choice when the base configuration sets none
 # configuration fields that say where or how a run executes, not what it computes: left out of
@@ -319,14 +320,15 @@ def to_markdown(result: SweepResult) -> str:
              f"Rule `{result.rule}`: {result.reason}.", "",
              f"Chosen: **λ = {result.chosen.lam:g}**" + (f", ε = {result.chosen.eps:g}" if result.chosen.eps is not None else "")
              if result.chosen else "Chosen: none.", "",
-             "| run | λ | ε | status | clean val. acc. | PGD val. acc. | train s |",
-             "|---|---|---|---|---|---|---|"]
+             ]
+    rows = []
     for r in [result.reference, *result.rows]:
         mark = " ←" if r is result.chosen else ""
         lam = "clean" if r.role == "reference" else f"{r.lam:g}"
-        lines.append(f"| {r.name}{mark} | {lam} | {'—' if r.eps is None else f'{r.eps:g}'} | "
-                     f"{r.status}{' (' + r.note + ')' if r.note else ''} | {_fmt(r.clean_accuracy)} | "
-                     f"{_fmt(r.pgd_accuracy)} | {_fmt(r.train_seconds, 1)} |")
+        rows.append([f"{r.name}{mark}", lam, "—" if r.eps is None else f"{r.eps:g}",
+                     f"{r.status}{' (' + r.note + ')' if r.note else ''}", _fmt(r.clean_accuracy),
+                     _fmt(r.pgd_accuracy), _fmt(r.train_seconds, 1)])
+    lines.append(markdown_table(["run", "λ", "ε", "status", "clean val. acc.", "PGD val. acc.", "train s"], rows))
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,4 @@
-"""The training loop's I/O, beside the loop (:mod:`gradreg.train`): the device, weights from
-files, run metadata, the CSV log, the progress bar and the signal guard."""
+"""The training loop's I/O, beside the loop (:mod:`gradreg.trainer`): weights from files, run metadata, the CSV log, the progress bar and the signal guard."""
 from __future__ import annotations
 
 import csv
@@ -18,15 +17,6 @@ from torch import nn
 from . import __version__, distributed
 
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: this rank's CUDA device when there is one, else the CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA device is available")
-    if name in ("auto", "cuda"):
-        return distributed.local_device() if name == "cuda" or torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
 
 
 def git_commit() -> str | None:

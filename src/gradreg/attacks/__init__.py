@@ -8,7 +8,7 @@ Families, one module each: :mod:`.gradient` (fgsm, fgm, pgd, tpgd), :mod:`.deepf
 from __future__ import annotations
 
 from ..registry import Registry
-from .base import Attack, predict
+from .base import Attack
 from .pgd_core import ce_loss, input_gradient, pgd
 
 ATTACKS: Registry[Attack] = Registry("attack", entry_point_group="gradreg.attacks")
@@ -21,4 +21,4 @@ def make(name: str, **params: object) -> Attack:
     return ATTACKS.make(name, **params)
 
 
-__all__ = ["ATTACKS", "Attack", "make", "predict", "pgd", "ce_loss", "input_gradient"]
+__all__ = ["ATTACKS", "Attack", "make", "pgd", "ce_loss", "input_gradient"]

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..inference import predict
 from ..modes import BN_POLICIES, BNPolicy, run_mode
 from ..threat import ThreatModel, parse_eps
 
@@ -36,22 +37,14 @@ Labels = Literal["true", "predicted"]
 LABELS: tuple[str, ...] = ("true", "predicted")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
-    """Predicted classes ``(N,)`` under the model's *current* mode (callers choose the mode)."""
-    if batch_size is None or x.shape[0] <= batch_size:
-        return model(x).argmax(dim=1)
-    return torch.cat([model(x[i:i + batch_size]).argmax(dim=1) for i in range(0, x.shape[0], batch_size)])
-
-
 class Attack:
     """Base class: subclasses implement :meth:`_perturb` (model already in the policy's mode).
 
-    Class attributes describe the family to the harness and the test table:
+    Class attributes describe the family to the judge and the test table:
 
     - ``deterministic``: the same inputs always give the same output (no random draws);
     - ``eps_is_radius``: ε is the radius of the threat ball (False for the LRC noise, whose ε is
-      a noise strength; the harness then checks the bounds only).
+      a noise strength; the judge then checks the bounds only).
     """
 
     deterministic: bool = True
@@ -86,7 +79,7 @@ class Attack:
         labels) at a smaller ε — or clean — are carried over unchanged to the larger ones, so only
         the still-robust inputs are attacked again. ``carry_over=False`` attacks every input
         afresh at every ε (for transfer attacks, where the attacked model is not the judged one,
-        and for the harness's raw per-ε curve, which its gradient-masking check needs); the
+        and for the judge's raw per-ε curve, which its gradient-masking check needs); the
         0-ball of a radius attack is then answered with ``x`` itself, without running the attack.
         """
         self.check_threat(threat)
@@ -128,8 +121,8 @@ class Attack:
                       eps_list: Sequence[float]) -> torch.Tensor:
         """Per-ε success ``(K, N)`` bool: the attack's output at ε is misclassified.
 
-        Judged against the true labels ``y`` with the model in eval mode. (The evaluation harness,
-        :mod:`gradreg.evaluate`, does not trust this: it re-checks and re-judges every point.)
+        Judged against the true labels ``y`` with the model in eval mode. (The judge,
+        :mod:`gradreg.judge`, does not trust this: it re-checks and re-judges every point.)
         """
         x_advs = self.perturb_multi(model, x, y, threat, eps_list)  # (K, N, ...)
         y = y.to(x.device)

@@ -19,7 +19,7 @@ sample's gradient at once, since samples do not interact in eval mode. Inputs th
 misclassified are dropped from the working set; there is no per-sample Python loop.
 
 DeepFool's robustness measure (used by the SGR paper) is ρ = mean ‖r‖₂/‖x‖₂, see
-:func:`gradreg.evaluate.deepfool_rho`.
+:func:`gradreg.judge.deepfool_rho`.
 
 Example::
 
@@ -42,7 +42,8 @@ from torch import nn
 from ..modes import BNPolicy, run_mode
 from ..threat import ThreatModel, flat_norm, parse_eps
 from . import ATTACKS
-from .base import Attack, Labels, predict
+from ..inference import predict
+from .base import Attack, Labels
 
 Jacobian = Literal["loop", "replicate", "vmap"]
 JACOBIANS: tuple[str, ...] = ("loop", "replicate", "vmap")

@@ -33,7 +33,8 @@ from torch import nn
 from ..modes import BNPolicy
 from ..threat import ThreatModel
 from . import ATTACKS
-from .base import Attack, Labels, predict
+from ..inference import predict
+from .base import Attack, Labels
 from .pgd_core import ce_loss, pgd
 
 

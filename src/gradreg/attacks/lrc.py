@@ -30,7 +30,7 @@ The data-covariance variants (for the paper's "LRC at ε = 0.3 with the data cov
 
 .. warning:: ε is a noise *strength* (the marginal standard deviation), not a radius: ‖δ‖ can
    exceed ε in every norm. The attack says so (``eps_is_radius = False``) and the evaluation
-   harness then checks the bounds only. ``project=True`` projects every copy onto the threat
+   judge then checks the bounds only. ``project=True`` projects every copy onto the threat
    ball instead (not the paper's attack; the covariance is then no longer Σ_LRC).
 
 Example::

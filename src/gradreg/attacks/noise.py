@@ -27,7 +27,8 @@ from torch import nn
 from ..modes import BNPolicy
 from ..threat import ThreatModel, flat_norm
 from . import ATTACKS
-from .base import Attack, Labels, predict
+from ..inference import predict
+from .base import Attack, Labels
 
 
 class NoiseAttack(Attack):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..analysis import perturbation_covariance, softmax_along_line
-from ..harness import test_subset
-from ..report import _pyplot, plot_curves, write_json
+from ..protocols import test_subset
+from ..report import _pyplot, markdown_table, plot_curves, write_json
 from ..threat import check_eps_fits, parse_eps
 from .common import add_eval_arguments, add_record, add_run_arguments, is_writer, load_runs, output_dir, settings_from_args
 
@@ -63,9 +63,11 @@ def run(args: argparse.Namespace) -> int:
     fig.savefig(out / "smoothness.png")
     plt.close(fig)
     decay = lambda d: f"{d:.2f} px" if d is not None else "does not fall to 1/e"  # noqa: E731
+    decay_table = markdown_table(["covariance function", "decay length (1/e)"],
+                                 [["PGD perturbations", decay(cov.perturbation_decay)],
+                                  ["data (centred)", decay(cov.data_decay)]])
     text = (f"# Perturbation analysis of {loaded.name}\n\nPGD-{settings.pgd_steps} ({settings.norm}, ε = {eps:.4g}) "
-            f"on {len(x)} test points.\n\n| covariance function | decay length (1/e) |\n|---|---|\n"
-            f"| PGD perturbations | {decay(cov.perturbation_decay)} |\n| data (centred) | {decay(cov.data_decay)} |\n\n"
+            f"on {len(x)} test points.\n\n{decay_table}\n\n"
             "![covariance](covariance.png)\n\n![smoothness](smoothness.png)\n")
     payload = {"run": loaded.name, **cov.__dict__}
     if args.norms:

@@ -6,7 +6,7 @@ Example::
 
 prints a table and, with ``--json``, writes
 ``{"clean_accuracy": a, "results": [{"attack": .., "norm": .., "eps": e, "accuracy": r}, ...]}``.
-The evaluation goes through :func:`gradreg.evaluate.evaluate_attack`, which re-checks and
+The evaluation goes through :func:`gradreg.judge.evaluate_attack`, which re-checks and
 re-judges every adversarial example.
 """
 from __future__ import annotations
@@ -103,8 +103,8 @@ def format_table(rows: list[dict[str, Any]], clean: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from .. import attacks
     from .. import distributed
-    from ..evaluate import clean_accuracy
-    from ..harness import EvalSettings, sharded_accuracy
+    from ..inference import accuracy
+    from ..judge import robust_accuracy
     from ..threat import ThreatModel, canonical_norm, check_eps_fits, parse_eps
 
     norm = canonical_norm(args.norm)
@@ -132,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
         check_eps_fits(e, norm, bundle.bounds, x[0].numel())
     threat = ThreatModel(norm, 0.0, bundle.bounds)
     # under torchrun every rank attacks its share of the batches and the results are gathered
-    accs = sharded_accuracy(loaded.model, x, y, attack, threat, eps_list, EvalSettings(batch_size=args.batch_size))
-    clean = clean_accuracy(loaded.model, x, y, batch_size=args.batch_size, progress=args.progress)
+    accs = robust_accuracy(loaded.model, x, y, attack, threat, eps_list, batch_size=args.batch_size,
+                           progress=args.progress)
+    clean = accuracy(loaded.model, x, y, batch_size=args.batch_size)
     rows = [{"attack": attack.name, "norm": norm, "eps": e, "accuracy": a} for e, a in zip(eps_list, accs)]
     if distributed.rank_world()[0] != 0:
         return 0

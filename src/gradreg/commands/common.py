@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import distributed
-from ..harness import EvalSettings, ModelEval
+from ..protocols import EvalSettings, ModelEval
 from ..loading import parse_params
 from .. import runs
 from ..runs import ExternalModel, LoadedRun, external_model, parse_bounds, parse_shape
@@ -118,7 +118,7 @@ def run_record(args: argparse.Namespace, *, n: int, seeds: list[int]) -> dict[st
     import torch
 
     from .. import __version__
-    from ..train import git_commit
+    from ..trainio import git_commit
 
     argv = getattr(args, "_argv", None)
     argv = list(argv) if argv is not None else sys.argv[1:]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..harness import evaluate_model, standard_eps
+from ..protocols import evaluate_model, standard_eps
 from ..report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, write_csv, write_json
 from ..stats import Interval
 from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \

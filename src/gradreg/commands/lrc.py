@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..harness import EvalSettings, lrc_curves, lrc_data_std
+from ..protocols import EvalSettings, lrc_curves, lrc_data_std
 from ..report import fmt, markdown_table, plot_curves, write_csv, write_json
 from ..threat import parse_eps
 from .common import add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir

@@ -7,7 +7,7 @@ import sys
 
 from .. import distributed
 from ..config import ConfigError, TrainConfig, apply_overrides, load_toml, parse_set
-from ..train import train
+from ..trainer import train
 
 HELP = "train a model with any method of the family"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..harness import transfer_matrix
+from ..protocols import transfer_matrix
 from ..report import fmt, markdown_table, plot_matrix, write_csv, write_json
 from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
     settings_from_args

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from gradreg.config import TrainConfig
-from gradreg.train import train
+from gradreg.trainer import train
 
 HERE = Path(__file__).resolve().parent
 # methods whose penalty state (or its absence) changed shape in the refactoring

@@ -1,11 +1,11 @@
-"""The evaluation harness for trained runs: white-box accuracy over an ε grid, transfer
-matrices, DeepFool ρ, LRC curves and gradient-masking checks.
+"""The evaluation protocols: white-box accuracy over an ε grid, AutoAttack beside PGD, transfer
+matrices, DeepFool ρ, LRC curves and gradient-masking checks, for a run or any model.
 
 Metric of the SGR paper (Roth et al. 2018, SPEC §3): accuracy *averaged over an ε grid*,
 ε ∈ [0, 32]/255 on MNIST-like data and [0, 8]/255 on CIFAR. The grid has 9 evenly spaced
 points including 0 **(our choice; the paper does not state its spacing)**. Attacks use the
 model's *predicted* labels (no label leaking) and are judged against the true labels by
-:mod:`gradreg.evaluate`, which never trusts an attack.
+:mod:`gradreg.judge`, which never trusts an attack; this module decides what to run.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from . import attacks, distributed, stats
 from .attacks.base import Attack
 from .attacks.lrc import covariance_factor, data_covariance, mean_marginal_variance
 from .data import DataBundle
-from .evaluate import clean_correct, deepfool_rho, evaluate_attack
+from .judge import clean_correct, deepfool_rho, evaluate_attack, robust_accuracy, sharded_outcomes
 from .stats import Interval
 from .threat import ThreatModel, check_eps_fits
 
@@ -197,43 +197,6 @@ def test_subset(bundle: DataBundle, n_test: int | None) -> tuple[torch.Tensor, t
     return bundle.test_x[:n], bundle.test_y[:n]
 
 
-def sharded_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
-                    eps: Sequence[float], settings: EvalSettings, *, source: nn.Module | None = None) -> list[float]:
-    """Robust accuracy per ε. Under torch.distributed rank r attacks batches r, r + world, …
-    and the per-input results are gathered: every batch sees the same inputs and random draws
-    as in a single process, so the numbers are the same."""
-    return sharded_curves(model, x, y, attack, threat, eps, settings, source=source)[0]
-
-
-def sharded_curves(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
-                   eps: Sequence[float], settings: EvalSettings, *, source: nn.Module | None = None,
-                   carry_over: bool | None = None) -> tuple[list[float], list[float]]:
-    """(robust accuracy per ε, raw accuracy per ε before it is made monotone), sharded as
-    :func:`sharded_accuracy`. With ``carry_over=False`` the raw curve attacks every ε afresh."""
-    robust, raw = sharded_flags(model, x, y, attack, threat, eps, settings, source=source, carry_over=carry_over)
-    if not len(y):
-        return [math.nan] * len(eps), [math.nan] * len(eps)
-    return robust.double().mean(dim=1).tolist(), raw.double().mean(dim=1).tolist()
-
-
-def sharded_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
-                  eps: Sequence[float], settings: EvalSettings, *, source: nn.Module | None = None,
-                  carry_over: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example outcomes (robust ``(K, N)``, raw ``(K, N)``) bool, sharded as
-    :func:`sharded_accuracy`."""
-    rank, world = distributed.rank_world()
-    bs = settings.batch_size
-    mine = torch.cat([torch.arange(i, min(i + bs, len(y))) for i in range(rank * bs, len(y), world * bs)] or
-                     [torch.zeros(0, dtype=torch.long)])  # (n_rank,) whole batches, in order
-    rep = evaluate_attack(model, x[mine], y[mine], attack, threat, eps, batch_size=bs, source_model=source,
-                          carry_over=carry_over)
-    raw = rep.robust if rep.raw_robust is None else rep.raw_robust
-    both = torch.cat([rep.robust, raw]).t().contiguous()  # (n_rank, 2K): one gather for both curves
-    idx, rows = distributed.all_gather_rows(mine.to(_comm_device(model)), both.to(_comm_device(model)))
-    rows = rows.cpu()[idx.cpu().argsort()].bool().t()  # (2K, N) in the original order
-    return rows[:len(eps)].contiguous(), rows[len(eps):].contiguous()
-
-
 def fingerprint(model: nn.Module) -> str:
     """A short hash of the model's parameters and buffers (a resumed run must be the same model)."""
     h = hashlib.sha256()
@@ -248,9 +211,9 @@ def resumable_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     """Robust flags ``(N,)`` at one ε, batch by batch; with ``cache`` every finished batch is
     written to that JSON file at once and skipped when the evaluation is run again with the same
     ``key`` (model fingerprint, ε, attack settings, points, batch size). Under torch.distributed
-    the batches are sharded as :func:`sharded_accuracy` and nothing is cached."""
+    the batches are sharded as :func:`gradreg.judge.sharded_outcomes` and nothing is cached."""
     if cache is None or distributed.rank_world()[1] > 1:
-        return sharded_flags(model, x, y, attack, threat, [eps], settings)[0][0]
+        return sharded_outcomes(model, x, y, attack, threat, [eps], batch_size=settings.batch_size)[0][0]
     bs = settings.batch_size
     done: dict[str, str] = {}
     if cache.is_file():
@@ -275,11 +238,6 @@ def resumable_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     return out
 
 
-def _comm_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None and p.device.type == "cuda" else torch.device("cpu")
-
-
 def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings, *, name: str = "model",
                    progress: bool | None = None) -> ModelEval:
     """Clean accuracy, every attack of ``settings`` over the ε grid, ρ, AutoAttack, checks."""
@@ -295,8 +253,8 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
         # PGD without carry-over gives both curves in one run: the reported one is the
         # cumulative judgement of these independent attempts (the same definition as with carry-over)
         raw_run = a == "pgd" and settings.raw_pgd
-        robust, raw = sharded_flags(model, x, y, settings.make_attack(a), threat, grid, settings,
-                                    carry_over=False if raw_run else None)
+        robust, raw = sharded_outcomes(model, x, y, settings.make_attack(a), threat, grid,
+                                       batch_size=settings.batch_size, carry_over=False if raw_run else None)
         flags[a] = robust
         curves[a] = robust.double().mean(dim=1).tolist()
         if raw_run:
@@ -308,7 +266,8 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
                                   batch_size=settings.batch_size, progress=progress)
     if settings.unbounded_check:
         whole_box = (bundle.bounds[1] - bundle.bounds[0]) * (1.0 if threat.norm == "linf" else math.sqrt(x[0].numel()))
-        result.unbounded = sharded_accuracy(model, x, y, settings.make_attack("pgd"), threat, [whole_box], settings)[0]
+        result.unbounded = robust_accuracy(model, x, y, settings.make_attack("pgd"), threat, [whole_box],
+                                           batch_size=settings.batch_size)[0]
     if settings.autoattack:
         run_autoattack(model, x, y, threat, bundle, settings, result)
     result.checks = masking_checks(result, tolerance=settings.tolerance)
@@ -337,7 +296,8 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: T
         if on_grid and "pgd" in result.flags:
             pgd_flags = result.flags["pgd"][on_grid[0], :n]
         else:
-            pgd_flags = sharded_flags(model, xa, ya, settings.make_attack("pgd"), threat, [e], settings)[0][0]
+            pgd_flags = sharded_outcomes(model, xa, ya, settings.make_attack("pgd"), threat, [e],
+                                         batch_size=settings.batch_size)[0][0]
         result.aa_flags[e] = aa_flags
         entries.append({"eps": e, "accuracy": int(aa_flags.sum()) / n, "pgd": int(pgd_flags.sum()) / n, "n": n,
                         "interval": stats.proportion(aa_flags).as_dict(),
@@ -419,7 +379,7 @@ def describe_rise(name: str, eps: Sequence[float], curve: Sequence[float], up: S
 
 class _Precomputed(Attack):
     """Replays adversarial examples crafted elsewhere (a transfer attack) so that the judging
-    stays in :func:`gradreg.evaluate.evaluate_attack`."""
+    stays in :func:`gradreg.judge.evaluate_attack`."""
 
     def __init__(self, x_advs: torch.Tensor, source: str) -> None:
         super().__init__(name=f"pgd from {source}", norms=("linf", "l2", "l1"))
@@ -490,7 +450,7 @@ def lrc_curves(model: nn.Module, bundle: DataBundle, *, zetas: Sequence[float], 
     for zeta in zetas:
         attack = attacks.make("lrc", zeta_px=zeta, samples=samples, marginal_std=marginal_std,
                               labels=settings.labels, seed=settings.seed)
-        out[float(zeta)] = sharded_accuracy(model, x, y, attack, threat, list(eps), settings)
+        out[float(zeta)] = robust_accuracy(model, x, y, attack, threat, list(eps), batch_size=settings.batch_size)
     return out
 
 
@@ -502,7 +462,7 @@ def lrc_covariance_curve(model: nn.Module, bundle: DataBundle, *, factor: torch.
     x, y = test_subset(bundle, settings.n_test)
     threat = ThreatModel("l2", 0.0, bundle.bounds)
     attack = attacks.make("lrc", factor=factor, samples=samples, labels=settings.labels, seed=settings.seed)
-    return sharded_accuracy(model, x, y, attack, threat, list(eps), settings)
+    return robust_accuracy(model, x, y, attack, threat, list(eps), batch_size=settings.batch_size)
 
 
 def lrc_data_std(bundle: DataBundle) -> float:

@@ -1,6 +1,9 @@
-"""The evaluation harness: clean and robust accuracy, judged independently of the attack.
+"""The judge of an attack: clean and robust accuracy, judged independently of the attack.
 
-The harness never trusts an attack (foolbox 3's rule). For every ε and every input it
+(The protocols that run attacks over grids, transfer matrices and AutoAttack are in
+:mod:`gradreg.protocols`; they score every attack here.)
+
+The judge never trusts an attack (foolbox 3's rule). For every ε and every input it
 
 1. checks the attack's output: same shape, finite, inside the bounds and — when ε is a radius —
    inside the ε-ball, up to float tolerance (``atol``); a violation raises
@@ -12,7 +15,7 @@ The harness never trusts an attack (foolbox 3's rule). For every ε and every in
 An input is robust at ε when it is classified correctly clean *and* at the attack's point.
 Since an adversarial example found at a smaller radius lies in every larger ball, robustness is
 also made monotone over the radii (robust at ε only if robust at every ε' ≤ ε in the list) —
-this only uses points the harness has itself checked. ε = 0 therefore gives the clean accuracy
+this only uses points the judge has itself checked. ε = 0 therefore gives the clean accuracy
 exactly. The judgements before that step are kept as ``raw_robust``: with
 ``carry_over=False`` (every input attacked afresh at every ε) they are the honest per-ε curve
 that the gradient-masking check "accuracy falls with ε" needs (a curve made monotone cannot
@@ -23,9 +26,9 @@ model's device) and shows a tqdm progress bar on a terminal.
 
 Example::
 
-    from gradreg import ThreatModel, attacks, evaluate
+    from gradreg import ThreatModel, attacks, judge
     threat = ThreatModel("linf", 0.0, bundle.bounds)
-    accs = evaluate.robust_accuracy(model, bundle.test_x, bundle.test_y, attacks.make("pgd"), threat,
+    accs = judge.robust_accuracy(model, bundle.test_x, bundle.test_y, attacks.make("pgd"), threat,
                                     [0, 0.1, 0.2], labels="predicted")
 """
 from __future__ import annotations
@@ -40,8 +43,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .attacks.base import Attack, predict
+from . import distributed
+from .attacks.base import Attack
 from .attacks.deepfool import DeepFool
+from .devices import comm_device, model_device
+from .inference import predict
 from .modes import run_mode
 from .threat import ThreatModel, parse_eps
 
@@ -77,27 +83,11 @@ class AttackReport:
                 for e, a in zip(self.eps, self.robust_accuracy)]
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a parameter-free model)."""
-    for p in model.parameters():
-        return p.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _progress(total: int, desc: str, progress: bool | None):
     from tqdm.auto import tqdm
 
     disable = not (sys.stderr.isatty() if progress is None else progress)
     return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
-
-
-def clean_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
-                   progress: bool | None = None, device: torch.device | str | None = None) -> float:
-    """Fraction of ``x`` classified as ``y`` with the model in eval mode (mode restored)."""
-    correct = clean_correct(model, x, y, batch_size=batch_size, progress=progress, device=device)
-    return _fraction(correct)
 
 
 def _fraction(flags: torch.Tensor) -> float:
@@ -196,14 +186,43 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                         raw_robust=raw)
 
 
+def sharded_outcomes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
+                     eps_list: Sequence[float | str], *, batch_size: int = 256, labels: str | None = None,
+                     progress: bool | None = None, source_model: nn.Module | None = None,
+                     on_violation: OnViolation = "raise",
+                     carry_over: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example outcomes (robust ``(K, N)``, raw ``(K, N)``) bool on the CPU, judged as
+    :func:`evaluate_attack`. Under torch.distributed rank r attacks batches r, r + world, …
+    and the outcomes are gathered: every batch sees the same inputs and random draws as in a
+    single process, so every rank gets the single-process outcomes."""
+    rank, world = distributed.rank_world()
+    bs = batch_size
+    mine = None if world == 1 else torch.cat(
+        [torch.arange(i, min(i + bs, len(y))) for i in range(rank * bs, len(y), world * bs)] or
+        [torch.zeros(0, dtype=torch.long)])  # (n_rank,) whole batches, in order
+    rep = evaluate_attack(model, x if mine is None else x[mine], y if mine is None else y[mine], attack, threat,
+                          eps_list, batch_size=bs, labels=labels, progress=progress, source_model=source_model,
+                          on_violation=on_violation, carry_over=carry_over)
+    raw = rep.robust if rep.raw_robust is None else rep.raw_robust
+    if mine is None:
+        return rep.robust, raw
+    k = len(rep.eps)
+    comm = comm_device(model_device(model))
+    both = torch.cat([rep.robust, raw]).t().contiguous()  # (n_rank, 2K): one gather for both curves
+    idx, rows = distributed.all_gather_rows(mine.to(comm), both.to(comm))
+    rows = rows.cpu()[idx.cpu().argsort()].bool().t()  # (2K, N) in the original order
+    return rows[:k].contiguous(), rows[k:].contiguous()
+
+
 def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
                     eps_list: Sequence[float | str], *, batch_size: int = 256, labels: str | None = None,
-                    progress: bool | None = None, device: torch.device | str | None = None,
-                    source_model: nn.Module | None = None, on_violation: OnViolation = "raise") -> list[float]:
-    """Robust accuracy for every ε of ``eps_list`` (see :func:`evaluate_attack`)."""
-    return evaluate_attack(model, x, y, attack, threat, eps_list, batch_size=batch_size, labels=labels,
-                           progress=progress, device=device, source_model=source_model,
-                           on_violation=on_violation).robust_accuracy
+                    progress: bool | None = None, source_model: nn.Module | None = None,
+                    on_violation: OnViolation = "raise") -> list[float]:
+    """Robust accuracy for every ε of ``eps_list`` (judged as :func:`evaluate_attack`; sharded
+    over ranks under torch.distributed as :func:`sharded_outcomes`)."""
+    robust, _ = sharded_outcomes(model, x, y, attack, threat, eps_list, batch_size=batch_size, labels=labels,
+                                 progress=progress, source_model=source_model, on_violation=on_violation)
+    return [_fraction(row) for row in robust]
 
 
 def deepfool_rho(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bounds: tuple[float, float],

@@ -1,4 +1,4 @@
-"""Evaluation harness: masking checks, transfer matrix, decay length, CLI reports."""
+"""Evaluation protocols (gradreg.protocols): masking checks, transfer matrix, decay length, CLI reports."""
 from __future__ import annotations
 
 import json
@@ -14,8 +14,8 @@ from gradreg import ThreatModel, stats
 from gradreg.analysis import decay_length, softmax_along_line
 from gradreg.cli import main
 from gradreg.config import TrainConfig
-from gradreg.evaluate import evaluate_attack
-from gradreg.harness import (
+from gradreg.judge import evaluate_attack
+from gradreg.protocols import (
     EvalSettings,
     ModelEval,
     default_grid,
@@ -24,7 +24,7 @@ from gradreg.harness import (
     rising,
     transfer_matrix,
 )
-from gradreg.train import train
+from gradreg.trainer import train
 
 
 class Rounded(nn.Module):

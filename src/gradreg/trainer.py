@@ -25,14 +25,13 @@ from torch import nn
 from . import checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
 from .data.augment import attach_standardization
-from .inference import accuracy, predict
+from .inference import accuracy
 from .objective import Objective
 from .schedule import BatchNoise
-from .trainio import (LOG_FIELDS, git_commit, interrupt_guard, load_weights, progress, resolve_device, versions,
-                      write_log)
+from .devices import resolve_device
+from .trainio import LOG_FIELDS, git_commit, interrupt_guard, load_weights, progress, versions, write_log
 
-__all__ = ["LOG_FIELDS", "NonFiniteError", "Trainer", "TrainingInterrupted", "git_commit", "load_weights",
-           "resolve_device", "train"]
+__all__ = ["LOG_FIELDS", "NonFiniteError", "Trainer", "TrainingInterrupted", "git_commit", "load_weights", "train"]
 
 
 
@@ -299,10 +298,7 @@ class Trainer:
         if cfg.validation_fraction > 0:  # what was scored is the validation split: say so in the keys
             scores: dict[str, Any] = {"eval_split": "validation", "validation_accuracy": test_acc}
             if cfg.validation_eps is not None:
-                scores["validation_pgd_accuracy"] = pgd_accuracy(
-                    self.model, self.test_x, self.test_y, norm=cfg.validation_norm, eps=cfg.validation_eps,
-                    bounds=self.bundle.bounds, steps=cfg.validation_pgd_steps, seed=cfg.seed,
-                    batch_size=cfg.eval_batch_size)
+                scores["validation_pgd_accuracy"] = self.validation_pgd_accuracy()
                 scores.update(validation_eps=cfg.validation_eps, validation_norm=cfg.validation_norm)
         else:
             scores = {"eval_split": "test", "test_accuracy": test_acc}
@@ -314,6 +310,21 @@ class Trainer:
                       str(self.out / "model.safetensors"))
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         return metrics
+
+    def validation_pgd_accuracy(self) -> float:
+        """Fraction of the validation split still classified correctly under PGD (Madry et al.
+        2018; random start, ``validation_pgd_steps`` steps of 2.5·ε/steps, true labels) at
+        ``validation_eps``, judged by :mod:`gradreg.judge`: the score a sweep tunes λ on."""
+        from .attacks import make
+        from .judge import robust_accuracy
+        from .threat import ThreatModel
+
+        cfg = self.cfg
+        assert cfg.validation_eps is not None
+        attack = make("pgd", steps=cfg.validation_pgd_steps, labels="true", seed=cfg.seed)
+        threat = ThreatModel(norm=cfg.validation_norm, eps=0.0, bounds=self.bundle.bounds)
+        return robust_accuracy(self.model, self.test_x, self.test_y, attack, threat, [cfg.validation_eps],
+                               batch_size=cfg.eval_batch_size, progress=False)[0]
 
     def _run_epoch(self, n: int, flag: dict[str, bool]) -> None:
         cfg, st = self.cfg, self.state
@@ -365,23 +376,6 @@ class Trainer:
         if self.is_writer:
             self.write_log()
         self.save_checkpoint()
-
-
-def pgd_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, norm: str, eps: float,
-                 bounds: tuple[float, float], steps: int, seed: int, batch_size: int) -> float:
-    """Fraction of ``x`` still classified as ``y`` under PGD (Madry et al. 2018; random start,
-    ``steps`` steps of 2.5·ε/steps) at radius ``eps``: the validation score a sweep tunes λ on."""
-    from .attacks import make
-    from .threat import ThreatModel
-
-    attack = make("pgd", steps=steps, labels="true", seed=seed)
-    threat = ThreatModel(norm=norm, eps=eps, bounds=bounds)
-    correct = 0
-    for i in range(0, len(y), batch_size):
-        xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        x_adv = attack(model, xb, yb, threat)
-        correct += int((predict(model, x_adv, batch_size=batch_size) == yb).sum())
-    return correct / max(len(y), 1)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,
