@@ -13,10 +13,16 @@ accuracy under each attack (and DeepFool's ρ), so a fast but weaker attack woul
 
     python benchmarks/attacks.py                          # print the markdown table
     python benchmarks/attacks.py --update BENCHMARKS.md   # also replace our section there
+    python benchmarks/attacks.py --baseline OLD/src       # this tree against another gradreg, no ART
+
+With ``--baseline`` the three attacks of this tree and of another gradreg source tree run on the
+same model and inputs, interleaved (order alternating per repeat), and the table gives each
+attack's current / baseline time as the median of per-pair ratios (see ``benchmarks/baseline.py``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import re
@@ -32,6 +38,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from baseline import load_baseline, ratio_summary
 from gradreg import ThreatModel, data, models
 from gradreg.attacks import make
 
@@ -85,6 +92,61 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) ->
     return statistics.median(times), out
 
 
+def trained_batch(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    """The briefly trained C&W model and the first ``--batch`` test images, with a description."""
+    device = torch.device(args.device)
+    if args.random_data:
+        bundle, source = random_bundle(args.seed), "random images (--random-data)"
+    else:
+        try:
+            bundle, source = data.load("mnist10k"), "MNIST-10k (8,000 train images)"
+        except Exception as err:  # noqa: BLE001  (any reason the data is missing: fall back, and say so)
+            print(f"mnist10k not available ({err}); training on random images", file=sys.stderr)
+            bundle, source = random_bundle(args.seed), "random images (MNIST-10k not available)"
+    model = train_model(bundle, steps=args.train_steps, seed=args.seed, device=device)
+    return model, bundle.test_x[:args.batch].to(device), bundle.test_y[:args.batch].to(device), source
+
+
+def compare(args: argparse.Namespace) -> int:
+    """FGSM, PGD-40 and DeepFool of this tree against ``args.baseline``'s, interleaved."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    base = load_baseline(args.baseline)
+    base_make = importlib.import_module("gradreg_baseline.attacks").make
+    base_threat = importlib.import_module("gradreg_baseline.threat").ThreatModel
+    model, x, y, source = trained_batch(args)
+    steps, rel = 40, 2.5 / 40
+    cases = {
+        "FGSM (ℓ∞, ε=0.3)": lambda mk, tm: mk("fgsm")(model, x, y, tm("linf", 0.3, (0.0, 1.0))),
+        "PGD-40 (ℓ∞, ε=0.3)": lambda mk, tm: mk("pgd", steps=steps, rel_stepsize=rel)(
+            model, x, y, tm("linf", 0.3, (0.0, 1.0))),
+        "DeepFool (ℓ2, 50 it.)": lambda mk, tm: mk("deepfool", labels="predicted").minimal(
+            model, x, y, tm("l2", 0.0, (0.0, 1.0))),
+    }
+    sides = {"baseline": (base_make, base_threat), "current": (make, ThreatModel)}
+    rows = []
+    for name, run in cases.items():
+        times: dict[str, list[float]] = {"baseline": [], "current": []}
+        outs: dict[str, torch.Tensor] = {}
+        for r in range(args.repeats + 1):  # the first pair is a warm-up
+            for side in (("baseline", "current") if r % 2 == 0 else ("current", "baseline")):
+                t0 = time.perf_counter()
+                outs[side] = run(*sides[side])
+                if r:
+                    times[side].append(time.perf_counter() - t0)
+        same = bool(torch.equal(outs["baseline"], outs["current"]))
+        rows.append(f"| {name} | {len(y) / statistics.median(times['baseline']):.1f} | "
+                    f"{len(y) / statistics.median(times['current']):.1f} | "
+                    f"{ratio_summary(times['baseline'], times['current'])} | {'yes' if same else 'no'} |")
+    print(f"# attacks, current vs baseline ({Path(base.__file__ or '').parent}); torch {torch.__version__}, "
+          f"Python {platform.python_version()}, {torch.get_num_threads()} torch threads; batch {len(y)} of {source}; "
+          f"{args.repeats} timed pairs after one warm-up pair\n")
+    print("| attack | baseline (img/s) | current (img/s) | current / baseline time: median of per-pair ratios "
+          "[IQR] | same output |\n|---|---:|---:|---|---|")
+    print("\n".join(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256)
@@ -96,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--update", metavar="BENCHMARKS.md", default=None, help="replace our section in this file")
+    parser.add_argument("--baseline", metavar="SRC", help="time this gradreg source tree's attacks against ours "
+                        "(interleaved, no ART)")
     args = parser.parse_args(argv)
+    if args.baseline:
+        return compare(args)
 
     import art
     from art.attacks.evasion import DeepFool, FastGradientMethod, ProjectedGradientDescent
@@ -105,18 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if args.random_data:
-        bundle, source = random_bundle(args.seed), "random images (--random-data)"
-    else:
-        try:
-            bundle, source = data.load("mnist10k"), "MNIST-10k (8,000 train images)"
-        except Exception as err:  # noqa: BLE001  (any reason the data is missing: fall back, and say so)
-            print(f"mnist10k not available ({err}); training on random images", file=sys.stderr)
-            bundle, source = random_bundle(args.seed), "random images (MNIST-10k not available)"
     t0 = time.perf_counter()
-    model = train_model(bundle, steps=args.train_steps, seed=args.seed, device=device)
+    model, x, y, source = trained_batch(args)
     train_s = time.perf_counter() - t0
-    x, y = bundle.test_x[:args.batch].to(device), bundle.test_y[:args.batch].to(device)
     with torch.no_grad():
         clean_acc = float((model(x).argmax(1) == y).float().mean())
     print(f"trained {args.train_steps} steps on {source} in {train_s:.0f} s; clean accuracy on the "

@@ -6,23 +6,35 @@ background load affects them alike); the ratio is the median step time of a meth
 median clean step time. Inputs are MNIST-10k images when the shared MNIST test set is there,
 random images otherwise (timing does not depend on the values).
 
+With ``--baseline OTHER/src`` the same methods of another gradreg source tree (say, a checkout of
+the commit before a refactoring) are timed in the same process, interleaved step by step with
+this tree's (the order alternating per round), and each method's cost change is the median over
+rounds of the ratio of its two adjacent steps: a background load slows both sides of a pair
+alike, so it cancels in the ratio.
+
 Also checks the warm-started operator-norm penalty: while training with 1 power iteration per
 step (each example's last output-space u kept), after every epoch over the pool its σ estimate is compared
 with a fresh 10-iteration estimate on the same weights (and the fresh 10-iteration estimate
 with a 50-iteration one, to show how converged the reference itself is).
 
     python benchmarks/penalties.py --rounds 15
+    python benchmarks/penalties.py --rounds 30 --opnorm-epochs 0 --baseline /path/to/old/src
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from baseline import load_baseline, ratio_summary
 from gradreg import __version__, data, models, penalties
 from gradreg.objective import Objective
 from gradreg.penalties.opnorm import power_method
@@ -32,7 +44,8 @@ METHODS = [
     ("clean", "clean", {}, 0.0),
     ("gn", "gn", {}, 1.0),
     ("datagrad exact (ℓ1)", "datagrad", {"p": 1}, 0.05),
-    ("datagrad fd (ℓ1)", "datagrad", {"p": 1, "solver": "fd"}, 0.05),
+    # φ given explicitly (the default, 2λ): the same objective in gradreg versions whose default differs
+    ("datagrad fd (ℓ1)", "datagrad", {"p": 1, "solver": "fd", "fd_step": 0.1}, 0.05),
     ("lyu exact (ℓ∞)", "lyu", {"norm": "linf"}, 1.0),
     ("lyu onestep (ℓ∞)", "lyu", {"norm": "linf", "solver": "onestep"}, 1.0),
     ("sgr covfun (fgsm, every 10 steps)", "sgr", {"representation": "covfun", "source": "fgsm", "eps": 0.1}, 1.0),
@@ -54,6 +67,62 @@ def setup(pen: penalties.Penalty, model: torch.nn.Module, x: torch.Tensor) -> No
         pen.setup(x)  # type: ignore[call-arg]  # the earlier one-argument setup
 
 
+def build(pkg: Any, name: str, params: dict[str, Any], lam: float, x_all: torch.Tensor
+          ) -> tuple[torch.nn.Module, Any, torch.optim.Optimizer]:
+    """Model, objective and optimizer of one method from package ``pkg`` (this gradreg or the
+    baseline); the same initial weights for every method and package."""
+    torch.manual_seed(0)
+    model = models.make("cw")
+    pen = importlib.import_module(pkg.__name__ + ".penalties").make(name, **params)
+    setup(pen, model, x_all)
+    obj = importlib.import_module(pkg.__name__ + ".objective").Objective([(name, pen, lam)], task_weight=pen.task_weight)
+    return model, obj, torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def step(model: torch.nn.Module, obj: Any, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+         idx: torch.Tensor) -> float:
+    """Seconds of one training step, as the training loop takes it."""
+    model.train()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    out = obj(model, x, y, index=idx)
+    out.loss.backward(inputs=list(model.parameters()))
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def compare(baseline_src: str, x_all: torch.Tensor, y_all: torch.Tensor, *, rounds: int, batch_size: int,
+            source: str) -> None:
+    """Every method of this tree against the same method of ``baseline_src``, interleaved."""
+    base = load_baseline(baseline_src)
+    pkgs = {"baseline": base, "current": sys.modules["gradreg"]}
+    setups = {(label, side): build(pkg, name, params, lam, x_all)
+              for label, name, params, lam in METHODS for side, pkg in pkgs.items()}
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
+    steps_per_pool = len(x_all) // batch_size
+    for r in range(rounds + 2):  # two warm-up rounds
+        i = r % steps_per_pool
+        idx = torch.arange(i * batch_size, (i + 1) * batch_size)
+        x, y = x_all[idx], y_all[idx]
+        order = ("baseline", "current") if r % 2 == 0 else ("current", "baseline")
+        for label, *_ in METHODS:
+            for side in order:
+                t = step(*setups[(label, side)], x, y, idx)
+                if r >= 2:
+                    times[(label, side)].append(t)
+    print(f"# penalties, current vs baseline: gradreg {__version__} ({Path(sys.modules['gradreg'].__file__ or '').parent}) "
+          f"vs {Path(base.__file__ or '').parent}; torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"inputs: {source}; batch {batch_size}; {rounds} timed rounds, each method's two versions in adjacent "
+          "steps (order alternating per round)")
+    print("\n| method | baseline step (ms) | current step (ms) | current / baseline: median of per-round ratios "
+          "[IQR] |\n|---|---|---|---|")
+    for label, *_ in METHODS:
+        b, c = times[(label, "baseline")], times[(label, "current")]
+        print(f"| {label} | {1000 * statistics.median(b):.1f} | {1000 * statistics.median(c):.1f} | "
+              f"{ratio_summary(b, c)} |")
+
+
 def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
     try:
         bundle = data.load("mnist10k")
@@ -71,9 +140,17 @@ def main() -> None:
     ap.add_argument("--opnorm-epochs", type=int, default=6, help="epochs of the warm-start accuracy check")
     ap.add_argument("--opnorm-iterations", type=int, default=1, help="power iterations per step in that check")
     ap.add_argument("--only-warm-start", action="store_true", help="run the warm-start accuracy check alone")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--baseline", metavar="SRC", help="also time this gradreg source tree (its src/ folder), "
+                    "interleaved, and print current / baseline per method")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x_all, y_all, source = inputs(args.pool)
+    if args.baseline:
+        compare(args.baseline, x_all, y_all, rounds=args.rounds, batch_size=args.batch_size, source=source)
+        return
     if args.only_warm_start:
         warm_start_accuracy(x_all, y_all, batch_size=args.batch_size, epochs=args.opnorm_epochs,
                             iterations=args.opnorm_iterations)
