@@ -195,3 +195,11 @@ def test_tensorboard_missing_is_one_line_naming_the_extra(tmp_path: Path, monkey
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "pip install gradreg[tensorboard]" in err, err
     assert not (tmp_path / "r" / "log.csv").exists()
+
+
+def test_nproc_relaunch_passes_log_past_torchruns_parser() -> None:
+    from gradreg.commands.train import strip_nproc
+
+    assert strip_nproc(["train", "--nproc", "2", "--log", "tensorboard", "--stream"]) == [
+        "train", "--set", "log=tensorboard", "--stream"]
+    assert strip_nproc(["train", "--log=csv", "--nproc=2"]) == ["train", "--set", "log=csv"]

@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
+    """The command line for the ranks that ``--nproc`` launches: without ``--nproc``, and with
+    ``--log X`` passed as ``--set log=X``, since torchrun's own parser takes ``--log`` for an
+    abbreviation of its ``--log-dir`` even after the script name."""
     out, skip = [], False
     for i, a in enumerate(argv):
         if skip:
@@ -84,6 +87,13 @@ def strip_nproc(argv: list[str]) -> list[str]:
             skip = True
             continue
         if a.startswith("--nproc="):
+            continue
+        if a.startswith("--log="):
+            out += ["--set", "log=" + a.partition("=")[2]]
+            continue
+        if a == "--log" and i + 1 < len(argv):
+            out += ["--set", "log=" + argv[i + 1]]
+            skip = True
             continue
         out.append(a)
     return out
