@@ -53,3 +53,25 @@ def pairs_split() -> tuple[PairsDataset, PairsDataset]:
 
 def not_data() -> int:
     return 3
+
+
+class DigitsItems(torch.utils.data.Dataset):
+    """One split of gradreg's digits as a user's map-style Dataset of (1×8×8 image, label)
+    items, read one at a time (no ``targets``: gradreg finds the labels itself)."""
+
+    def __init__(self, split: str) -> None:
+        from gradreg import data
+
+        bundle = data.load("digits")
+        self.x = bundle.train_x if split == "train" else bundle.test_x
+        self.y = bundle.train_y if split == "train" else bundle.test_y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], int(self.y[i])
+
+
+def digits_pair() -> tuple[DigitsItems, DigitsItems]:
+    return DigitsItems("train"), DigitsItems("test")

@@ -136,7 +136,8 @@ _VALUES = st.one_of(st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity
 
 @settings(max_examples=200, deadline=None)
 @given(key=st.sampled_from(["epochs", "batch_size", "lr", "optimizer", "schedule", "lam", "augment",
-                            "lr_milestones", "device", "on_nonfinite", "seed", "data"]), value=_VALUES)
+                            "lr_milestones", "device", "on_nonfinite", "seed", "data", "add", "data_loader",
+                            "num_workers", "log"]), value=_VALUES)
 def test_config_values_are_accepted_or_rejected_cleanly(key: str, value: object) -> None:
     """Any value either gives a valid config or a ConfigError; never another exception."""
     try:

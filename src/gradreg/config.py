@@ -14,6 +14,8 @@ SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 NONFINITE = ("stop", "skip")
 AMP = ("none", "bf16")
+DATA_LOADERS = ("auto", "memory", "stream")
+LOGS = ("csv", "tensorboard")
 
 
 # Field metadata: a field that says where or how a run executes, not what it computes, may
@@ -38,6 +40,12 @@ class TrainConfig:
     augment_pad: str = "zero"  # "mid": pad crops with mid-range pixels (the SGR paper's footnote)
     standardize: str = "none"  # "per-image": the model standardizes each image first (SGR paper)
     aux: str | None = None  # auxiliary task for multi-task DataGrad ("parity")
+    # how training batches are read: "memory" indexes tensors held in memory (the fast path),
+    # "stream" reads them through a torch DataLoader, "auto" streams only a map-style Dataset from
+    # a factory too large to hold (gradreg.data.stream.STREAM_ABOVE_BYTES); either gives the same
+    # batches, so a run may resume with the other one
+    data_loader: str = field(default="auto", metadata=_RUNTIME)
+    num_workers: int = field(default=0, metadata=_RUNTIME)  # DataLoader worker processes (streaming only)
     # validation (for tuning): > 0 carves this stratified fraction off the training split, trains
     # on the rest and scores that held-out part instead of the test split (never loaded into the run)
     validation_fraction: float = 0.0
@@ -53,6 +61,9 @@ class TrainConfig:
     lam: float | None = None  # None: the method's default
     task_weight: float | None = None  # None: the method's default (1; fgsm-at/pgd-at 0: the term is the mixture)
     penalty: dict[str, Any] = field(default_factory=dict)  # the penalty's keyword parameters
+    # further terms λᵢ·penaltyᵢ, each {"method": NAME, "lam": λ (None: its default), **its parameters};
+    # given as "NAME:lam=2,eps=0.1" strings (--add, TOML add = [...]) or TOML tables ([[add]])
+    add: list[dict[str, Any]] = field(default_factory=list)
     # optimization
     epochs: int = field(default=10, metadata=_RUNTIME)
     batch_size: int = 128
@@ -75,6 +86,7 @@ class TrainConfig:
     on_nonfinite: str = field(default="stop", metadata=_RUNTIME)
     out: str = field(default="runs/run", metadata=_RUNTIME)
     quiet: bool = field(default=False, metadata=_RUNTIME)
+    log: str = field(default="csv", metadata=_RUNTIME)  # "tensorboard": log.csv and TensorBoard events in OUT/tensorboard
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -103,6 +115,13 @@ class TrainConfig:
         need(self.validation_norm in ("linf", "l2"), f"validation_norm must be linf or l2, got {self.validation_norm!r}")
         need(self.validation_pgd_steps >= 1, f"validation_pgd_steps must be ≥ 1, got {self.validation_pgd_steps}")
         need(self.task_weight is None or self.task_weight >= 0, f"task_weight must be ≥ 0, got {self.task_weight}")
+        need(self.data_loader in DATA_LOADERS, f"data_loader must be one of {', '.join(DATA_LOADERS)}, got {self.data_loader!r}")
+        need(self.num_workers >= 0, f"num_workers must be ≥ 0, got {self.num_workers}")
+        need(self.log in LOGS, f"log must be one of {', '.join(LOGS)}, got {self.log!r}")
+        for term in self.add:
+            need(isinstance(term.get("method"), str) and bool(term["method"]), f"an added term needs a method, got {term!r}")
+            lam = term.get("lam")
+            need(lam is None or (isinstance(lam, (int, float)) and lam >= 0), f"lam of added {term['method']!r} must be ≥ 0, got {lam!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +152,8 @@ def _coerce(name: str, value: Any) -> Any:
     if hint.startswith("list"):
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list, got {value!r}")
+        if name == "add":
+            return [parse_term(v) if isinstance(v, str) else _term_table(v) for v in value]
         return [float(v) for v in value]
     if "bool" in hint:
         if not isinstance(value, bool):
@@ -149,6 +170,54 @@ def _coerce(name: str, value: Any) -> Any:
     if not isinstance(value, str):
         raise ConfigError(f"{name} must be a string, got {value!r}")
     return value
+
+
+def _split_params(text: str) -> list[str]:
+    """``a=1,b=[1, 2],c="x,y"`` → its ``key=value`` items: commas inside brackets or quotes
+    belong to the value."""
+    items, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_term(spec: str) -> dict[str, Any]:
+    """An added term ``NAME[:key=value,...]`` (``trades:lam=2,eps=0.1``) as the ``add`` entry
+    ``{"method": NAME, "lam": λ or None, **parameters}``; values are TOML literals as in ``--set``."""
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if not method or any(c in method for c in "=,"):
+        raise ConfigError(f"an added term is NAME or NAME:key=value,..., got {spec!r}")
+    term: dict[str, Any] = {"method": method}
+    for item in _split_params(rest):
+        key, eq, text = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"added term {spec!r}: expected key=value, got {item!r}")
+        term[key.strip().replace("-", "_")] = parse_value(text.strip())
+    return _term_table(term)
+
+
+def _term_table(value: Any) -> dict[str, Any]:
+    """A TOML ``[[add]]`` table (or a parsed spec) checked: a method name, λ a number or absent."""
+    if not isinstance(value, dict) or not isinstance(value.get("method"), str):
+        raise ConfigError(f"an added term needs method = NAME, got {value!r}")
+    term = dict(value)
+    lam = term.get("lam")
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float))):
+        raise ConfigError(f"lam of added {term['method']!r} must be a number, got {lam!r}")
+    term["lam"] = None if lam is None else float(lam)
+    return term
 
 
 def parse_value(text: str) -> Any:

@@ -1,9 +1,11 @@
 """torch.distributed glue: process-group set-up from torchrun's environment, sharding and
 reductions that are no-ops in a single process.
 
-gradreg's loop is written for data parallelism from the start: every rank holds the whole data
-set in memory, takes rows ``rank::world`` of each *global* batch, and DistributedDataParallel
-averages the gradients, so N ranks with global batch B follow the 1-rank run with batch B.
+gradreg's loop is written for data parallelism from the start: every rank takes rows
+``rank::world`` of each *global* batch (indexed from the data set in memory, or read through a
+DataLoader with the same rows, :class:`gradreg.data.stream.ShardSampler`), and
+DistributedDataParallel averages the gradients, so N ranks with global batch B follow the 1-rank
+run with batch B.
 """
 from __future__ import annotations
 

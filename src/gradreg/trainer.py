@@ -5,7 +5,8 @@ The method only changes the :class:`~gradreg.objective.Objective`; the loop, opt
 schedule, checkpointing, logging and evaluation are shared. State is checkpointed exactly
 (model, optimizer, penalty state, global RNG, position in the epoch); data order and
 augmentation are pure functions of (seed, epoch, step), so a resumed run repeats the
-uninterrupted one bit for bit on CPU.
+uninterrupted one bit for bit on CPU. Batches are indexed from tensors in memory or streamed
+through a DataLoader over the same permutation (:mod:`gradreg.data.stream`); both give the same run.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ from torch import nn
 from . import checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
 from .data.augment import attach_standardization
+from .data.stream import ShardSampler, StreamingData, epoch_loader, open_training_data
 from .inference import accuracy
 from .objective import Objective
 from .schedule import BatchNoise
 from .devices import resolve_device
-from .trainio import LOG_FIELDS, git_commit, interrupt_guard, load_weights, progress, versions, write_log
+from .trainio import (LOG_FIELDS, TensorBoardLog, check_tensorboard, git_commit, interrupt_guard, load_weights, progress,
+                      versions, write_log)
 
 __all__ = ["LOG_FIELDS", "NonFiniteError", "Trainer", "TrainingInterrupted", "git_commit", "load_weights", "train"]
 
@@ -43,7 +46,7 @@ class TrainingInterrupted(RuntimeError):
     """Stopped by a signal after saving a checkpoint; ``--resume`` continues."""
 
 
-def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(cfg: TrainConfig, bundle: data.DataBundle | StreamingData) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the spec that rebuilds it (saved in config.json)."""
     name = models.auto_name(bundle.name, bundle.in_shape) if cfg.model == "auto" else cfg.model
     models.MODELS.get(name)  # clear error for an unknown name before anything else
@@ -64,14 +67,34 @@ def build_model(cfg: TrainConfig, bundle: data.DataBundle) -> tuple[nn.Module, d
     return model, {"name": name, "params": params}
 
 
-def build_objective(cfg: TrainConfig) -> tuple[Objective, float, float]:
+def _make_penalty(method: str, params: dict[str, Any]) -> penalties.Penalty:
     try:
-        pen = penalties.make(cfg.method, **cfg.penalty)
+        return penalties.make(method, **params)
     except TypeError as err:
-        raise ValueError(f"bad parameters for method {cfg.method!r}: {err}") from None
+        raise ValueError(f"bad parameters for method {method!r}: {err}") from None
+
+
+def added_terms(cfg: TrainConfig) -> list[tuple[str, penalties.Penalty, float]]:
+    """The ``--add`` terms as (name, penalty, λ); a method added twice (or the main one again)
+    is named ``NAME#2``, ``NAME#3``, … so each keeps its own state in the checkpoint."""
+    names, out = [cfg.method], []
+    for spec in cfg.add:
+        method = str(spec["method"])
+        pen = _make_penalty(method, {k: v for k, v in spec.items() if k not in ("method", "lam")})
+        name = method if method not in names else f"{method}#{sum(n.split('#')[0] == method for n in names) + 1}"
+        names.append(name)
+        out.append((name, pen, pen.default_lam if spec.get("lam") is None else float(spec["lam"])))
+    return out
+
+
+def build_objective(cfg: TrainConfig) -> tuple[Objective, float, float]:
+    """The objective w₀·L + λ·penalty (``cfg.method``) + Σ λᵢ·penaltyᵢ (``cfg.add``); returns it with
+    the main method's λ and the task weight w₀ (the main method's: an added term never changes it)."""
+    pen = _make_penalty(cfg.method, cfg.penalty)
     lam = pen.default_lam if cfg.lam is None else cfg.lam
     task_weight = pen.task_weight if cfg.task_weight is None else cfg.task_weight
-    return Objective([(cfg.method, pen, lam)], task_weight=task_weight, fast_paths=cfg.fast_paths), lam, task_weight
+    terms = [(cfg.method, pen, lam), *added_terms(cfg)]
+    return Objective(terms, task_weight=task_weight, fast_paths=cfg.fast_paths), lam, task_weight
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
@@ -107,6 +130,11 @@ def make_targets(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([y, data.aux_labels(cfg.aux, y)], dim=1)
 
 
+# One step's rows: (step, this rank's indices, their positions in the global batch, the global
+# batch's size, the rows themselves when streamed, else None: the step indexes the tensors)
+Batch = tuple[int, torch.Tensor, torch.Tensor, int, "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
@@ -125,12 +153,21 @@ class Trainer:
         self.rank, self.world = distributed.rank_world()
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
+        if cfg.log == "tensorboard":
+            check_tensorboard()  # before minutes of data loading, not after
         torch.manual_seed(cfg.seed)
-        self.bundle = data.load(cfg.data, data_dir=cfg.data_dir, download=cfg.download)
+        self.bundle: data.DataBundle | StreamingData = open_training_data(
+            cfg.data, loader=cfg.data_loader, num_workers=cfg.num_workers, data_dir=cfg.data_dir, download=cfg.download)
         if cfg.validation_fraction > 0:  # tuning: the held-out part of the training split replaces the test split
+            from .data import stream
             from .data.validation import carve_validation
 
-            self.bundle = carve_validation(self.bundle, fraction=cfg.validation_fraction)
+            self.bundle = (stream.carve_validation(self.bundle, fraction=cfg.validation_fraction)
+                           if isinstance(self.bundle, StreamingData) else
+                           carve_validation(self.bundle, fraction=cfg.validation_fraction))
+        # seeded again: the initialisation depends on the seed alone, not on what reading the data
+        # drew from the global generator (a DataLoader draws its base seed there)
+        torch.manual_seed(cfg.seed)
         self.model, self.model_spec = build_model(cfg, self.bundle)
         if cfg.init_weights:
             load_weights(self.model, cfg.init_weights)
@@ -151,14 +188,25 @@ class Trainer:
             raise ValueError(f"method {cfg.method!r} differentiates a gradient (double backward), which "
                              "torch.compile does not support; train it without --compile")
         self.objective.to(self.device)
-        self.train_x = self.bundle.train_x.to(self.device)
-        self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
+        self.n_train = len(self.bundle.train_y)
         self.test_x = self.bundle.test_x.to(self.device)
         self.test_y = self.bundle.test_y.to(self.device)
+        if isinstance(self.bundle, StreamingData):
+            # no training tensors: batches come through a DataLoader (_stream_batches)
+            self.train_x: torch.Tensor | None = None
+            self.train_y: torch.Tensor | None = None
+            setup_x = self.bundle.setup_rows(num_workers=cfg.num_workers).to(self.device)
+            per_row = [n for n, p in self.objective.terms().items() if p.per_example_state]
+            if per_row and len(setup_x) < self.n_train:
+                raise ValueError(f"{', '.join(per_row)} keeps state per training example, which the streaming path "
+                                 f"does not hold for {self.n_train} rows; use --data-loader memory or drop that state")
+        else:
+            self.train_x = setup_x = self.bundle.train_x.to(self.device)
+            self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
         # the penalties take the data set's bounds (their ε defaults scale with the box)
-        self.objective.setup(self.model, self.train_x, self.bundle.bounds)
+        self.objective.setup(self.model, setup_x, self.bundle.bounds)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
-        self.steps_per_epoch = math.ceil(len(self.train_y) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
@@ -173,6 +221,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "resolved": {"model": self.model_spec, "lam": self.lam, "task_weight": self.task_weight,
                          "penalty": repr(self.objective.penalties[self.cfg.method]),
+                         "terms": {name: {"lam": self.objective.lams[name], "penalty": repr(pen)}
+                                   for name, pen in self.objective.terms().items()},
                          "data": self.bundle.summary(), "device": str(self.device), "world_size": self.world},
             "seed": self.cfg.seed,
             "versions": versions(),
@@ -226,13 +276,19 @@ class Trainer:
 
     # ----- training -------------------------------------------------------------------
     def train_step(self, idx: torch.Tensor, epoch: int, step: int, *, share: float = 1.0,
-                   rows: torch.Tensor | None = None, global_size: int | None = None) -> tuple[float, float] | None:
-        """One optimizer step on this rank's rows ``idx`` of the global batch. ``share`` is this
+                   rows: torch.Tensor | None = None, global_size: int | None = None,
+                   batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float] | None:
+        """One optimizer step on this rank's rows ``idx`` of the global batch (given as ``batch``,
+        images and labels, when streamed; indexed from the tensors otherwise). ``share`` is this
         rank's fraction of the global batch: DDP averages gradients over ranks, so scaling the
         local mean loss by ``share·world`` makes the result the global-batch mean even when the
         last batch does not split evenly."""
         cfg = self.cfg
-        x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
+        if batch is None:
+            assert self.train_x is not None and self.train_y is not None  # the in-memory path
+            x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
+        else:
+            x, y = batch
         kind = self.bundle.augment_kind if cfg.augment_kind == "auto" else cfg.augment_kind
         if cfg.augment and kind != "none":
             from .data.augment import augment, pad_value_for
@@ -286,12 +342,19 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if self.is_writer:
             (self.out / "config.json").write_text(json.dumps(self.run_config(), indent=2) + "\n")
-        n = len(self.train_y)
-        with interrupt_guard() as flag:
-            while self.state.epoch < cfg.epochs:
-                if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
-                    return {"stopped_after_epoch": self.state.epoch}
-                self._run_epoch(n, flag)
+        n = self.n_train
+        board = TensorBoardLog(self.out / "tensorboard") if cfg.log == "tensorboard" and self.is_writer else None
+        try:
+            with interrupt_guard() as flag:
+                while self.state.epoch < cfg.epochs:
+                    if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
+                        return {"stopped_after_epoch": self.state.epoch}
+                    self._run_epoch(n, flag)
+                    if board is not None:
+                        board.write(self.history[-1])
+        finally:
+            if board is not None:
+                board.close()
         # the last epoch already scored the final weights
         test_acc = (self.history[-1]["test_accuracy"] if self.history else
                     accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size))
@@ -326,6 +389,28 @@ class Trainer:
         return robust_accuracy(self.model, self.test_x, self.test_y, attack, threat, [cfg.validation_eps],
                                batch_size=cfg.eval_batch_size, progress=False)[0]
 
+    def _memory_batches(self, order: torch.Tensor, start: int) -> Iterator[Batch]:
+        """The in-memory fast path: each step indexes the tensors with this rank's rows."""
+        bs = self.cfg.batch_size
+        for step in range(start, self.steps_per_epoch):
+            batch = order[step * bs:(step + 1) * bs]
+            local = batch[self.rank::self.world]  # this rank's share of the global batch
+            yield step, local, torch.arange(len(batch))[self.rank::self.world], len(batch), None
+
+    def _stream_batches(self, order: torch.Tensor, start: int) -> Iterator[Batch]:
+        """The streaming path: the same rows as :meth:`_memory_batches`, read by a DataLoader
+        whose batch sampler walks the same permutation (:class:`~gradreg.data.stream.ShardSampler`)."""
+        assert isinstance(self.bundle, StreamingData)
+        bs, cuda = self.cfg.batch_size, self.device.type == "cuda"
+        sampler = ShardSampler(order, batch_size=bs, rank=self.rank, world=self.world, start=start)
+        loader = epoch_loader(self.bundle, sampler, num_workers=self.cfg.num_workers, pin_memory=cuda)
+        for step, items in zip(range(start, self.steps_per_epoch), loader):
+            global_size = len(order[step * bs:(step + 1) * bs])
+            x, y = self.bundle.batch(items)
+            local = order[step * bs:(step + 1) * bs][self.rank::self.world]  # the indices the sampler read
+            xy = (x.to(self.device, non_blocking=cuda), make_targets(self.cfg, y).to(self.device, non_blocking=cuda))
+            yield step, local, torch.arange(global_size)[self.rank::self.world], global_size, xy
+
     def _run_epoch(self, n: int, flag: dict[str, bool]) -> None:
         cfg, st = self.cfg, self.state
         epoch = st.epoch
@@ -334,13 +419,12 @@ class Trainer:
         started = time.perf_counter()
         bar = progress(total=self.steps_per_epoch, initial=st.step_in_epoch,
                         desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=cfg.quiet or not self.is_writer)
+        batches = (self._stream_batches if self.train_x is None else self._memory_batches)(order, st.step_in_epoch)
         try:
-            for step in range(st.step_in_epoch, self.steps_per_epoch):
-                batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                local = batch[self.rank::self.world]  # this rank's share of the global batch
+            for step, local, rows, global_size, xy in batches:
                 t0 = time.perf_counter()
-                result = self.train_step(local, epoch, step, share=len(local) / len(batch),
-                                         rows=torch.arange(len(batch))[self.rank::self.world], global_size=len(batch))
+                result = self.train_step(local, epoch, step, share=len(local) / global_size,
+                                         rows=rows, global_size=global_size, batch=xy)
                 st.train_seconds += time.perf_counter() - t0
                 st.step_in_epoch = step + 1
                 st.global_step += 1

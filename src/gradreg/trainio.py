@@ -71,6 +71,37 @@ def write_log(path: Path, history: Sequence[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
+TENSORBOARD_HINT = "pip install gradreg[tensorboard]"
+
+
+def check_tensorboard() -> None:
+    """``--log tensorboard`` fails at once, in one line, when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (imports tensorboard)
+    except ImportError:
+        raise ValueError(f"--log tensorboard needs the tensorboard package: {TENSORBOARD_HINT}") from None
+
+
+class TensorBoardLog:
+    """Per-epoch scalars in TensorBoard's event format: the fields of the CSV log
+    (:data:`LOG_FIELDS`) under their own names, one point per epoch (step = epoch number). A
+    resumed run appends a new event file to the same folder; TensorBoard merges them."""
+
+    def __init__(self, folder: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, row: dict[str, Any]) -> None:
+        for name in LOG_FIELDS:
+            if name != "epoch" and row.get(name) is not None:
+                self.writer.add_scalar(name, float(row[name]), global_step=int(row["epoch"]))
+        self.writer.flush()  # an epoch's point is on disk when the epoch's checkpoint is
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 @contextmanager
 def interrupt_guard() -> Iterator[dict[str, bool]]:
     """Turn SIGINT/SIGTERM into a flag checked between steps, so a stop never lands in the

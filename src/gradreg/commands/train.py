@@ -15,6 +15,17 @@ HELP = "train a model with any method of the family"
 _FLAGS = {f.name: "--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)
           if f.name not in ("model_params", "penalty")}
 
+# flags whose help says more than their default
+_HELP = {
+    "add": "add a term λ·penalty: NAME[:lam=λ,key=value,...], e.g. --add trades:lam=2 "
+           "--add fgsm-at:lam=0.5,adv_weight=0.5 (repeat for more; replaces the TOML's add list)",
+    "data_loader": "auto | memory | stream: index tensors in memory, or read batches through a DataLoader "
+                   "(auto: stream a factory's map-style Dataset too large to hold; default auto)",
+    "num_workers": "DataLoader worker processes on the streaming path (default 0)",
+    "log": "csv | tensorboard: also write TensorBoard events to OUT/tensorboard "
+           "(needs pip install gradreg[tensorboard]; default csv)",
+}
+
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per scalar TrainConfig field (defaults None = "not given"), plus --config/--set."""
@@ -24,11 +35,15 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
                                 help=f"(default: {default})")
+        elif name == "add":
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar="SPEC", help=_HELP[name])
         elif isinstance(default, list):
             parser.add_argument(flag, dest=name, type=float, nargs="+", default=None, help=f"(default: {default})")
         else:
             kind = float if name in ("lam", "task_weight", "validation_eps") else (type(default) if default is not None else str)
-            parser.add_argument(flag, dest=name, type=kind, default=None, help=f"(default: {default})")
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=_HELP.get(name, f"(default: {default})"))
+    parser.add_argument("--stream", dest="data_loader", action="store_const", const="stream",
+                        help="same as --data-loader stream")
     parser.add_argument("--config", dest="config_file", metavar="FILE.toml", help="read configuration from TOML")
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
                         help="set any field, e.g. --set penalty.sigma=0.1 --set model_params.hidden=[64]")
@@ -60,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def strip_nproc(argv: list[str]) -> list[str]:
+    """The command line for the ranks that ``--nproc`` launches: without ``--nproc``, and with
+    ``--log X`` passed as ``--set log=X``, since torchrun's own parser takes ``--log`` for an
+    abbreviation of its ``--log-dir`` even after the script name."""
     out, skip = [], False
     for i, a in enumerate(argv):
         if skip:
@@ -69,6 +87,13 @@ def strip_nproc(argv: list[str]) -> list[str]:
             skip = True
             continue
         if a.startswith("--nproc="):
+            continue
+        if a.startswith("--log="):
+            out += ["--set", "log=" + a.partition("=")[2]]
+            continue
+        if a == "--log" and i + 1 < len(argv):
+            out += ["--set", "log=" + argv[i + 1]]
+            skip = True
             continue
         out.append(a)
     return out

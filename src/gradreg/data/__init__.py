@@ -12,7 +12,7 @@ DATASETS: Registry[DataBundle] = Registry("data set", entry_point_group="gradreg
 
 from . import digits  # noqa: E402,F401  (registration side effects)
 from . import idx, cifar  # noqa: E402,F401
-from . import augment, download, external  # noqa: E402,F401  (gradreg.data.augment.augment, .download.download)
+from . import augment, download, external, stream  # noqa: E402,F401  (gradreg.data.augment.augment, .download.download)
 
 AUX_TASKS = ("parity",)
 

@@ -40,8 +40,13 @@ def is_external(spec: str) -> bool:
     return ":" in spec or spec.endswith(TENSOR_SUFFIXES) or Path(spec).is_dir()
 
 
+def is_factory_spec(spec: str) -> bool:
+    """Whether ``spec`` is ``package.module:factory`` (not a path that happens to hold a colon)."""
+    return ":" in spec and not Path(spec).exists()
+
+
 def load_external(spec: str, **_: object) -> DataBundle:
-    if ":" in spec and not Path(spec).exists():
+    if is_factory_spec(spec):
         return _from_factory(spec)
     path = Path(spec)
     if not path.exists():
@@ -192,7 +197,8 @@ def _dataset_tensors(ds: Any, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _images(torch.cat(xs), source), _labels(torch.cat(ys), source)
 
 
-def _from_factory(spec: str) -> DataBundle:
+def call_factory(spec: str) -> Any:
+    """What ``package.module:factory`` returns (an object that is already a Dataset is taken as is)."""
     from torch.utils.data import Dataset
 
     from ..loading import LoadError, import_object
@@ -201,7 +207,11 @@ def _from_factory(spec: str) -> DataBundle:
         factory = import_object(spec)
     except LoadError as err:
         raise DataError(str(err)) from None
-    obj = factory() if callable(factory) and not isinstance(factory, Dataset) else factory
+    return factory() if callable(factory) and not isinstance(factory, Dataset) else factory
+
+
+def bundle_from_object(spec: str, obj: Any) -> DataBundle:
+    """A factory's result in memory: a ``DataBundle`` as is, a Dataset or a (train, test) pair read whole."""
     name = spec.rsplit(":", 1)[1]
     if isinstance(obj, DataBundle):
         return obj
@@ -213,3 +223,7 @@ def _from_factory(spec: str) -> DataBundle:
         x, y = _dataset_tensors(obj, spec)
         return _bundle(name, x, y, classes=getattr(obj, "classes", ()) or ())
     raise DataError(f"{spec} returned {type(obj).__name__}; expected a Dataset, a (train, test) pair or a DataBundle")
+
+
+def _from_factory(spec: str) -> DataBundle:
+    return bundle_from_object(spec, call_factory(spec))

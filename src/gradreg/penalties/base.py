@@ -82,6 +82,12 @@ class Penalty(nn.Module):
     def input_dependent(self) -> bool:
         return self.requires.input_dependent
 
+    @property
+    def per_example_state(self) -> bool:
+        """Whether ``setup`` keeps state for every training row (looked up by ``ctx.index``), so
+        it needs the whole training set, not a sample of it (the trainer's streaming path)."""
+        return False
+
     def setup(self, model: nn.Module | None, train_x: torch.Tensor,
               bounds: tuple[float, float] | None = None) -> None:
         """Called once by the training loop before the first step, with the model, the whole

@@ -206,6 +206,10 @@ class OperatorNorm(Penalty):
     def eps(self) -> float:
         return resolve_eps(self.norm, self.eps_param, self.bounds)
 
+    @property
+    def per_example_state(self) -> bool:
+        return self.warm_start
+
     def setup(self, model: nn.Module | None, train_x: torch.Tensor,
               bounds: tuple[float, float] | None = None) -> None:
         """Warm start: allocate one output-space u per training example, drawn from a seeded
