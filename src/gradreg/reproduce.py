@@ -830,8 +830,8 @@ def honest_reading(reading: dict[str, Any], results: dict[str, RowResult], aa_co
     if ref is None or ref.step_cost is None or ref_scores is None:
         return {"sentence": f"{question} Not answerable here: {ref_name} has no {aa_column} cell or step cost.",
                 "rows": [], "reached": []}
-    bar_scores = acc_frac * (torch.stack(ref_scores) if len(ref_scores) > 1 else ref_scores[0])
-    ref_aa = float(bar_scores.mean()) / acc_frac
+    ref_flat = (torch.stack(ref_scores) if len(ref_scores) > 1 else ref_scores[0]).double()  # (n,) or (S, n)
+    ref_aa, bar_scores = float(ref_flat.mean()), acc_frac * ref_flat
     if ref_aa == 0:
         return {"sentence": f"{question} Void here: {ref_name}'s {aa_column} accuracy is 0, so the bar is 0.",
                 "rows": [], "reached": []}
