@@ -13,6 +13,12 @@ experiment file, worst-of-``samples``:
 - ``LRC Σ=data``: ξ ~ N(0, Σ_data), the empirical covariance of the training inputs used as
   Σ_LRC (our reading of the paper's "data covariance as Σ_LRC"; same mean noise power ε²·σ²_data
   as the data-scaled ζ columns).
+
+An experiment may also tune λ (rows with a ``lams`` grid: :func:`tune_rows`, one ``gradreg
+sweep`` per row on a validation split of the training data), and its report then adds the
+robustness-per-compute frontier (:mod:`gradreg.frontier`), the norms each trained model has
+(:mod:`gradreg.analysis`, budget ``norms_n``) and the answer to its ``[reading]`` question
+(:func:`honest_reading`).
 """
 from __future__ import annotations
 

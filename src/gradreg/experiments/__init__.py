@@ -24,7 +24,13 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   file serves data sets with different radii (MNIST 0.3, CIFAR-10 8/255).
 - a row's ``lams`` is its λ grid: ``gradreg reproduce`` tunes λ on a validation split carved
   from the training data (:mod:`gradreg.sweep`, its selection rule) before training the row; a
-  budget's ``sweep_points = N`` keeps N evenly spaced points of every grid (1: the middle one).
+  budget's ``sweep_points = N`` keeps N evenly spaced points of every grid (1: the middle one);
+  ``sweep_pgd_steps``, ``sweep_validation_fraction``, ``sweep_rule`` and
+  ``sweep_tolerance_points`` set the sweep's validation PGD and its selection rule.
+- other budget keys: ``seeds`` (the seeds when ``--seeds`` is not given), ``threads`` (torch's
+  intra-op threads for the run), ``pgd_restarts`` (random starts of the evaluation's PGD),
+  ``norms_n`` / ``norms_iterations`` (the per-example gradient and operator norms of every
+  trained row on that many test points, with that many power iterations).
 - ``[reading]`` states the report's honest-reading question (see :mod:`gradreg.reproduce`).
 """
 from __future__ import annotations
