@@ -15,7 +15,7 @@ from gradreg.reproduce import LRC_DATA_COLUMN, lrc_column
 
 def test_experiments_load_and_name_registered_methods() -> None:
     for name in experiments.names():
-        exp = experiments.load(name)
+        exp = experiments.load(name).for_budget("tiny")  # "$eps" values take the budget's ε
         assert "tiny" in exp.budgets
         for row in exp.rows:
             penalties.make(row.method, **row.penalty)  # every row builds

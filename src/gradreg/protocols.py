@@ -56,6 +56,7 @@ class EvalSettings:
     eps: list[float] | None = None  # None: default_grid(data)
     attacks: tuple[str, ...] = ("fgsm", "pgd", "tpgd", "uniform")
     pgd_steps: int = 40
+    pgd_restarts: int = 1  # random starts of the untargeted PGD (a point is broken if any breaks it)
     labels: str = "predicted"  # SGR paper: attack the predicted label
     deepfool: bool = True
     # AutoAttack at the radii aa_eps (None: standard_eps of the data set) on the first aa_n of
@@ -93,6 +94,8 @@ class EvalSettings:
         params: dict[str, Any] = {"labels": self.labels}
         if name in ("pgd", "tpgd", "tpgd-all"):
             params.update(steps=self.pgd_steps, seed=self.seed)
+        if name == "pgd" and self.pgd_restarts > 1:
+            params["restarts"] = self.pgd_restarts
         elif name in ("uniform", "gaussian", "lrc"):
             params.update(seed=self.seed)
         if name == "fgsm" and self.norm == "l2":

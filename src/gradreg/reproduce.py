@@ -13,16 +13,24 @@ experiment file, worst-of-``samples``:
 - ``LRC Σ=data``: ξ ~ N(0, Σ_data), the empirical covariance of the training inputs used as
   Σ_LRC (our reading of the paper's "data covariance as Σ_LRC"; same mean noise power ε²·σ²_data
   as the data-scaled ζ columns).
+
+An experiment may also tune λ (rows with a ``lams`` grid: :func:`tune_rows`, one ``gradreg
+sweep`` per row on a validation split of the training data), and its report then adds the
+robustness-per-compute frontier (:mod:`gradreg.frontier`), the norms each trained model has
+(:mod:`gradreg.analysis`, budget ``norms_n``) and the answer to its ``[reading]`` question
+(:func:`honest_reading`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,9 @@ from .config import TrainConfig, apply_overrides
 from .data import DataBundle
 from .data import load as load_data
 from . import stats
+from .analysis import norm_stats, norms_markdown, plot_norm_distributions
 from .cost import StepCost, interleaved_costs, training_step
+from .frontier import FrontierPoint, plot_frontier
 from .protocols import (
     EvalSettings,
     ModelEval,
@@ -49,6 +59,7 @@ from .protocols import (
 from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
 from .stats import Interval, compare, from_count, mean_score, over_seeds
+from .sweep import DEFAULT_VALIDATION_FRACTION, SweepSpec, gather, is_finished, sweep_points, write_records
 from .trainer import train
 
 # a column name → which attack's grid average it shows (transfer columns are "←ROW")
@@ -161,8 +172,70 @@ def row_config(exp: experiments.Experiment, row: experiments.Row, budget: dict[s
 
 def run_name(row: experiments.Row, seed: int, *, default_seed: int | None) -> str:
     """Run folder of a row at a seed: the row's slug for the budget's own seed when no seeds are
-    asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise."""
-    return row.slug if seed == default_seed else f"{row.slug}-s{seed}"
+    asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise; a tuned row's folder
+    also names its λ (``slug-lamΛ``), so a run trained at another λ is never reused."""
+    slug = row.slug if not row.lams or row.lam is None else f"{row.slug}-lam{row.lam:g}"
+    return slug if seed == default_seed else f"{slug}-s{seed}"
+
+
+@dataclass(frozen=True)
+class LamChoice:
+    """The λ a row trains with and where it comes from (printed in the report)."""
+
+    lam: float | None
+    source: str  # "sweep", "declared" (no grid) or "declared (sweep chose none)"
+    detail: str
+    grid: tuple[float, ...] = ()
+    record: str | None = None  # the sweep's folder under the output folder (sweep.md, sweep.json, sweep.png)
+
+
+def sweep_grid(lams: list[float], points: int | None) -> list[float]:
+    """``points`` evenly spaced values of a λ grid, ends included (1: the middle one; None: all)."""
+    if points is None or points >= len(lams):
+        return list(lams)
+    if points < 1:
+        raise ValueError(f"sweep_points must be ≥ 1, got {points}")
+    if points == 1:
+        return [lams[(len(lams) - 1) // 2]]
+    return [lams[round(i * (len(lams) - 1) / (points - 1))] for i in range(points)]
+
+
+def tune_rows(exp: experiments.Experiment, rows: list[experiments.Row], budget: dict[str, Any], out: Path,
+              data_dir: str | None, log: Callable[[str], None]) -> dict[str, LamChoice]:
+    """Every row's λ: for a row with a grid (``lams``), ``gradreg sweep``'s choice on a validation
+    split carved from the training data (its rule, ``sweep_rule`` / ``sweep_tolerance_points``
+    of the budget, validation PGD at the training ε); the declared λ if it has no grid or the
+    rule picks none. The sweeps share ``out/sweeps/runs`` (rows with the same training settings
+    share their clean reference run) and write ``out/sweeps/<row>/sweep.{md,json,png}``."""
+    choices = {}
+    for row in rows:
+        if not row.lams:
+            choices[row.name] = LamChoice(row.lam, "declared", "no λ grid: the λ of the row's protocol")
+            continue
+        if exp.autoattack_eps is None:
+            raise ValueError(f"experiment {exp.name!r}: tuning λ of {row.name!r} needs the training ε (autoattack_eps)")
+        base = row_config(exp, row, budget, out / "sweeps", data_dir)
+        apply_overrides(base, {"validation_fraction": float(budget.get("sweep_validation_fraction",
+                                                                       DEFAULT_VALIDATION_FRACTION)),
+                               "validation_eps": float(exp.autoattack_eps), "validation_norm": exp.norm,
+                               "validation_pgd_steps": int(budget.get("sweep_pgd_steps", budget.get("pgd_steps", 20)))})
+        grid = sweep_grid(row.lams, budget.get("sweep_points"))
+        spec = SweepSpec(base=base.validate(), lams=grid, out=out / "sweeps", rule=str(budget.get("sweep_rule", "within-clean")),
+                         tolerance_points=float(budget.get("sweep_tolerance_points", 1.0)))
+        points = sweep_points(spec)
+        for point in points:
+            if not is_finished(point):
+                _ensure_trained(point.config, f"sweep {row.name}: {point.name}", log)
+        result = gather(spec, points)
+        record = out / "sweeps" / row.slug
+        write_records(result, record)
+        rule = f"rule {result.rule}: {result.reason}"
+        where = str(record.relative_to(out))
+        if result.chosen is not None:
+            choices[row.name] = LamChoice(result.chosen.lam, "sweep", rule, tuple(grid), where)
+        else:
+            choices[row.name] = LamChoice(row.lam, "declared (sweep chose none)", rule, tuple(grid), where)
+    return choices
 
 
 def twin_seeds(seeds: list[int]) -> list[int]:
@@ -204,7 +277,8 @@ def display_columns(exp: experiments.Experiment) -> list[tuple[str, int | None]]
     return cols[:at] + extra + cols[at:]
 
 
-def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Any:
+def _ensure_trained(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Path:
+    """Train (or resume) the run ``cfg.out`` unless it has finished; its folder."""
     run_dir = Path(cfg.out)
     if not (run_dir / "model.safetensors").exists():
         log(f"training {label} ({cfg.method}, seed {cfg.seed}) on {cfg.data}, {cfg.epochs} epochs")
@@ -212,15 +286,40 @@ def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Any:
         train(cfg, resume=True, log=lambda s: None)
     else:
         log(f"{label}: reusing {run_dir}")
-    return load_run(run_dir, device=cfg.device)
+    return run_dir
+
+
+def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Any:
+    return load_run(_ensure_trained(cfg, label, log), device=cfg.device)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` intra-op threads (None: leave torch's setting), restored after."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | None = None,
                    rows: list[str] | None = None, seeds: list[int] | None = None,
                    log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Train (or reuse finished runs in ``out/runs``) every row once per seed, evaluate, and write
-    ``out/report.md``. Transfer sources are twins trained with another seed."""
-    exp = experiments.load(name)
+    ``out/report.md``. Transfer sources are twins trained with another seed. A budget's
+    ``threads`` sets torch's intra-op threads for the whole run (1 for the tiny budgets' small
+    models, whose operations are too small to split and slow down when the cores are shared)."""
+    with torch_threads(experiments.load(name).budget(budget_name).get("threads")):
+        return _run_experiment(name, budget_name=budget_name, out=out, data_dir=data_dir, rows=rows, seeds=seeds,
+                               log=log)
+
+
+def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | None, rows: list[str] | None,
+                    seeds: list[int] | None, log: Callable[[str], None]) -> dict[str, Any]:
+    exp = experiments.load(name).for_budget(budget_name)
     budget = exp.budget(budget_name)
     chosen = [r for r in exp.rows if rows is None or r.name in rows or r.slug in rows]
     if rows is not None and len(chosen) != len(rows):
@@ -229,10 +328,13 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
     default_seed = int(budget.get("seed", 0))
     if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ValueError(f"--seeds must be distinct, got {seeds}")
+    seeds = seeds or [int(v) for v in budget.get("seeds", [])] or None  # --seeds, else the budget's seeds
     seed_list = list(seeds) if seeds else [default_seed]
     naming_default = None if seeds else default_seed
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    tuning = tune_rows(exp, chosen, budget, out, data_dir, log) if any(r.lams for r in chosen) else {}
+    chosen = [replace(r, lam=tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
     trained: dict[tuple[str, int], Any] = {}
     total = len(chosen) * len(seed_list)
     for i, row in enumerate(chosen):
@@ -253,7 +355,8 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
     aa = autoattack_settings(exp, budget)
     settings = EvalSettings(norm=exp.norm, attacks=tuple(a for a in ("pgd", "tpgd-all", "uniform", "fgsm")
                                                           if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns)),
-                            pgd_steps=int(budget.get("pgd_steps", 40)), n_test=budget.get("n_test"),
+                            pgd_steps=int(budget.get("pgd_steps", 40)), pgd_restarts=int(budget.get("pgd_restarts", 1)),
+                            n_test=budget.get("n_test"),
                             deepfool="ρ" in exp.columns, seed=default_seed, **(aa or {}))
     lrc_cols = [c for c in exp.columns if lrc_column(c) is not None]
     lrc = LRCSettings.declared(exp, budget).resolve(bundle, lrc_cols) if lrc_cols else None
@@ -298,6 +401,11 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
         costs = step_costs(exp, chosen, budget, out, data_dir, rounds=cost_rounds)
         for row_name, step_cost in costs.items():
             results[row_name].step_cost = step_cost
+    norms: dict[str, dict[str, torch.Tensor]] = {}
+    if budget.get("norms_n"):  # what each method regularizes, as trained (first seed)
+        log(f"per-example gradient and operator norms on {budget['norms_n']} test points")
+        norms = row_norms({r.name: trained[(r.name, seed_list[0])].model for r in chosen}, bundle, norm=exp.norm,
+                          n=int(budget["norms_n"]), iterations=int(budget.get("norms_iterations", 20)), seed=default_seed)
     for res in results.values():
         for ev in res.evals:
             for c in ev.checks:
@@ -305,8 +413,20 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
                     print(f"WARNING [{res.name}] gradient-masking check failed: {c.name}: {c.detail}", file=sys.stderr)
     summary = write_report(exp, budget_name, budget, results, matrix, out, settings,
                            elapsed=time.perf_counter() - started, lrc=lrc, seeds=seed_list, twins=twins,
-                           provenance=provenance)
+                           provenance=provenance, tuning=tuning, norms=norms)
     return summary
+
+
+def row_norms(models: dict[str, torch.nn.Module], bundle: DataBundle, *, norm: str, n: int, iterations: int,
+              seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    """Per row, the per-example ‖∇ₓL‖₁, ‖∇ₓL‖₂ and ‖J(x)‖_{p,2} (p the experiment's threat norm)
+    on the first ``n`` test points (:func:`gradreg.analysis.input_gradient_norms`)."""
+    from .analysis import input_gradient_norms
+    from .protocols import test_subset
+
+    x, y = test_subset(bundle, n)
+    return {name: input_gradient_norms(m, x, y, opnorm_p=norm, opnorm_q="l2", iterations=iterations, seed=seed)
+            for name, m in models.items()}
 
 
 def step_costs(exp: experiments.Experiment, chosen: list[experiments.Row], budget: dict[str, Any], out: Path,
@@ -443,8 +563,9 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
                      "average, Wilson's interval at its mean, which is at least as wide as needed).")
     parts.append("Paper numbers are in parentheses.")
     if exp.autoattack_eps is not None:
-        parts.append(f"'PGD ε={exp.autoattack_eps:g}' and 'AA ε={exp.autoattack_eps:g}': PGD and AutoAttack at the "
-                     "training ε on the same points (AutoAttack on the true label).")
+        restarts = f", {settings.pgd_restarts} random starts" if settings.pgd_restarts > 1 else ""
+        parts.append(f"'PGD ε={exp.autoattack_eps:g}' and 'AA ε={exp.autoattack_eps:g}': PGD-{settings.pgd_steps}"
+                     f"{restarts} and AutoAttack at the training ε on the same points (AutoAttack on the true label).")
     if has["transfer"]:
         parts.append("'←M' is PGD transferred from a twin of row M: the same method trained with another seed, so no "
                      "cell (the diagonal included) is crafted on the model it judges.")
@@ -470,7 +591,9 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
 def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str, Any], results: dict[str, RowResult],
                  matrix: dict[str, dict[str, list[float]]], out: Path, settings: EvalSettings, *,
                  elapsed: float, lrc: LRCSettings | None = None, seeds: list[int] | None = None,
-                 twins: list[int] | None = None, provenance: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 twins: list[int] | None = None, provenance: list[dict[str, Any]] | None = None,
+                 tuning: dict[str, LamChoice] | None = None,
+                 norms: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
     data = budget["data"]
     seeds = seeds or [int(budget.get("seed", 0))]
     columns = display_columns(exp)
@@ -519,6 +642,29 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     row_notes = [f"- **{r.name}**: {r.note}" for r in exp.rows if r.note and r.name in results]
     if row_notes:  # which variant each row runs (e.g. which adversarial training)
         lines += ["Rows:", "", *row_notes, ""]
+    if tuning:
+        lines += tuning_lines(tuning, {n: r.method for n, r in results.items()})
+    frontier: dict[str, Any] = {}
+    reading: dict[str, Any] = {}
+    if exp.autoattack_eps is not None:
+        aa_col = aa_columns(exp)[1]
+        front_points = frontier_points(results, aa_col)
+        if front_points:
+            frontier = {"front": plot_frontier(front_points, out / "frontier.png",
+                                               title=f"robustness per compute ({data}, {aa_col})"),
+                        "points": [dataclasses.asdict(p) for p in front_points]}
+            lines += frontier_lines(front_points, frontier["front"], aa_col)
+        if exp.reading:
+            reading = honest_reading(exp.reading, results, aa_col)
+            lines += ["## Honest reading", "", reading["sentence"], "", *[f"- {v}" for v in reading["rows"]], ""]
+    if norms:
+        plot_norm_distributions(norms, str(out / "norms.png"), title=f"what each method regularizes ({data}, as trained)")
+        lines += ["## What each method regularizes", "",
+                  f"Per-example norms of the trained models (first seed) on the first {next(iter(norms.values()))['grad_l1'].numel()} "
+                  f"test points, model in eval mode: ‖∇ₓL‖₁ (DataGrad-ℓ1, Lyu ℓ∞), ‖∇ₓL‖₂ (DataGrad-ℓ2, GN) and "
+                  f"‖J(x)‖_{{{exp.norm},l2}} of the logits' Jacobian (the operator-norm penalty; cold power method, "
+                  "a lower bound for p ≠ 2), as median [quartiles] (gradreg.analysis).", "",
+                  norms_markdown(norms), "![norms](norms.png)", ""]
     aa_runs = [a["run"] for res in results.values() for a in res.eval.autoattack or []]
     if aa_runs:
         r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]  # present: aa_runs is non-empty
@@ -598,6 +744,14 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     if lrc is not None:
         summary["lrc"] = {"eps": lrc.eps, "samples": lrc.samples, "scale": lrc.scale,
                           "marginal_std": lrc.marginal_std}
+    if tuning:
+        summary["lam"] = {n: dataclasses.asdict(c) for n, c in tuning.items()}
+    if frontier:
+        summary["frontier"] = frontier
+    if reading:
+        summary["reading"] = reading
+    if norms:
+        summary["norms"] = {n: [vars(s) for s in norm_stats(v)] for n, v in norms.items()}
     write_json(out / "results.json", summary)
     print(table)
     print(f"report: {out / 'report.md'}")
@@ -620,3 +774,103 @@ def _curve_band(res: RowResult, attack: str) -> tuple[list[float], list[float]]:
         ivs.append(stats.proportion(rows[0]) if len(rows) == 1 else
                    over_seeds([float(r.double().mean()) for r in rows], int(rows[0].numel())))
     return [iv.lo for iv in ivs], [iv.hi for iv in ivs]
+
+
+def tuning_lines(tuning: dict[str, LamChoice], methods: dict[str, str]) -> list[str]:
+    """The report's section that says which λ every row used and where it came from."""
+    rows = []
+    for name, c in tuning.items():
+        if name not in methods:
+            continue
+        lam = "default" if c.lam is None else f"{c.lam:g}"
+        grid = ", ".join(f"{v:g}" for v in c.grid) or "–"
+        where = f"{c.source}; {c.detail}" + (f" ({c.record}/sweep.md)" if c.record else "")
+        rows.append([name, methods[name], lam, grid, where])
+    return ["## λ of every row", "",
+            "λ of a row with a grid is `gradreg sweep`'s choice on a validation split carved from the training data "
+            "(the test split is never used), at the budget's seed; the other rows keep the λ of their protocol.", "",
+            markdown_table(["row", "method", "λ", "grid", "from"], rows), ""]
+
+
+def frontier_points(results: dict[str, RowResult], aa_column: str) -> list[FrontierPoint]:
+    """Rows with an AutoAttack cell, a clean cell and a step cost, as frontier points (cost: the
+    interleaved step-time ratio with its interquartile range)."""
+    points = []
+    for name, res in results.items():
+        aa, clean, cost = cell_interval(res, aa_column), cell_interval(res, "test"), res.step_cost
+        if aa is None or clean is None or cost is None:
+            continue
+        points.append(FrontierPoint(name, aa.value, (aa.lo, aa.hi), cost.ratio, (min(cost.lo, cost.ratio), max(cost.hi, cost.ratio)),
+                                    clean.value, (clean.lo, clean.hi)))
+    return points
+
+
+def frontier_lines(points: list[FrontierPoint], front: list[str], aa_column: str) -> list[str]:
+    rows = [[p.name, f"{100 * p.autoattack:.1f} [{100 * p.autoattack_interval[0]:.1f}, {100 * p.autoattack_interval[1]:.1f}]",
+             f"{p.cost_ratio:.2f}× [{p.cost_interval[0]:.2f}, {p.cost_interval[1]:.2f}]",
+             f"{100 * p.clean:.1f} [{100 * p.clean_interval[0]:.1f}, {100 * p.clean_interval[1]:.1f}]",
+             "●" if p.name in front else ""] for p in sorted(points, key=lambda p: p.cost_ratio)]
+    return ["## Robustness per compute", "",
+            f"{aa_column} against the training step's cost (× clean, interleaved; gradreg.cost) and against clean "
+            "accuracy (gradreg.frontier). ● marks the Pareto front of (AutoAttack ↑, cost ↓): no other row is at "
+            "least as robust and at most as costly. Points are estimates: a row off the front may not differ from "
+            f"one on it at this n (see the intervals). Front, cheapest first: {', '.join(front)}.", "",
+            markdown_table(["row", aa_column, "step ×clean", "test", "front"], rows), "",
+            "![frontier](frontier.png)", ""]
+
+
+def honest_reading(reading: dict[str, Any], results: dict[str, RowResult], aa_column: str) -> dict[str, Any]:
+    """Which rows reach ``accuracy_fraction`` of the reference row's AutoAttack accuracy at no more
+    than ``cost_fraction`` of its step cost. Cost: the ratio of the interleaved median step costs.
+    Accuracy: a paired test on the same test points (and seeds) of the row's outcomes against
+    ``accuracy_fraction`` × the reference's (gradreg.stats.compare: a paired bootstrap); a row
+    "reaches" the bar only where the test says it is above, "falls short" where it says below.
+    Rows of the methods in ``exclude_methods`` (clean, adversarial training) are not candidates."""
+    ref_name = str(reading["reference"])
+    acc_frac, cost_frac = float(reading.get("accuracy_fraction", 0.9)), float(reading.get("cost_fraction", 0.35))
+    exclude = set(reading.get("exclude_methods", ()))
+    question = (f"Which regularizer, if any, reaches {acc_frac:.0%} of {ref_name}'s {aa_column} accuracy at ≤ "
+                f"{cost_frac:.0%} of its training cost?")
+    ref = results.get(ref_name)
+    ref_scores = cell_scores(ref, aa_column) if ref is not None else None
+    if ref is None or ref.step_cost is None or ref_scores is None:
+        return {"sentence": f"{question} Not answerable here: {ref_name} has no {aa_column} cell or step cost.",
+                "rows": [], "reached": []}
+    ref_flat = (torch.stack(ref_scores) if len(ref_scores) > 1 else ref_scores[0]).double()  # (n,) or (S, n)
+    ref_aa, bar_scores = float(ref_flat.mean()), acc_frac * ref_flat
+    if ref_aa == 0:
+        return {"sentence": f"{question} Void here: {ref_name}'s {aa_column} accuracy is 0, so the bar is 0.",
+                "rows": [], "reached": []}
+    verdicts, reached, undecided, cheap_rows = [], [], [], []
+    for name, res in results.items():
+        scores = cell_scores(res, aa_column)
+        if name == ref_name or res.method in exclude or scores is None or res.step_cost is None:
+            continue
+        rel = res.step_cost.ratio / ref.step_cost.ratio
+        test = compare(torch.stack(scores) if len(scores) > 1 else scores[0], bar_scores, a=name,
+                       b=f"{acc_frac:.0%} of {ref_name}")
+        verdict = ("reaches the bar" if test.significant and test.diff > 0 else
+                   "falls short of the bar" if test.significant else "not distinguishable from the bar at this n")
+        cheap = rel <= cost_frac
+        if cheap:
+            cheap_rows.append(name)
+            if verdict == "reaches the bar":
+                reached.append(name)
+            elif not test.significant:
+                undecided.append(name)
+        verdicts.append(f"{name}: cost {rel:.0%} of {ref_name}'s ({'within' if cheap else 'over'} the "
+                        f"{cost_frac:.0%} bar); {aa_column} {100 * float(torch.stack(scores).mean()):.1f} vs the bar "
+                        f"{100 * acc_frac * ref_aa:.1f}: {verdict} ({test.test} p = {test.p_value:.2g}, "
+                        f"difference {100 * test.diff:+.1f} points, n = {test.n})")
+    bar = f"{acc_frac:.0%} of {ref_name}'s {100 * ref_aa:.1f} % = {100 * acc_frac * ref_aa:.1f} %"
+    if reached:
+        answer = f"**{', '.join(reached)}**: within the cost bar and above the accuracy bar ({bar}) by a paired test."
+    elif undecided:
+        answer = (f"**None established**: {', '.join(undecided)} {'is' if len(undecided) == 1 else 'are'} within the "
+                  f"cost bar, but not distinguishable from the accuracy bar ({bar}) at this n.")
+    elif cheap_rows:
+        answer = f"**None**: every regularizer within the cost bar falls short of the accuracy bar ({bar}) by a paired test."
+    else:
+        answer = "**None**: no regularizer is within the cost bar."
+    return {"sentence": f"{question} {answer}", "rows": verdicts, "reached": reached, "undecided": undecided,
+            "reference_autoattack": ref_aa, "accuracy_fraction": acc_frac, "cost_fraction": cost_frac}

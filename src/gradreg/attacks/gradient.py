@@ -43,16 +43,21 @@ class PGD(Attack):
 
     ``rel_stepsize=None`` means 2.5/steps **(our choice)**: the heuristic of Madry et al.'s
     robustness library, which lets the walk cross the ball and come back. With one step and
-    ``rel_stepsize=1`` this is FGSM/FGM.
+    ``rel_stepsize=1`` this is FGSM/FGM. ``restarts=R`` (untargeted, random start) runs the walk
+    R times from fresh random starts; each sample keeps the first example that changes its class
+    (the last walk's if none does), so R restarts never find fewer examples than one.
     """
 
     def __init__(self, *, name: str = "pgd", norms: tuple[str, ...] = ("linf", "l2"), steps: int = 40,
                  rel_stepsize: float | None = None, random_start: bool = True, targeted: bool = False,
                  targets: str = "random", labels: Labels = "true", bn_policy: BNPolicy = "eval",
-                 seed: int = 0) -> None:
+                 seed: int = 0, restarts: int = 1) -> None:
         super().__init__(name=name, norms=norms, labels=labels, bn_policy=bn_policy, seed=seed)
         if int(steps) < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
+        if int(restarts) < 1 or (int(restarts) > 1 and (targeted or not random_start)):
+            raise ValueError(f"restarts must be ≥ 1, and > 1 only for untargeted PGD with random start, got {restarts}")
+        self.restarts = int(restarts)
         self.steps = int(steps)
         self.rel_stepsize = float(rel_stepsize) if rel_stepsize is not None else 2.5 / self.steps
         if not self.rel_stepsize > 0:
@@ -71,9 +76,21 @@ class PGD(Attack):
         if self.targeted:
             y = random_targets(model, x, y, gen) if self.targets == "random" else least_likely_targets(model, x)
         # bn_policy: the model is already in the attack's mode; pgd() re-enters the same policy
-        return pgd(model, x, threat, ce_loss(y, targeted=self.targeted), steps=self.steps,
-                   rel_stepsize=self.rel_stepsize, random_start=self.random_start, generator=gen,
-                   bn_policy=self.bn_policy)
+        def walk(rows: torch.Tensor | slice) -> torch.Tensor:
+            return pgd(model, x[rows], threat, ce_loss(y[rows], targeted=self.targeted), steps=self.steps,
+                       rel_stepsize=self.rel_stepsize, random_start=self.random_start, generator=gen,
+                       bn_policy=self.bn_policy)
+
+        out = walk(slice(None))
+        todo = (predict(model, out) == y).nonzero().squeeze(1) if self.restarts > 1 else None  # (M,) not broken yet
+        for _ in range(self.restarts - 1):
+            assert todo is not None
+            if not todo.numel():
+                break
+            x_adv = walk(todo)
+            out[todo] = x_adv
+            todo = todo[predict(model, x_adv) == y[todo]]
+        return out
 
 
     def _perturb_all_targets(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
@@ -132,10 +149,11 @@ def fgm(*, labels: Labels = "true", bn_policy: BNPolicy = "eval") -> PGD:
 
 @ATTACKS.register("pgd")
 def pgd_attack(*, steps: int = 40, rel_stepsize: float | None = None, random_start: bool = True,
-               labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0) -> PGD:
-    """PGD (Madry et al. 2018), ℓ∞/ℓ2, random start, step size rel_stepsize·ε (default 2.5/steps)."""
+               labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0, restarts: int = 1) -> PGD:
+    """PGD (Madry et al. 2018), ℓ∞/ℓ2, random start, step size rel_stepsize·ε (default 2.5/steps),
+    ``restarts`` random starts (a sample counts as broken if any of them breaks it)."""
     return PGD(name="pgd", steps=steps, rel_stepsize=rel_stepsize, random_start=random_start, labels=labels,
-               bn_policy=bn_policy, seed=seed)
+               bn_policy=bn_policy, seed=seed, restarts=restarts)
 
 
 @ATTACKS.register("tpgd")

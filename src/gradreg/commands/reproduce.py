@@ -13,13 +13,14 @@ HELP = "reproduce a paper's table (experiments: " + ", ".join(experiments.names(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help=f"one of: {', '.join(experiments.names())}")
     parser.add_argument("--budget", default="tiny", choices=experiments.BUDGETS,
-                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, about an hour; paper: GPU")
+                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, about an hour; paper: GPU "
+                             "(paper-cifar10: the CIFAR-10 budget of experiments that have one)")
     parser.add_argument("--out", required=True, help="folder for the runs and report.md (re-running reuses finished runs)")
     parser.add_argument("--data-dir", help="data directory for the budget's data set")
     parser.add_argument("--rows", nargs="+", help="only these rows (names or slugs)")
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="train every row once per seed and report mean ± spread with intervals "
-                             "(default: the budget's seed)")
+                             "(default: the budget's seeds, else its seed)")
 
 
 def run(args: argparse.Namespace) -> int:

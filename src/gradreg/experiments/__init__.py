@@ -19,16 +19,32 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   cheap custom run, ``aa_attacks``, ``aa_n_iter``, ``aa_n_queries``.
 - a budget's ``cost_rounds`` (> 0) measures the step-cost column: the rows' training steps
   interleaved in one process for that many rounds (:mod:`gradreg.cost`).
+- a budget's ``eps`` is the training ε of that budget: every row's penalty value written
+  ``"$eps"`` and an ``autoattack_eps = "$eps"`` take it (:meth:`Experiment.for_budget`), so one
+  file serves data sets with different radii (MNIST 0.3, CIFAR-10 8/255).
+- a row's ``lams`` is its λ grid: ``gradreg reproduce`` tunes λ on a validation split carved
+  from the training data (:mod:`gradreg.sweep`, its selection rule) before training the row; a
+  budget's ``sweep_points = N`` keeps N evenly spaced points of every grid (1: the middle one);
+  ``sweep_pgd_steps``, ``sweep_validation_fraction``, ``sweep_rule`` and
+  ``sweep_tolerance_points`` set the sweep's validation PGD and its selection rule.
+- other budget keys: ``seeds`` (the seeds when ``--seeds`` is not given), ``threads`` (torch's
+  intra-op threads for the run), ``pgd_restarts`` (random starts of the evaluation's PGD),
+  ``norms_n`` / ``norms_iterations`` (the per-example gradient and operator norms of every
+  trained row on that many test points, with that many power iterations).
+- ``[reading]`` states the report's honest-reading question (see :mod:`gradreg.reproduce`).
 """
 from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-BUDGETS = ("tiny", "cpu", "paper")
+from ..threat import parse_eps
+
+BUDGETS = ("tiny", "cpu", "paper", "paper-cifar10")
+EPS = "$eps"  # a penalty value (or autoattack_eps) that takes the budget's ``eps``
 
 
 @dataclass
@@ -40,6 +56,7 @@ class Row:
     penalty: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for this row
     note: str = ""  # which variant the row runs, where it departs from the cited paper (printed in the report)
+    lams: list[float] = field(default_factory=list)  # the λ grid tuned on a validation split (empty: λ as declared)
 
     @property
     def slug(self) -> str:
@@ -60,11 +77,31 @@ class Experiment:
     paper_data: str
     lrc: dict[str, Any] = field(default_factory=dict)  # the LRC columns' eps, samples, scale
     autoattack_eps: float | None = None  # the training ε: PGD and AutoAttack columns there
+    autoattack_at_budget_eps: bool = False  # autoattack_eps = "$eps": the budget's eps (set by for_budget)
+    reading: dict[str, Any] = field(default_factory=dict)  # the honest-reading question ([reading])
 
     def budget(self, name: str) -> dict[str, Any]:
         if name not in self.budgets:
             raise ValueError(f"experiment {self.name!r} has no budget {name!r} (has: {', '.join(self.budgets)})")
         return dict(self.budgets[name])
+
+    def for_budget(self, name: str) -> Experiment:
+        """This experiment with every ``"$eps"`` replaced by the budget's ``eps`` (8/255 style
+        allowed); an error if a row needs it and the budget has none."""
+        budget = self.budget(name)
+        eps = parse_eps(budget["eps"]) if "eps" in budget else None
+
+        def value(v: Any, where: str) -> Any:
+            if v != EPS:
+                return v
+            if eps is None:
+                raise ValueError(f"experiment {self.name!r}: {where} is {EPS!r} but budget {name!r} sets no eps")
+            return eps
+
+        rows = [replace(r, penalty={k: value(v, f"row {r.name!r} penalty.{k}") for k, v in r.penalty.items()})
+                for r in self.rows]
+        aa = value(EPS, "autoattack_eps") if self.autoattack_at_budget_eps else self.autoattack_eps
+        return replace(self, rows=rows, autoattack_eps=aa, autoattack_at_budget_eps=False)
 
 
 def names() -> list[str]:
@@ -86,6 +123,7 @@ def load(name: str) -> Experiment:
     missing = [s for s in raw.get("transfer_sources", []) if s not in {r.name for r in rows}]
     if missing:
         raise ValueError(f"experiment {name!r}: transfer sources {missing} are not rows")
+    aa = raw.get("autoattack_eps")
     paper = {row: [None if isinstance(v, float) and math.isnan(v) else v for v in numbers]  # nan: not reported
              + [None] * (len(raw["columns"]) - len(numbers))  # a paper may report fewer columns
              for row, numbers in raw.get("paper", {}).items()}
@@ -93,4 +131,5 @@ def load(name: str) -> Experiment:
                       transfer_sources=raw.get("transfer_sources", []), norm=raw.get("norm", "linf"),
                       budgets=raw["budgets"], rows=rows, paper=paper,
                       paper_data=raw.get("paper_data", ""), lrc=dict(raw.get("lrc", {})),
-                      autoattack_eps=float(raw["autoattack_eps"]) if "autoattack_eps" in raw else None)
+                      autoattack_eps=float(aa) if aa is not None and aa != EPS else None,
+                      autoattack_at_budget_eps=aa == EPS, reading=dict(raw.get("reading", {})))

@@ -1,0 +1,157 @@
+"""The family benchmark (issue #12, experiment family-mnist10k): its tiny budget end to end, its
+other budgets built without data, and the pieces it added (tuned λ, PGD restarts, budget ε,
+the honest reading)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gradreg import attacks, data, experiments, penalties
+from gradreg.cli import main
+from gradreg.cost import StepCost
+from gradreg.penalties import noise_aug  # noqa: F401  (registers "lrc-aug")
+from gradreg.protocols import EvalSettings, ModelEval
+from gradreg.reproduce import RowResult, autoattack_settings, honest_reading, row_config, sweep_grid
+from gradreg.sweep import SweepSpec, sweep_points
+from gradreg.threat import ThreatModel
+
+NAME = "family-mnist10k"
+ROWS = ["clean", "weight decay", "DataGrad-ℓ1", "DataGrad-ℓ2", "DataGrad-ℓ1 (fd)", "DataGrad-ℓ2 (fd)",
+        "Lyu ℓ∞ (one-step)", "MT-DataGrad", "GN", "SGR (sign Σ)", "SGR (PGD Σ)", "ARR", "TRADES",
+        "operator norm (cold)", "operator norm (warm, ours)", "spectral norm", "LRC-augmented", "FGSM-AT",
+        "PGD-AT (Madry)", "PGD-AT (SGR mixture)"]
+
+
+@pytest.mark.slow
+def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
+    """Every row, column and plot of the report, in about a minute on 2 shared cores."""
+    started = time.perf_counter()
+    assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path)]) == 0
+    elapsed = time.perf_counter() - started
+    exp = experiments.load(NAME).for_budget("tiny")
+    result = json.loads((tmp_path / "results.json").read_text())
+    report = (tmp_path / "report.md").read_text()
+    assert list(result["rows"]) == ROWS == [r.name for r in exp.rows]
+    assert result["display_columns"] == ["test", "PGD ε=0.1", "AA ε=0.1"]
+    assert "| method | test | PGD ε=0.1 | AA ε=0.1 | step ×clean | train min | checks |" in report
+    assert "PGD-5, 2 random starts and AutoAttack" in report
+    for name, row in result["rows"].items():
+        for col in ("test", "PGD ε=0.1", "AA ε=0.1"):
+            iv = row["intervals"][col]
+            assert iv["n"] == (100 if col == "test" else 50) and iv["lo"] <= iv["value"] <= iv["hi"], (name, col)
+        assert row["step_cost"]["ratio"] > 0 and row["train_seconds"] > 0, name
+        assert f"| {name} |" in report and f"- **{name}**: " in report  # a row of the table and its protocol note
+    # λ: every row says which it used and where it came from; tuned rows come from their sweep
+    lam = result["lam"]
+    assert list(lam) == ROWS
+    for r in exp.rows:
+        choice = lam[r.name]
+        if r.lams:
+            assert choice["source"] in ("sweep", "declared (sweep chose none)") and len(choice["grid"]) == 1
+            assert choice["lam"] in r.lams and (tmp_path / choice["record"] / "sweep.png").is_file()
+            sweep = json.loads((tmp_path / choice["record"] / "sweep.json").read_text())
+            assert sweep["spec"]["base"]["validation_fraction"] > 0  # tuned on a split of the training data
+            assert sweep["chosen_lam"] == (choice["lam"] if choice["source"] == "sweep" else None)
+        else:
+            assert choice["source"] == "declared" and choice["grid"] == []
+    assert "## λ of every row" in report
+    # the frontier, the norms and the honest reading
+    assert (tmp_path / "frontier.png").stat().st_size > 0 and (tmp_path / "norms.png").stat().st_size > 0
+    front, points = result["frontier"]["front"], result["frontier"]["points"]
+    cheapest = min(points, key=lambda p: (p["cost_ratio"], -p["autoattack"]))
+    assert cheapest["name"] in front and set(front) <= set(ROWS)  # the cheapest of the most robust is never dominated
+    assert [p["name"] for p in points] == ROWS and "![frontier](frontier.png)" in report
+    assert {n: [s["quantity"] for s in v] for n, v in result["norms"].items()} == {
+        n: ["grad_l1", "grad_l2", "opnorm_linf_l2"] for n in ROWS}
+    assert "![norms](norms.png)" in report
+    reading = result["reading"]
+    assert reading["sentence"] in report and reading["sentence"].startswith("Which regularizer, if any, reaches 90%")
+    candidates = [n for n, r in zip(ROWS, exp.rows) if r.method not in ("clean", "fgsm-at", "pgd-at")]
+    assert [v.split(":")[0] for v in reading["rows"]] == candidates
+    assert set(reading["reached"]) <= set(candidates)
+    print(f"tiny family benchmark: {elapsed:.0f} s")
+
+
+@pytest.mark.parametrize("budget", ["tiny", "cpu", "paper", "paper-cifar10"])
+def test_every_budget_builds_its_rows_sweeps_and_evaluation(budget: str, tmp_path: Path) -> None:
+    """No dry-run mode in reproduce: every budget is resolved, every row's training configuration
+    validates, its penalty builds, its sweep points validate, and the evaluation settings build."""
+    exp = experiments.load(NAME).for_budget(budget)
+    b = exp.budget(budget)
+    assert exp.autoattack_eps == {"tiny": 0.1, "cpu": 0.1, "paper": 0.3, "paper-cifar10": pytest.approx(8 / 255)}[budget]
+    assert b["data"] == {"tiny": "digits", "cpu": "mnist10k", "paper": "mnist", "paper-cifar10": "cifar10"}[budget]
+    if budget != "tiny":
+        assert b["seeds"] == [0, 1, 2]
+    for row in exp.rows:
+        cfg = row_config(exp, row, b, tmp_path, None)
+        assert all(v != experiments.EPS for v in cfg.penalty.values()), row.name
+        penalties.make(row.method, **row.penalty)
+        if row.lams:
+            assert row.lam in row.lams and row.lam == sweep_grid(row.lams, 1)[0], row.name
+            cfg.validation_fraction, cfg.validation_eps = 0.2, exp.autoattack_eps
+            points = sweep_points(SweepSpec(base=cfg, lams=sweep_grid(row.lams, b.get("sweep_points")), out=tmp_path))
+            assert points[0].role == "reference" and len(points) == 1 + len(sweep_grid(row.lams, b.get("sweep_points")))
+    settings = EvalSettings(pgd_restarts=int(b.get("pgd_restarts", 1)), **(autoattack_settings(exp, b) or {}))
+    settings.make_attack("pgd")
+    settings.make_autoattack()
+
+
+def test_sweep_grid_and_budget_eps() -> None:
+    assert sweep_grid([1.0, 2.0, 3.0], 1) == [2.0] and sweep_grid([1.0, 2.0, 3.0, 4.0], 1) == [2.0]
+    assert sweep_grid([1.0, 2.0, 3.0], 2) == [1.0, 3.0] and sweep_grid([1.0, 2.0, 3.0], None) == [1.0, 2.0, 3.0]
+    assert sweep_grid([1.0, 2.0, 3.0, 4.0, 5.0], 3) == [1.0, 3.0, 5.0]
+    with pytest.raises(ValueError, match="sweep_points"):
+        sweep_grid([1.0, 2.0], 0)
+    exp = experiments.load(NAME)
+    exp.budgets["noeps"] = {"data": "digits"}
+    with pytest.raises(ValueError, match="sets no eps"):
+        exp.for_budget("noeps")
+    other = experiments.load("sgr-mnist")
+    assert other.for_budget("tiny").autoattack_eps == 0.1  # experiments without "$eps" are unchanged
+
+
+def test_pgd_restarts_never_find_fewer_examples(digits_mlp: torch.nn.Module, digits: data.DataBundle) -> None:
+    x, y = digits.test_x[:200], digits.test_y[:200]
+    threat = ThreatModel("linf", 0.05, digits.bounds)
+    fooled = []
+    for restarts in (1, 4):
+        attack = attacks.make("pgd", steps=3, restarts=restarts, seed=0)
+        fooled.append(attack.success_curve(digits_mlp, x, y, threat, [0.05])[0])
+    assert (fooled[1] | ~fooled[0]).all()  # every point one walk breaks, the restarts break too
+    assert fooled[1].sum() >= fooled[0].sum()
+    with pytest.raises(ValueError, match="restarts"):
+        attacks.make("pgd", restarts=2, random_start=False)
+
+
+def _row(name: str, method: str, aa: list[int], cost: float) -> RowResult:
+    flags = torch.tensor(aa, dtype=torch.bool)
+    ev = ModelEval(name=name, eps=[0.0], clean=1.0, curves={}, clean_flags=torch.ones(len(aa), dtype=torch.bool),
+                   autoattack=[{"eps": 0.1, "pgd_bits": "1" * len(aa)}], aa_flags={0.1: flags})
+    return RowResult(name, method, [ev], [1.0], [1.0], step_cost=StepCost(cost, cost, cost, cost, 3))
+
+
+def test_honest_reading_follows_the_paired_test() -> None:
+    n = 400
+    pgd_at = [1] * 200 + [0] * 200  # 50 %: the bar is 45 %
+    results = {"clean": _row("clean", "clean", [0] * n, 1.0),
+               "PGD-AT": _row("PGD-AT", "pgd-at", pgd_at, 10.0),
+               "A": _row("A", "gn", [1] * 260 + [0] * 140, 2.0),  # 65 %, cheap: reaches the bar
+               "B": _row("B", "gn", [1] * 182 + [0] * 218, 2.0),  # 45.5 %, cheap: not distinguishable
+               "C": _row("C", "gn", [1] * 100 + [0] * 300, 2.0),  # 25 %, cheap: falls short
+               "D": _row("D", "trades", [1] * 300 + [0] * 100, 8.0)}  # 75 % but 80 % of the cost
+    spec = {"reference": "PGD-AT", "accuracy_fraction": 0.9, "cost_fraction": 0.35,
+            "exclude_methods": ["clean", "pgd-at"]}
+    got = honest_reading(spec, results, "AA ε=0.1")
+    assert got["reached"] == ["A"] and got["undecided"] == ["B"]
+    assert "**A**" in got["sentence"] and got["reference_autoattack"] == 0.5
+    verdicts = dict(v.split(": ", 1) for v in got["rows"])
+    assert "reaches the bar" in verdicts["A"] and "not distinguishable" in verdicts["B"]
+    assert "falls short" in verdicts["C"] and "over the 35% bar" in verdicts["D"]
+    del results["A"]
+    assert "**None established**: B is within the cost bar" in honest_reading(spec, results, "AA ε=0.1")["sentence"]
+    results["PGD-AT"] = _row("PGD-AT", "pgd-at", [0] * n, 10.0)
+    assert "Void here" in honest_reading(spec, results, "AA ε=0.1")["sentence"]
