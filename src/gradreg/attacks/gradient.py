@@ -53,9 +53,8 @@ class PGD(Attack):
     ``sweep`` decides how :meth:`perturb_multi` answers several radii with carry-over:
     ``"carry"`` is the base class's loop (every input still robust is attacked afresh at every
     radius, in increasing order); ``"fast"`` places each input on the curve by bisection with
-    warm starts and early stops (:mod:`gradreg.attacks.curves`; about 2× one radius instead of
-    6× for 8 radii, the curve within 0.5 points of the fresh one, see its docstring for what it
-    assumes). The fast sweep applies to untargeted PGD with more than one step, the ``eval``
+    early stops (:mod:`gradreg.attacks.curves`, our design; see ``BENCHMARKS.md`` for its cost
+    and its gap to fresh PGD, and its docstring for what it assumes). The fast sweep applies to untargeted PGD with more than one step, the ``eval``
     BatchNorm policy and at least two radii > 0; otherwise, and always for
     ``carry_over=False`` (the raw per-ε curve, transfer), the attack runs as ``"carry"``.
     """
