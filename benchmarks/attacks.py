@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def update_section(path: Path, section: str) -> None:
-    """Replace our section (from its heading to the next ``## `` heading) or append it."""
+def update_section(path: Path, section: str, heading: str = SECTION) -> None:
+    """Replace the section ``heading`` (from it to the next ``## `` heading) or append it."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text, count=1)
     else:

@@ -77,7 +77,8 @@ class EvalSettings:
     # for the masking check; the reported (cumulative) curve is derived from the same run, so
     # nothing is attacked twice. Cost: every input at every ε > 0 instead of only the inputs
     # still robust (1.5× the PGD time for the digits C&W test model, PGD-40; up to (K−1)× for a
-    # model that falls at the first ε). False: the cheaper carry-over run, no raw curve.
+    # model that falls at the first ε). False: the cheaper carry-over run, no raw curve (for PGD
+    # the fast bisection sweep of gradreg.attacks.curves, which cannot show a rising curve).
     raw_pgd: bool = True
 
     def grid(self, data_name: str) -> list[float]:

@@ -27,15 +27,20 @@ Example::
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from ..modes import BNPolicy
-from ..threat import ThreatModel
+from ..modes import BNPolicy, run_mode
+from ..threat import ThreatModel, parse_eps
 from . import ATTACKS
 from ..inference import predict
 from .base import Attack, Labels
+from .curves import bisection_sweep
 from .pgd_core import ce_loss, pgd
+
+SWEEPS = ("fast", "carry")
 
 
 class PGD(Attack):
@@ -46,12 +51,21 @@ class PGD(Attack):
     ``rel_stepsize=1`` this is FGSM/FGM. ``restarts=R`` (untargeted, random start) runs the walk
     R times from fresh random starts; each sample keeps the first example that changes its class
     (the last walk's if none does), so R restarts never find fewer examples than one.
+
+    ``sweep`` decides how :meth:`perturb_multi` answers several radii with carry-over:
+    ``"carry"`` is the base class's loop (every input still robust is attacked afresh at every
+    radius, in increasing order); ``"fast"`` places each input on the curve by bisection with
+    early stops (:mod:`gradreg.attacks.curves`, our design; see ``BENCHMARKS.md`` for its cost
+    and its gap to fresh PGD, and its docstring for what it assumes). The fast sweep applies to
+    untargeted PGD with more than one step, the ``eval``
+    BatchNorm policy, one restart and at least two radii > 0; otherwise, and always for
+    ``carry_over=False`` (the raw per-ε curve, transfer), the attack runs as ``"carry"``.
     """
 
     def __init__(self, *, name: str = "pgd", norms: tuple[str, ...] = ("linf", "l2"), steps: int = 40,
                  rel_stepsize: float | None = None, random_start: bool = True, targeted: bool = False,
                  targets: str = "random", labels: Labels = "true", bn_policy: BNPolicy = "eval",
-                 seed: int = 0, restarts: int = 1) -> None:
+                 seed: int = 0, restarts: int = 1, sweep: str = "carry") -> None:
         super().__init__(name=name, norms=norms, labels=labels, bn_policy=bn_policy, seed=seed)
         if int(steps) < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
@@ -67,7 +81,31 @@ class PGD(Attack):
         if targets not in TARGETS:
             raise ValueError(f"targets must be one of {', '.join(TARGETS)}, got {targets!r}")
         self.targets = targets
+        if sweep not in SWEEPS:
+            raise ValueError(f"sweep must be one of {', '.join(SWEEPS)}, got {sweep!r}")
+        self.sweep = sweep
         self.deterministic = not (self.random_start or self.targeted)
+
+    def perturb_multi(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel,
+                      eps_list: Sequence[float], *, carry_over: bool = True) -> torch.Tensor:
+        """As :meth:`Attack.perturb_multi`; with ``sweep="fast"`` (where it applies, see the class
+        docstring) the carry-over curve comes from :func:`gradreg.attacks.curves.bisection_sweep`."""
+        eps_values = [parse_eps(e) for e in eps_list]
+        if not (carry_over and self.fast_sweep_applies(eps_values)):
+            return super().perturb_multi(model, x, y, threat, eps_values, carry_over=carry_over)
+        self.check_threat(threat)
+        x = x.detach()
+        with run_mode(model, self.bn_policy), torch.enable_grad():
+            y_att = self.attack_labels(model, x, y)
+            return bisection_sweep(model, x, y_att, threat, eps_values, steps=self.steps,
+                                   rel_stepsize=self.rel_stepsize, random_start=self.random_start,
+                                   generator=self.generator())
+
+    def fast_sweep_applies(self, eps_values: Sequence[float]) -> bool:
+        """Whether :meth:`perturb_multi` with carry-over runs the fast sweep for these radii."""
+        # one restart: the bisection's attempts are single walks (restarts keep the carry loop)
+        return (self.sweep == "fast" and not self.targeted and self.steps > 1 and self.bn_policy == "eval"
+                and self.restarts == 1 and len({e for e in eps_values if e > 0}) > 1)
 
     def _perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel) -> torch.Tensor:
         gen = self.generator()
@@ -149,11 +187,13 @@ def fgm(*, labels: Labels = "true", bn_policy: BNPolicy = "eval") -> PGD:
 
 @ATTACKS.register("pgd")
 def pgd_attack(*, steps: int = 40, rel_stepsize: float | None = None, random_start: bool = True,
-               labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0, restarts: int = 1) -> PGD:
+               labels: Labels = "true", bn_policy: BNPolicy = "eval", seed: int = 0, restarts: int = 1,
+               sweep: str = "fast") -> PGD:
     """PGD (Madry et al. 2018), ℓ∞/ℓ2, random start, step size rel_stepsize·ε (default 2.5/steps),
-    ``restarts`` random starts (a sample counts as broken if any of them breaks it)."""
+    ``restarts`` random starts (a sample counts as broken if any of them breaks it); several radii
+    by the fast bisection sweep (``sweep="carry"``: every radius afresh)."""
     return PGD(name="pgd", steps=steps, rel_stepsize=rel_stepsize, random_start=random_start, labels=labels,
-               bn_policy=bn_policy, seed=seed, restarts=restarts)
+               bn_policy=bn_policy, seed=seed, restarts=restarts, sweep=sweep)
 
 
 @ATTACKS.register("tpgd")

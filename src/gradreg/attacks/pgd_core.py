@@ -108,3 +108,50 @@ def pgd(
             g = input_gradient(model, x_adv, loss_fn)
             x_adv = ascent_step(threat, x, x_adv, g, step, eps_t)
     return x_adv.detach()
+
+
+def pgd_until_fooled(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: ThreatModel,
+    *,
+    steps: int,
+    rel_stepsize: float,
+    eps: torch.Tensor | float,
+    start: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Untargeted PGD on the cross-entropy of ``y`` (the iteration of :func:`pgd`, from
+    ``start``) in which every row stops at its first iterate not classified as ``y``.
+
+    Returns ``(x_adv, fooled)``: ``x_adv`` ``(N, ...)`` is that first misclassified iterate where
+    ``fooled`` ``(N,)`` is True, else the last iterate. A row's iterates are those of :func:`pgd`
+    from the same start, so stopping early can only add successes (the final iterate of a row
+    that was misclassified on the way may be classified correctly again) and saves the steps of
+    the rows already broken. The model runs in its current mode (the caller's BatchNorm
+    policy); ``eps`` may be per sample ``(N,)``. Each step costs one forward and one backward
+    pass over the rows still classified as ``y``; the last iterate costs one forward pass.
+    """
+    eps_t = threat.eps_tensor(x, eps)  # (N,)
+    step = (rel_stepsize * eps_t).view(-1, *([1] * (x.dim() - 1)))  # (N, 1, ..., 1)
+    x = x.detach()
+    x_adv = threat.project(x, start.detach(), eps_t)  # (N, ...)
+    fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)  # (N,)
+    active = torch.arange(len(x), device=x.device)  # (A,) rows still classified as y
+    for t in range(steps + 1):
+        if not active.numel():
+            break
+        last = t == steps
+        with torch.set_grad_enabled(not last):
+            xa = x_adv[active].requires_grad_(not last)  # (A, ...)
+            logits = model(xa)  # (A, K)
+            hit = logits.argmax(dim=1) != y[active]  # (A,)
+            fooled[active[hit]] = True
+            if last:
+                break
+            loss = F.cross_entropy(logits, y[active], reduction="none").sum()
+            (g,) = torch.autograd.grad(loss, xa)
+        keep = ~hit
+        active = active[keep]
+        x_adv[active] = ascent_step(threat, x[active], xa.detach()[keep], g[keep], step[active], eps_t[active])
+    return x_adv.detach(), fooled

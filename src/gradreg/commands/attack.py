@@ -24,7 +24,7 @@ HELP = "robust accuracy of a trained run under an attack, for a list of ε"
 # flag dest → attack factory parameter (passed only when given and accepted by the attack)
 _PARAM_FLAGS = {"steps": "steps", "rel_stepsize": "rel_stepsize", "random_start": "random_start",
                 "samples": "samples", "zeta_px": "zeta_px", "seed": "seed", "aa_version": "version",
-                "bn_policy": "bn_policy"}
+                "bn_policy": "bn_policy", "sweep": "sweep"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="step size relative to ε (pgd, tpgd; default 2.5/steps)")
     parser.add_argument("--random-start", dest="random_start", action=argparse.BooleanOptionalAction,
                         default=None, help="random start in the ball (pgd, tpgd; default on)")
+    parser.add_argument("--sweep", choices=("fast", "carry"), default=None,
+                        help="several radii (pgd): fast = per-example bisection with warm starts (default), "
+                             "carry = every still-robust input attacked afresh at every radius")
     parser.add_argument("--samples", type=int, default=None, help="worst-of-k copies (lrc, uniform, gaussian)")
     parser.add_argument("--zeta-px", dest="zeta_px", type=float, default=None, help="LRC decay length in pixels")
     parser.add_argument("--seed", type=int, default=None, help="seed of random attacks")
