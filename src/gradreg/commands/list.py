@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
             extra = f"  [plugin: {origin}]" if origin else ""
             if key == "data" and data.train_defaults(name):
                 d = data.train_defaults(name)
-                extra += f"  (train defaults: {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g})"
+                schedule = f", {d['schedule']} schedule" if "schedule" in d else ""
+                extra += f"  (train defaults: {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']:g}{schedule})"
             print(f"  {name:<16} {doc}{extra}")
     return 0

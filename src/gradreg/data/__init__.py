@@ -17,11 +17,14 @@ from . import augment, download, external, stream  # noqa: E402,F401  (gradreg.d
 AUX_TASKS = ("parity",)
 
 # Training defaults per data set for `gradreg train` (our choices; flags, TOML and --set win).
-# digits: the C&W CNN reaches ≥ 97 % test accuracy with these (measured, see the README);
-# the others follow the experiments' budgets (src/gradreg/experiments/*.toml).
-TRAIN_DEFAULTS: dict[str, dict[str, float | int]] = {
+# With the C&W CNN, digits reaches ≥ 97 % and MNIST-10k ≥ 98 % test accuracy with these
+# (measured, one seed each, see the README); the others follow the experiments' budgets
+# (src/gradreg/experiments/*.toml).
+TRAIN_DEFAULTS: dict[str, dict[str, float | int | str]] = {
     "digits": {"epochs": 12, "batch_size": 64, "lr": 1e-3},
-    "mnist10k": {"epochs": 8, "batch_size": 128, "lr": 1e-3},
+    # 8 epochs at a constant rate ended at 97.8 % (it was 98.25 % one epoch earlier): the cosine
+    # schedule lets the last epochs settle instead of ending on a noisy step
+    "mnist10k": {"epochs": 10, "batch_size": 128, "lr": 1e-3, "schedule": "cosine"},
     "mnist": {"epochs": 8, "batch_size": 128, "lr": 1e-3},
     "fashion-mnist": {"epochs": 8, "batch_size": 128, "lr": 1e-3},
     "cifar10": {"epochs": 100, "batch_size": 128, "lr": 1e-3},
@@ -29,7 +32,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, float | int]] = {
 }
 
 
-def train_defaults(name: str) -> dict[str, float | int]:
+def train_defaults(name: str) -> dict[str, float | int | str]:
     """Training defaults of a data set (empty for external data and plugins without any)."""
     return dict(TRAIN_DEFAULTS.get(name, {}))
 
