@@ -1,4 +1,4 @@
-"""The family benchmark (issue #12, experiment family-mnist10k): its tiny budget end to end, its
+"""The family benchmark (experiment family-mnist10k): its tiny budget end to end, its
 other budgets built without data, and the pieces it added (tuned λ, PGD restarts, budget ε,
 the honest reading)."""
 from __future__ import annotations
