@@ -191,12 +191,9 @@ def carve_validation(stream: StreamingData, *, fraction: float) -> StreamingData
     """:func:`gradreg.data.validation.carve_validation` for streamed data: the same stratified split
     of the training labels; the validation part is read into memory, the rest is streamed."""
     from .external import _dataset_tensors
-    from .validation import VALIDATION_SEED
+    from .validation import validation_indices
 
-    try:
-        tr, va = stratified_split(stream.train_y.numpy(), test_fraction=fraction, seed=VALIDATION_SEED)
-    except ValueError as err:
-        raise ValueError(f"cannot carve a {fraction:g} validation split from {len(stream.train_y)} training points: {err}") from None
+    tr, va = validation_indices(stream.train_y, fraction=fraction)
     val_x, val_y = _dataset_tensors(Subset(stream.train, va.tolist()), f"{stream.name} (validation)")
     return StreamingData(name=f"{stream.name}[validation {fraction:g}]", train=Subset(stream.train, tr.tolist()),
                          train_y=stream.train_y[torch.as_tensor(tr)], test_x=val_x, test_y=val_y,
