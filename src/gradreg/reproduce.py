@@ -561,7 +561,8 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
     else:
         parts.append("A cell reads 'accuracy [95 % interval]': Wilson's interval on the n test points (for a grid "
                      "average, Wilson's interval at its mean, which is at least as wide as needed).")
-    parts.append("Paper numbers are in parentheses.")
+    if exp.paper:
+        parts.append("Paper numbers are in parentheses.")
     if exp.autoattack_eps is not None:
         restarts = f", {settings.pgd_restarts} random starts" if settings.pgd_restarts > 1 else ""
         parts.append(f"'PGD ε={exp.autoattack_eps:g}' and 'AA ε={exp.autoattack_eps:g}': PGD-{settings.pgd_steps}"
