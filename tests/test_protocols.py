@@ -18,6 +18,7 @@ from gradreg.judge import evaluate_attack
 from gradreg.protocols import (
     EvalSettings,
     ModelEval,
+    cached_evaluation,
     default_grid,
     evaluate_model,
     masking_checks,
@@ -253,3 +254,31 @@ def test_autoattack_is_built_once_and_resumes_finished_batches(digits_cw: nn.Mod
     again = evaluate_model(digits_cw, digits, settings, name="cw")
     assert len(calls) == 1 and calls[0] <= 10  # one batch (less its clean mistakes) attacked again
     assert again.autoattack[0]["accuracy"] == first.autoattack[0]["accuracy"]
+
+
+def test_a_finished_evaluation_is_read_back_not_recomputed(digits_cw: nn.Module, digits_mlp: nn.Module, digits,  # type: ignore[no-untyped-def]
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gradreg.protocols as protocols
+
+    settings = EvalSettings(attacks=("pgd", "uniform"), pgd_steps=3, n_test=40, deepfool=True)
+    cache = tmp_path / "cw.json"
+    first, reused = cached_evaluation(digits_cw, digits, settings, cache=cache, name="cw")
+    assert not reused and cache.is_file()
+    runs: list[str] = []
+    original = protocols.evaluate_model
+    monkeypatch.setattr(protocols, "evaluate_model", lambda *a, **k: runs.append(k["name"]) or original(*a, **k))
+    again, reused = cached_evaluation(digits_cw, digits, settings, cache=cache, name="cw")
+    assert reused and runs == []
+    # everything a report reads survives the round trip: accuracies, outcomes, intervals, checks
+    assert again.to_dict() == json.loads(json.dumps(first.to_dict()))
+    assert torch.equal(again.flags["pgd"], first.flags["pgd"]) and torch.equal(again.clean_flags, first.clean_flags)
+    assert again.average_interval("pgd") == first.average_interval("pgd")
+    # another model, other settings or a torn file: attacked again, never a stale answer
+    _, reused = cached_evaluation(digits_mlp, digits, settings, cache=cache, name="cw")
+    assert not reused and runs == ["cw"]
+    stronger = EvalSettings(**{**settings.__dict__, "pgd_steps": 5})
+    _, reused = cached_evaluation(digits_mlp, digits, stronger, cache=cache, name="cw")
+    assert not reused and len(runs) == 2
+    cache.write_text(cache.read_text()[:50])
+    _, reused = cached_evaluation(digits_mlp, digits, stronger, cache=cache, name="cw")
+    assert not reused and len(runs) == 3

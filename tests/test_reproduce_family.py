@@ -74,6 +74,18 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
     assert [v.split(":")[0] for v in reading["rows"]] == candidates
     assert set(reading["reached"]) <= set(candidates)
     print(f"tiny family benchmark: {elapsed:.0f} s")
+    # a re-run (an interrupted one resumed) reuses every finished training *and* evaluation
+    assert sorted(p.stem for p in (tmp_path / "evaluations" / "s0").glob("*.json")) == sorted(r.slug for r in exp.rows)
+    import gradreg.protocols as protocols
+
+    def no_attack(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a finished evaluation was attacked again")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols, "evaluate_model", no_attack)
+        assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert {n: r["intervals"] for n, r in again["rows"].items()} == {n: r["intervals"] for n, r in result["rows"].items()}
 
 
 @pytest.mark.parametrize("budget", ["tiny", "cpu", "paper", "paper-cifar10"])

@@ -190,9 +190,30 @@ class ModelEval:
         return out
 
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelEval:
+        """The inverse of :meth:`to_dict` (intervals are recomputed from the outcomes)."""
+        outcomes = d.get("outcomes") or {}
+        clean_bits = outcomes.get("clean")
+        return cls(name=d["name"], eps=[float(e) for e in d["eps"]], clean=float(d["clean"]),
+                   curves={a: [float(v) for v in c] for a, c in d["curves"].items()},
+                   raw_curves={a: [float(v) for v in c] for a, c in (d.get("raw_curves") or {}).items()},
+                   rho=d.get("rho"), autoattack=d.get("autoattack"), unbounded=d.get("unbounded"),
+                   checks=[Check(**c) for c in d.get("checks", [])],
+                   clean_flags=unbits(clean_bits) if clean_bits is not None else None,
+                   flags={a: torch.stack([unbits(r) for r in rows]) if rows else torch.zeros(0, 0, dtype=torch.bool)
+                          for a, rows in (outcomes.get("curves") or {}).items()},
+                   aa_flags={float(e): unbits(b) for e, b in (outcomes.get("autoattack") or {}).items()})
+
+
 def bits(flags: torch.Tensor) -> str:
     """``(n,)`` bool → ``"0110…"`` (compact per-example outcomes in JSON)."""
     return "".join("1" if v else "0" for v in flags.tolist())
+
+
+def unbits(text: str) -> torch.Tensor:
+    """``"0110…"`` → ``(n,)`` bool (the inverse of :func:`bits`)."""
+    return torch.tensor([c == "1" for c in text], dtype=torch.bool)
 
 
 def test_subset(bundle: DataBundle, n_test: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,6 +297,38 @@ def evaluate_model(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
         run_autoattack(model, x, y, threat, bundle, settings, result)
     result.checks = masking_checks(result, tolerance=settings.tolerance)
     return result
+
+
+def evaluation_key(model: nn.Module, bundle: DataBundle, settings: EvalSettings, name: str) -> dict[str, Any]:
+    """What an evaluation depends on: the model's weights, the data and every setting (the
+    AutoAttack cache folder aside: where batches are kept does not change what they hold)."""
+    fields = {k: v for k, v in vars(settings).items() if k != "aa_cache"}
+    fields["attacks"] = list(fields["attacks"])
+    test_fp = hashlib.sha256(bundle.test_x.contiguous().numpy().tobytes()).hexdigest()[:16]
+    return {"model": fingerprint(model), "data": bundle.name, "test": test_fp, "name": name,
+            "settings": json.loads(json.dumps(fields, default=str))}
+
+
+def cached_evaluation(model: nn.Module, bundle: DataBundle, settings: EvalSettings, *, cache: Path,
+                      name: str = "model", progress: bool | None = None) -> tuple[ModelEval, bool]:
+    """:func:`evaluate_model`, kept in the JSON file ``cache``: a second call with the same model,
+    data and settings reads the result instead of attacking again (so a long ``reproduce`` that is
+    interrupted after its evaluations does not redo them). A torn, foreign or stale file is
+    recomputed and replaced. Returns the evaluation and whether it came from the file."""
+    key = evaluation_key(model, bundle, settings, name)
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return ModelEval.from_dict(saved["eval"]), True
+        except (ValueError, KeyError, TypeError):
+            pass
+    ev = evaluate_model(model, bundle, settings, name=name, progress=progress)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "eval": ev.to_dict()}))
+    tmp.replace(cache)  # atomic: an interrupt never leaves half a file
+    return ev, False
 
 
 def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: ThreatModel, bundle: DataBundle,

@@ -47,7 +47,7 @@ from .frontier import FrontierPoint, plot_frontier
 from .protocols import (
     EvalSettings,
     ModelEval,
-    evaluate_model,
+    cached_evaluation,
     fingerprint,
     lrc_covariance_curve,
     lrc_curves,
@@ -368,7 +368,10 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
             log(f"[{i}/{len(chosen)}] evaluating {row.name}, seed {seed}")
             if aa is not None:
                 settings.aa_cache = str(out / "autoattack" / f"s{seed}")
-            ev = evaluate_model(loaded.model, bundle, settings, name=row.name, progress=False)
+            ev, reused = cached_evaluation(loaded.model, bundle, settings, name=row.name, progress=False,
+                                           cache=out / "evaluations" / f"s{seed}" / f"{row.slug}.json")
+            if reused:
+                log(f"[{i}/{len(chosen)}] {row.name}, seed {seed}: reusing its finished evaluation")
             res.evals.append(ev)
             res.train_seconds.append(float(loaded.metrics.get("train_seconds", float("nan"))))
             res.test_accuracy.append(float(loaded.metrics.get("test_accuracy", ev.clean)))
