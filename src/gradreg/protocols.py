@@ -231,6 +231,15 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` through a temporary file and a rename, so that an interrupt
+    leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    tmp.replace(path)
+
+
 def resumable_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Attack, threat: ThreatModel,
                     eps: float, settings: EvalSettings, *, cache: Path | None, key: dict[str, Any]) -> torch.Tensor:
     """Robust flags ``(N,)`` at one ε, batch by batch; with ``cache`` every finished batch is
@@ -255,10 +264,7 @@ def resumable_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
                                   progress=False)
             part = bits(rep.robust[0])
             done[str(i)] = part
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"key": key, "batches": done}))
-            tmp.replace(cache)  # atomic: an interrupt never leaves half a file
+            write_json_atomic(cache, {"key": key, "batches": done})
         out[i:i + len(part)] = torch.tensor([c == "1" for c in part])
     return out
 
@@ -324,10 +330,7 @@ def cached_evaluation(model: nn.Module, bundle: DataBundle, settings: EvalSettin
         except (ValueError, KeyError, TypeError):
             pass
     ev = evaluate_model(model, bundle, settings, name=name, progress=progress)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "eval": ev.to_dict()}))
-    tmp.replace(cache)  # atomic: an interrupt never leaves half a file
+    write_json_atomic(cache, {"key": key, "eval": ev.to_dict()})
     return ev, False
 
 
