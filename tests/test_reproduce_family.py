@@ -167,3 +167,20 @@ def test_honest_reading_follows_the_paired_test() -> None:
     assert "**None established**: B is within the cost bar" in honest_reading(spec, results, "AA ε=0.1")["sentence"]
     results["PGD-AT"] = _row("PGD-AT", "pgd-at", [0] * n, 10.0)
     assert "Void here" in honest_reading(spec, results, "AA ε=0.1")["sentence"]
+
+
+def test_the_lambda_table_flags_a_choice_at_the_end_of_its_grid() -> None:
+    from gradreg.reproduce import LamChoice, grid_edge, tuning_lines
+
+    grid = (0.1, 1.0, 10.0)
+    top = LamChoice(10.0, "sweep", "rule", grid, "sweeps/gn")
+    inner = LamChoice(1.0, "sweep", "rule", grid, "sweeps/sgr")
+    bottom = LamChoice(0.1, "sweep", "rule", grid, "sweeps/arr")
+    fallback = LamChoice(1.0, "declared (sweep chose none)", "rule", grid, "sweeps/x")
+    single = LamChoice(1.0, "sweep", "rule", (1.0,), "sweeps/y")
+    assert [grid_edge(c) for c in (top, inner, bottom, fallback, single)] == ["upper", None, "lower", None, None]
+    text = "\n".join(tuning_lines({"GN": top, "SGR": inner, "ARR": bottom}, {"GN": "gn", "SGR": "sgr", "ARR": "arr"}))
+    assert "| GN | gn | 10 (upper end) |" in text and "| SGR | sgr | 1 |" in text and "| ARR | arr | 0.1 (lower end) |" in text
+    assert "2 of 3 swept rows chose an end of their grid (GN, ARR)" in text
+    quiet = "\n".join(tuning_lines({"SGR": inner}, {"SGR": "sgr"}))
+    assert "end of their grid" not in quiet

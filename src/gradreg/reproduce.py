@@ -782,18 +782,36 @@ def _curve_band(res: RowResult, attack: str) -> tuple[list[float], list[float]]:
 
 def tuning_lines(tuning: dict[str, LamChoice], methods: dict[str, str]) -> list[str]:
     """The report's section that says which λ every row used and where it came from."""
-    rows = []
+    rows, edges = [], []
     for name, c in tuning.items():
         if name not in methods:
             continue
         lam = "default" if c.lam is None else f"{c.lam:g}"
         grid = ", ".join(f"{v:g}" for v in c.grid) or "–"
         where = f"{c.source}; {c.detail}" + (f" ({c.record}/sweep.md)" if c.record else "")
+        edge = grid_edge(c)
+        if edge:
+            lam += f" ({edge} end)"
+            edges.append(name)
         rows.append([name, methods[name], lam, grid, where])
-    return ["## λ of every row", "",
-            "λ of a row with a grid is `gradreg sweep`'s choice on a validation split carved from the training data "
-            "(the test split is never used), at the budget's seed; the other rows keep the λ of their protocol.", "",
-            markdown_table(["row", "method", "λ", "grid", "from"], rows), ""]
+    lines = ["## λ of every row", "",
+             "λ of a row with a grid is `gradreg sweep`'s choice on a validation split carved from the training data "
+             "(the test split is never used), at the budget's seed; the other rows keep the λ of their protocol.", "",
+             markdown_table(["row", "method", "λ", "grid", "from"], rows), ""]
+    if edges:
+        lines += [f"{len(edges)} of {sum(1 for c in tuning.values() if len(c.grid) > 1)} swept rows chose an end of "
+                  f"their grid ({', '.join(edges)}): the rule's best λ may lie outside the grid, so these rows may be "
+                  "under- or over-regularized; a wider grid would tell.", ""]
+    return lines
+
+
+def grid_edge(choice: LamChoice) -> str | None:
+    """"upper" or "lower" when the sweep chose an end of a grid of several λ, else None."""
+    if choice.source != "sweep" or choice.lam is None or len(choice.grid) < 2:
+        return None
+    if math.isclose(choice.lam, max(choice.grid)):
+        return "upper"
+    return "lower" if math.isclose(choice.lam, min(choice.grid)) else None
 
 
 def frontier_points(results: dict[str, RowResult], aa_column: str) -> list[FrontierPoint]:
