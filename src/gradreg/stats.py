@@ -17,7 +17,8 @@ interval, and a claim that one method beats another rests on a paired test on th
 - Paired comparison over seeds: a **paired bootstrap over test points** (our choice): the
   points are resampled with replacement jointly for every seed of both methods, the statistic
   is the difference of seed-mean accuracies, and the two-sided p-value is twice the smaller
-  tail mass beyond 0.
+  tail mass beyond 0, with the usual +1 correction of a Monte-Carlo p-value (never 0: at
+  least 2/(B + 1) for B draws).
 
 A difference is stated only when its test gives p < α (0.05); otherwise reports say "not
 distinguishable at this n".
@@ -215,5 +216,8 @@ def _bootstrap(fa: np.ndarray, fb: np.ndarray, *, a: str, b: str, rounds: int, s
     if np.all(per_point == 0):
         p = 1.0
     else:
-        p = min(1.0, 2 * min(float((draws <= 0).mean()), float((draws >= 0).mean())))
+        # two-sided Monte-Carlo p-value with the +1 correction (Davison & Hinkley 1997, §4.2):
+        # never 0 — with B draws the smallest p it can report is 2/(B + 1)
+        tail = min(int((draws <= 0).sum()), int((draws >= 0).sum()))
+        p = min(1.0, 2 * (tail + 1) / (rounds + 1))
     return Comparison(a=a, b=b, diff=observed, p_value=p, test="paired-bootstrap", n=int(n))
