@@ -213,3 +213,19 @@ def test_step_cost_comes_from_interleaved_rounds_and_never_shows_more_work_as_ch
     finally:
         handle.remove()
     assert real["clean"].ratio == 1.0 and real["PGD-AT"].ratio > 4.0
+    # a method that does the clean step and more is never shown cheaper than clean: a median
+    # below 1 (timing noise, e.g. weight decay's 0.99×) is shown as 1 beside the measured value
+    from gradreg.cost import StepCost, floor_at_clean
+
+    noisy = StepCost(ratio=0.99, lo=0.97, hi=1.02, seconds=0.05, rounds=10)
+    shown = floor_at_clean(noisy)
+    assert (shown.ratio, shown.measured, shown.lo, shown.hi) == (1.0, 0.99, 0.97, 1.02)
+    assert shown.text() == "1.00× (measured 0.99×) [0.97, 1.02]" and shown.as_dict()["measured"] == 0.99
+    assert floor_at_clean(real["PGD-AT"]) == real["PGD-AT"]
+    import gradreg.reproduce as reproduce
+
+    with pytest.MonkeyPatch.context() as mp:  # the measurement says PGD-AT is cheaper than clean
+        mp.setattr(reproduce, "interleaved_costs", lambda steps, **kw: {"clean": StepCost(1.0, 1.0, 1.0, 0.05, 2),
+                                                                        "PGD-AT": noisy})
+        cheap = step_costs(exp, rows, budget, Path("/tmp/unused"), None, rounds=2)
+    assert cheap["PGD-AT"] == shown and cheap["clean"].measured is None
