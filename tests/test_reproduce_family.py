@@ -85,6 +85,10 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
         mp.setattr(protocols, "evaluate_model", no_attack)
         assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path)]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
+    trainings = len(ROWS) + len(list((tmp_path / "sweeps" / "runs").iterdir()))  # rows, sweep points, clean references
+    assert (f"It reused {trainings} of {trainings} trainings (sweep points included) and {len(ROWS)} of {len(ROWS)} "
+            "model evaluations") in (tmp_path / "report.md").read_text()
+    assert "It reused" not in report  # the first invocation did everything itself
     assert {n: r["intervals"] for n, r in again["rows"].items()} == {n: r["intervals"] for n, r in result["rows"].items()}
 
 

@@ -201,7 +201,7 @@ def sweep_grid(lams: list[float], points: int | None) -> list[float]:
 
 
 def tune_rows(exp: experiments.Experiment, rows: list[experiments.Row], budget: dict[str, Any], out: Path,
-              data_dir: str | None, log: Callable[[str], None]) -> dict[str, LamChoice]:
+              data_dir: str | None, log: Callable[[str], None], reuse: Reuse | None = None) -> dict[str, LamChoice]:
     """Every row's λ: for a row with a grid (``lams``), ``gradreg sweep``'s choice on a validation
     split carved from the training data (its rule, ``sweep_rule`` / ``sweep_tolerance_points``
     of the budget, validation PGD at the training ε); the declared λ if it has no grid or the
@@ -225,7 +225,9 @@ def tune_rows(exp: experiments.Experiment, rows: list[experiments.Row], budget: 
         points = sweep_points(spec)
         for point in points:
             if not is_finished(point):
-                _ensure_trained(point.config, f"sweep {row.name}: {point.name}", log)
+                _ensure_trained(point.config, f"sweep {row.name}: {point.name}", log, reuse)
+            elif reuse is not None:
+                reuse.training(Path(point.config.out), done=True)
         result = gather(spec, points)
         record = out / "sweeps" / row.slug
         write_records(result, record)
@@ -277,10 +279,41 @@ def display_columns(exp: experiments.Experiment) -> list[tuple[str, int | None]]
     return cols[:at] + extra + cols[at:]
 
 
-def _ensure_trained(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Path:
+@dataclass
+class Reuse:
+    """How much of a ``reproduce`` invocation's work was already done by an earlier one (the
+    report says so next to its time, which counts only this invocation)."""
+
+    runs: dict[str, bool] = field(default_factory=dict)  # run folder → finished before this invocation
+    evaluations: int = 0
+    reused_evaluations: int = 0
+
+    def training(self, run_dir: Path, *, done: bool) -> None:
+        self.runs.setdefault(str(run_dir), done)  # a run met twice (the sweeps' shared clean reference) counts once
+
+    @property
+    def trainings(self) -> int:
+        return len(self.runs)
+
+    @property
+    def reused_trainings(self) -> int:
+        return sum(self.runs.values())
+
+    def text(self) -> str:
+        if not (self.reused_trainings or self.reused_evaluations):
+            return ""
+        return (f" It reused {self.reused_trainings} of {self.trainings} trainings (sweep points included) and "
+                f"{self.reused_evaluations} of {self.evaluations} model evaluations finished by earlier invocations of "
+                "the same command, whose time is not in it")
+
+
+def _ensure_trained(cfg: TrainConfig, label: str, log: Callable[[str], None], reuse: Reuse | None = None) -> Path:
     """Train (or resume) the run ``cfg.out`` unless it has finished; its folder."""
     run_dir = Path(cfg.out)
-    if not (run_dir / "model.safetensors").exists():
+    done = (run_dir / "model.safetensors").exists()
+    if reuse is not None:
+        reuse.training(run_dir, done=done)
+    if not done:
         log(f"training {label} ({cfg.method}, seed {cfg.seed}) on {cfg.data}, {cfg.epochs} epochs")
         cfg.quiet = False
         train(cfg, resume=True, log=lambda s: None)
@@ -289,8 +322,8 @@ def _ensure_trained(cfg: TrainConfig, label: str, log: Callable[[str], None]) ->
     return run_dir
 
 
-def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None]) -> Any:
-    return load_run(_ensure_trained(cfg, label, log), device=cfg.device)
+def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None], reuse: Reuse | None = None) -> Any:
+    return load_run(_ensure_trained(cfg, label, log, reuse), device=cfg.device)
 
 
 @contextmanager
@@ -333,7 +366,8 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
     naming_default = None if seeds else default_seed
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    tuning = tune_rows(exp, chosen, budget, out, data_dir, log) if any(r.lams for r in chosen) else {}
+    reuse = Reuse()
+    tuning = tune_rows(exp, chosen, budget, out, data_dir, log, reuse) if any(r.lams for r in chosen) else {}
     chosen = [replace(r, lam=tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
     trained: dict[tuple[str, int], Any] = {}
     total = len(chosen) * len(seed_list)
@@ -341,7 +375,8 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
         for j, seed in enumerate(seed_list):
             cfg = row_config(exp, row, budget, out, data_dir, seed=seed,
                              run_name=run_name(row, seed, default_seed=naming_default))
-            trained[(row.name, seed)] = _train_row(cfg, f"[{i * len(seed_list) + j + 1}/{total}] {row.name}", log)
+            trained[(row.name, seed)] = _train_row(cfg, f"[{i * len(seed_list) + j + 1}/{total}] {row.name}", log,
+                                                   reuse)
     sources = [s for s in exp.transfer_sources if any(r.name == s for r in chosen)]
     twins = twin_seeds(seed_list)
     for s in sources:  # a single seed needs its twins trained; with several seeds they exist
@@ -350,7 +385,7 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
             if (s, t) not in trained:
                 cfg = row_config(exp, row, budget, out, data_dir, seed=t,
                                  run_name=run_name(row, t, default_seed=naming_default))
-                trained[(s, t)] = _train_row(cfg, f"transfer twin {s}", log)
+                trained[(s, t)] = _train_row(cfg, f"transfer twin {s}", log, reuse)
     bundle = load_data(budget["data"], data_dir=data_dir)
     aa = autoattack_settings(exp, budget)
     settings = EvalSettings(norm=exp.norm, attacks=tuple(a for a in ("pgd", "tpgd-all", "uniform", "fgsm")
@@ -370,6 +405,8 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
                 settings.aa_cache = str(out / "autoattack" / f"s{seed}")
             ev, reused = cached_evaluation(loaded.model, bundle, settings, name=row.name, progress=False,
                                            cache=out / "evaluations" / f"s{seed}" / f"{row.slug}.json")
+            reuse.evaluations += 1
+            reuse.reused_evaluations += int(reused)
             if reused:
                 log(f"[{i}/{len(chosen)}] {row.name}, seed {seed}: reusing its finished evaluation")
             res.evals.append(ev)
@@ -416,7 +453,7 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
                     print(f"WARNING [{res.name}] gradient-masking check failed: {c.name}: {c.detail}", file=sys.stderr)
     summary = write_report(exp, budget_name, budget, results, matrix, out, settings,
                            elapsed=time.perf_counter() - started, lrc=lrc, seeds=seed_list, twins=twins,
-                           provenance=provenance, tuning=tuning, norms=norms)
+                           provenance=provenance, tuning=tuning, norms=norms, reuse=reuse)
     return summary
 
 
@@ -600,7 +637,8 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
                  elapsed: float, lrc: LRCSettings | None = None, seeds: list[int] | None = None,
                  twins: list[int] | None = None, provenance: list[dict[str, Any]] | None = None,
                  tuning: dict[str, LamChoice] | None = None,
-                 norms: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+                 norms: dict[str, dict[str, torch.Tensor]] | None = None,
+                 reuse: Reuse | None = None) -> dict[str, Any]:
     data = budget["data"]
     seeds = seeds or [int(budget.get("seed", 0))]
     columns = display_columns(exp)
@@ -642,7 +680,9 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         "",
         describe_columns(exp, settings, grid, lrc, data_label, seeds=seeds), "",
         table, "",
-        f"Budget: {json.dumps(budget)}. Total time {elapsed / 60:.1f} min on {torch.get_num_threads()} threads.", "",
+        f"Budget: {json.dumps(budget)}. This invocation took {elapsed / 60:.1f} min on "
+        f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}."
+        + (reuse.text() + "." if reuse and reuse.text() else ""), "",
     ]
     if exp.note:
         lines += [exp.note, ""]
