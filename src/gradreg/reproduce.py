@@ -304,7 +304,7 @@ class Reuse:
             return ""
         return (f" It reused {self.reused_trainings} of {self.trainings} trainings (sweep points included) and "
                 f"{self.reused_evaluations} of {self.evaluations} model evaluations finished by earlier invocations of "
-                "the same command, whose time is not in it")
+                "the same command, whose time is not in it.")
 
 
 def _ensure_trained(cfg: TrainConfig, label: str, log: Callable[[str], None], reuse: Reuse | None = None) -> Path:
@@ -682,7 +682,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         table, "",
         f"Budget: {json.dumps(budget)}. This invocation took {elapsed / 60:.1f} min on "
         f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}."
-        + (reuse.text() + "." if reuse and reuse.text() else ""), "",
+        + (reuse.text() if reuse else ""), "",
     ]
     if exp.note:
         lines += [exp.note, ""]
