@@ -168,9 +168,12 @@ def test_report_wording_follows_the_paired_test() -> None:
     loud = difference_lines("test", {"A": same, "B": far}, reference="A")
     assert len(quiet) == 1 and "not distinguishable at this n" in quiet[0]
     assert len(loud) == 1 and "B is more accurate than A by 20.0 points" in loud[0] and "mcnemar-exact" in loud[0]
-    # several seeds: the paired bootstrap decides
+    # several seeds: the two-level test over seeds and points decides
     seeds_far = difference_lines("PGD", {"A": torch.stack([same, same]), "B": torch.stack([far, far])}, reference="A")
-    assert "more accurate" in seeds_far[0] and "paired-bootstrap" in seeds_far[0]
+    assert "more accurate" in seeds_far[0] and "two-level" in seeds_far[0]
+    # one column's tests are one family: Holm-adjusted, raw and adjusted p both printed
+    three = difference_lines("test", {"A": same, "B": far, "C": close}, reference="A")
+    assert len(three) == 3 and all("Holm-adjusted" in line and "over 3" in line for line in three)
 
 
 def test_step_cost_comes_from_interleaved_rounds_and_never_shows_more_work_as_cheaper() -> None:

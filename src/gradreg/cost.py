@@ -45,7 +45,7 @@ class StepCost:
         shown = f"{self.ratio:.2f}×" + (f" (measured {self.measured:.2f}×)" if self.measured is not None else "")
         return f"{shown} [{self.lo:.2f}, {self.hi:.2f}]"
 
-    def as_dict(self) -> dict[str, float | int | None]:
+    def as_dict(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "lo": self.lo, "hi": self.hi, "seconds": self.seconds, "rounds": self.rounds,
                 "measured": self.measured, "ratios": list(self.ratios)}
 
