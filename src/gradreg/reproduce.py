@@ -756,7 +756,10 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
             if rendered_from is None else
             "Re-rendered from the stored per-example outcomes by `gradreg reproduce --report-only`: no training or attack "
             "ran for this report" + (f"; the runs' last invocation took {rendered_from['elapsed_seconds'] / 60:.1f} min"
-                                     if rendered_from.get("elapsed_seconds") else "") + "."), "",
+                                     if rendered_from.get("elapsed_seconds") else "") + "."
+            + (f" The budget above is the experiment file's today; it now also asks for {' and '.join(rendered_from['lacking'])}, "
+               "which the stored outcomes predate (the models are not re-attacked), so the masking checks that need "
+               "them read 'not measured'." if rendered_from.get("lacking") else "")), "",
     ]
     if aliases:
         lines += ["Rows with one objective: " + "; ".join(
@@ -971,7 +974,7 @@ def frontier_lines(points: list[FrontierPoint], front: list[str], aa_column: str
              "●" if p.name in front else ""] for p in sorted(points, key=lambda p: p.cost_ratio)]
     return ["## Robustness per compute", "",
             f"{aa_column} against the training step's cost (× clean, interleaved; gradreg.cost) and against clean "
-            "accuracy (gradreg.frontier). ● marks the Pareto front of (AutoAttack ↑, cost ↓): no other row is at "
+            f"accuracy (gradreg.frontier). ● marks the Pareto front of ({aa_column} ↑, cost ↓): no other row is at "
             "least as robust and at most as costly. Points are estimates: a row off the front may not differ from "
             f"one on it at this n (see the intervals). Front, cheapest first: {', '.join(front)}.", "",
             markdown_table(["row", aa_column, "step ×clean", "test", "front"], rows), "",
@@ -1145,6 +1148,18 @@ def report_only(name: str, *, budget_name: str, out: Path, log: Callable[[str], 
         d = stored["lrc"]
         lrc = LRCSettings(eps=float(d["eps"]), samples=int(d["samples"]), scale=str(d["scale"]),
                           marginal_std=float(d.get("marginal_std", 1.0)))
+    # describe what the stored outcomes hold, not what the budget would run today
+    all_evals = [ev for r in results.values() for ev in r.evals]
+    lacking = []
+    if curve_only(exp, budget) and not any(ev.raw_curves.get("pgd") for ev in all_evals):
+        settings.attacks = tuple(a for a in settings.attacks if a != "pgd")
+        settings.eps = None
+        lacking.append("raw PGD ε curves")
+    audits = [a["square"] for ev in all_evals for a in ev.autoattack or [] if a.get("square")]
+    settings.square_n = max((int(a["n"]) for a in audits), default=0)
+    if not audits and budget.get("square_n"):
+        lacking.append("a Square audit")
+    stored["lacking"] = lacking
     log(f"re-rendering {path} ({len(results)} rows, seeds {seeds}) without training or attacking")
     return write_report(exp, budget_name, budget, results, stored.get("transfer") or {}, out, settings, elapsed=0.0,
                         lrc=lrc, seeds=seeds, twins=stored.get("transfer_twin_seeds"),
