@@ -782,7 +782,8 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         front_points = frontier_points(shown, aa_col)
         if front_points:
             frontier = {"front": plot_frontier(front_points, out / "frontier.png",
-                                               title=f"robustness per compute ({data}, {aa_col})"),
+                                               title=f"robustness per compute ({data}, {aa_col})",
+                                               robust_label=f"{aa_col}: worst case over the attacks (%)"),
                         "points": [dataclasses.asdict(p) for p in front_points]}
             lines += frontier_lines(front_points, frontier["front"], aa_col)
         if exp.reading:
