@@ -13,7 +13,7 @@ HELP = "reproduce a paper's table (experiments: " + ", ".join(experiments.names(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help=f"one of: {', '.join(experiments.names())}")
     parser.add_argument("--budget", default="tiny", choices=experiments.BUDGETS,
-                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, 1.5 h (family-mnist10k) to "
+                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, about 2 h (family-mnist10k) to "
                              "several hours (sgr-mnist, 3 seeds; each TOML says); paper: GPU "
                              "(paper-cifar10: the CIFAR-10 budget of experiments that have one)")
     parser.add_argument("--out", required=True, help="folder for the runs and report.md (re-running reuses finished runs)")
