@@ -324,3 +324,12 @@ def test_config_and_cli_flags(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "b" / "config.json").read_text())
     assert saved["config"]["on_overfit"] == "restore" and saved["resolved"]["monitor"]["eps"] == 0.25
     assert main(["train", "--on-overfit", "panic", "--out", str(tmp_path / "c")]) == 2
+
+
+def test_streamed_training_data_gives_the_same_held_out_batch(tmp_path: Path) -> None:
+    kw: dict[str, Any] = dict(model="mlp", model_params={"hidden": [16]}, epochs=1, monitor_eps=None)
+    held = Trainer(_cfg(tmp_path, "mem", data_loader="memory", **kw), log=_quiet)
+    streamed = Trainer(_cfg(tmp_path, "stream", data_loader="stream", **kw), log=_quiet)
+    assert held.monitor is not None and streamed.monitor is not None
+    assert torch.equal(held.monitor.x, streamed.monitor.x) and torch.equal(held.monitor.y, streamed.monitor.y)
+    assert held.fit()["monitor"] == streamed.fit()["monitor"]

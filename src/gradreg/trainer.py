@@ -2,7 +2,8 @@
 in :mod:`gradreg.trainio`).
 
 The method only changes the :class:`~gradreg.objective.Objective`; the loop, optimizer,
-schedule, checkpointing, logging and evaluation are shared. State is checkpointed exactly
+schedule, checkpointing, logging, evaluation and the catastrophic-overfitting monitor
+(:mod:`gradreg.monitor`) are shared. State is checkpointed exactly
 (model, optimizer, penalty state, global RNG, position in the epoch); data order and
 augmentation are pure functions of (seed, epoch, step), so a resumed run repeats the
 uninterrupted one bit for bit on CPU. Batches are indexed from tensors in memory or streamed
