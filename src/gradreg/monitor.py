@@ -2,9 +2,9 @@
 
 Single-step adversarial training at a large ε can suffer *catastrophic overfitting*: within an
 epoch, accuracy under PGD falls to near zero while accuracy under FGSM stays high or rises
-(Wong, Rice, Kolter, "Fast is better than free: Revisiting adversarial training", ICLR 2020,
-§4 and Fig. 2; their early stopping, §5.3, is the rule below). The monitor watches for it in
-every run, whatever the method.
+(Wong, Rice, Kolter, "Fast is better than free: Revisiting adversarial training", ICLR 2020;
+their early stopping, which checks PGD accuracy on a training minibatch once per epoch, is the
+rule below). The monitor watches for it in every run, whatever the method.
 
 **What it measures.** At every check it computes, judged by :mod:`gradreg.judge` (clean *and*
 adversarially correct), the FGSM accuracy (FGM for ℓ2) and the PGD-10 accuracy (Madry et al.
@@ -41,8 +41,10 @@ check flags catastrophic overfitting when
 The first check can never flag. ``on_overfit`` decides what happens next: ``warn`` prints one
 line and records the flag, ``stop`` saves and ends training, ``restore`` rolls the model back to
 the weights of the last check that was not flagged (Wong et al.'s early stopping keeps the
-weights of the previous check) and ends training. The snapshot is kept in memory and in the
-checkpoint (only under ``restore``), so a resumed run restores the same weights.
+weights of the previous check) and ends training. The snapshot is the model's whole state dict
+(BatchNorm statistics included; not the optimizer's state: training ends there); it is kept in
+memory and in the checkpoint (only under ``restore``), so a resumed run restores the same
+weights. A run the monitor ended stays ended on ``--resume``.
 
 **Cost and side effects.** One check is 1 + 10 forward-backward passes and a few forward passes
 over 256 points. It runs the model in eval mode (BatchNorm uses and never updates its running
@@ -68,7 +70,7 @@ from .threat import ThreatModel, canonical_norm, check_eps_fits
 
 MONITOR_SEED = 0
 """Seed of the held-out subset and of PGD's random start (fixed, our choice)."""
-PGD_STEPS = 10  # the issue's PGD-10; Wong et al. watch with PGD-5
+PGD_STEPS = 10  # PGD-10 (our choice; Wong et al.'s early stopping uses 5 steps)
 from .config import ON_OVERFIT  # noqa: E402,F401  (re-exported: the choices of on_overfit)
 FIELDS = ("monitor_fgsm_accuracy", "monitor_pgd_accuracy", "monitor_overfit")
 """The monitor's columns of the per-epoch log (the last check of the epoch; overfit 1 when any
