@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import distributed
+from .version import __version__
 
 LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")
 

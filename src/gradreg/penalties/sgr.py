@@ -85,13 +85,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attacks.lrc import mean_marginal_variance
 from ..attacks.pgd_core import ce_loss, pgd
 from ..modes import BNPolicy, check_policy
 from ..threat import ThreatModel, canonical_norm
 from . import PENALTIES
+from ..cleanpass import RANKS, Ranks
 from .base import CleanPass, Penalty, Requirements, Term
-from .covariance import (Covariance, CovFunCovariance, FullCovariance, IdentityCovariance, average_over_ranks,
-                         covfun_second_moment, load_sigma_file, mean_pixel_variance)
+from .covariance import (Covariance, CovFunCovariance, FullCovariance, IdentityCovariance, covfun_second_moment,
+                         load_sigma_file)
 from .inner import attack_labels, check_labels
 from .norms import safe_l2
 
@@ -270,7 +272,7 @@ class SGR(GradientQuadratic):
         per-pixel variance."""
         super().setup(model, train_x, bounds)
         self.allocate(tuple(train_x.shape[1:]))
-        self.data_var.fill_(mean_pixel_variance(train_x))
+        self.data_var.fill_(mean_marginal_variance(train_x))
 
     # ---- Σ
     def scale(self) -> torch.Tensor:
@@ -290,13 +292,14 @@ class SGR(GradientQuadratic):
         return torch.where(md > 0, target / md.clamp_min(1e-300), torch.zeros_like(one))
 
     @torch.no_grad()
-    def update(self, xi: torch.Tensor) -> None:
-        """One EMA step of Σ (and μ) from perturbations ``(m, C, H, W)``."""
+    def update(self, xi: torch.Tensor, ranks: Ranks = RANKS) -> None:
+        """One EMA step of Σ (and μ) from perturbations ``(m, C, H, W)``, averaged over the
+        shards of every rank of ``ranks`` so each keeps the same Σ."""
         assert self.cov is not None
         xi = xi.detach()
         first = int(self.num_updates) == 0
-        *estimate, batch_mean = average_over_ranks([*self.cov.batch_estimate(xi), xi.mean(dim=0).to(self.mean)],
-                                                    xi.shape[0])
+        *estimate, batch_mean = ranks.average([*self.cov.batch_estimate(xi), xi.mean(dim=0).to(self.mean)],
+                                              xi.shape[0])
         self.cov.ema(estimate, beta=self.beta, first=first)
         self.mean.copy_(batch_mean if first else (1 - self.beta) * self.mean + self.beta * batch_mean)
         self.num_updates += 1
@@ -336,10 +339,10 @@ class SGR(GradientQuadratic):
         if self.standardize == "data" and torch.isnan(self.data_var):
             warnings.warn("sgr: setup(model, train_x) was not called; standardizing Σ with the first batch's "
                           "per-pixel variance instead", RuntimeWarning, stacklevel=2)
-            self.data_var.fill_(mean_pixel_variance(x.detach()))
+            self.data_var.fill_(mean_marginal_variance(x.detach()))
         g = ctx.input_grad(0)  # (N, C, H, W), differentiable; g = −∇ₓlog p_y
         if self.training and self.updates_enabled:
             if int(self.step) % self.update_every == 0:
-                self.update(self.perturbations(model, ctx, g))
+                self.update(self.perturbations(model, ctx, g), ctx.ranks)
             self.step += 1
         return Term(self.omega(g))
