@@ -100,9 +100,9 @@ class Ranks:
         batch (weighted by shard size)."""
         if not distributed.is_active():
             return estimates
-        total = distributed.all_reduce_sum_(torch.tensor([float(count)], dtype=torch.float64,
-                                                         device=estimates[0].device))
-        return [distributed.all_reduce_sum_(t * count) / total.to(t.dtype) for t in estimates]
+        rows = distributed.all_reduce_sum_(torch.tensor([float(count)], dtype=torch.float64,
+                                                        device=estimates[0].device))
+        return [distributed.all_reduce_sum_(t * count) / rows.to(t.dtype) for t in estimates]
 
     def gather_rows(self, index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Every rank's ``(index, rows)`` pairs, concatenated: ``(n_all,)``, ``(n_all, ...)``."""

@@ -39,8 +39,9 @@ class PowerResult(NamedTuple):
 class Linearization:
     """Products with the Jacobian J = ∂f/∂x ``(N, K, d)`` of the model's main head at x, from
     one forward pass (its own, or the one in ``shared``, e.g. the clean pass's
-    :meth:`~gradreg.cleanpass.CleanPass.graph_in` when that pass ran in the power method's mode). Valid per sample when the samples do not interact (eval mode, or a
-    mode-invariant model). Every product is an input-gradient pass (no parameter gradients),
+    :meth:`~gradreg.cleanpass.CleanPass.graph_in` when that pass ran in the power method's
+    mode). Valid per sample when the samples do not interact (eval mode, or a mode-invariant
+    model). Every product is an input-gradient pass (no parameter gradients),
     through convolutions whose double backward uses first-order kernels (gradreg.autodiff)."""
 
     def __init__(self, model: nn.Module, x: torch.Tensor, shared: Graph | None = None,
