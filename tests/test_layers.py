@@ -116,6 +116,17 @@ def test_no_module_imports_a_higher_layer() -> None:
     assert not upward, "imports that go up a layer:\n" + "\n".join(upward)
 
 
+def test_penalties_see_only_the_clean_pass() -> None:
+    """The penalty/scheduler boundary: a penalty reads the clean pass (gradreg.cleanpass,
+    gradreg.jacobian) and never the machinery behind it — the double-backward kernels, the
+    collectives (``ctx.ranks`` instead) or the scheduler (legal by layer for the first two,
+    refused here)."""
+    hidden = {"gradreg.autodiff", "gradreg.distributed", "gradreg.devices", "gradreg.schedule"}
+    found = [f"{module_name(p)} imports {t}" for p in sorted((SRC / "penalties").rglob("*.py"))
+             for t in sorted(imports_of(p) & hidden)]
+    assert not found, "\n".join(found)
+
+
 def test_the_checker_sees_every_kind_of_import() -> None:
     """The parser itself: relative, ``from . import``, lazy and TYPE_CHECKING imports are found."""
     path = SRC / "penalties" / "sgr.py"  # a real module, so relative names resolve
