@@ -25,7 +25,7 @@ seed, so every run of a sweep is watched on the same points).
 **Training ε** (``monitor_eps``, input units): given; else the ε and norm of the method's own
 threat model when it has one (adversarial training, TRADES/ARR, the operator-norm adversarial
 counterpart: the first term of the objective with a ``threat``); else the data set's standard
-ℓ∞ radius (:func:`gradreg.protocols.standard_eps`: 0.3 for the MNIST family, 8/255 for CIFAR)
+ℓ∞ radius (:func:`gradreg.data.radii.standard_eps`: 0.3 for the MNIST family, 8/255 for CIFAR)
 times the width of its input box.
 
 **The rule** (``monitor_drop`` = 0.20, Wong et al.'s threshold in their early-stopping code): a
@@ -116,7 +116,7 @@ def training_threat(terms: Sequence[nn.Module], *, eps: float | None, data_name:
             break
     if eps is None:
         if method_eps is None:
-            from .protocols import standard_eps
+            from .data.radii import standard_eps
 
             method_eps = standard_eps(data_name, "linf") * (float(bounds[1]) - float(bounds[0]))
         eps = method_eps

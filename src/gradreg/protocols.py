@@ -24,28 +24,13 @@ from . import attacks, distributed, stats
 from .attacks.base import Attack
 from .attacks.lrc import covariance_factor, data_covariance, mean_marginal_variance
 from .data import DataBundle
+from .data.radii import CIFAR_LIKE, default_grid, standard_eps  # noqa: F401  (re-exported)
 from .judge import clean_correct, deepfool_rho, evaluate_attack, robust_accuracy, sharded_outcomes
 from .stats import Interval
 from .threat import ThreatModel, check_eps_fits
 
-CIFAR_LIKE = ("cifar10", "cifar100")
 AA_GAP = 0.05  # AutoAttack more than 5 points below PGD is a masking sign (our choice)
 AA_VERSIONS = ("standard", "rand", "plus", "custom")
-
-
-def standard_eps(data_name: str, norm: str = "linf") -> float:
-    """The data set's standard AutoAttack radius (RobustBench's ℓ∞ convention): 8/255 for
-    CIFAR, 0.3 for the MNIST family (digits included); ℓ2: 0.5 CIFAR, 2.0 MNIST family."""
-    cifar = data_name in CIFAR_LIKE
-    if norm == "l2":
-        return 0.5 if cifar else 2.0
-    return 8 / 255 if cifar else 0.3
-
-
-def default_grid(data_name: str, *, points: int = 9) -> list[float]:
-    """ε grid of the SGR paper's metric: [0, 32]/255 (MNIST-like) or [0, 8]/255 (CIFAR)."""
-    top = 8 / 255 if data_name in CIFAR_LIKE else 32 / 255
-    return [top * i / (points - 1) for i in range(points)]
 
 
 @dataclass

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import distributed
+from .version import __version__
 
 from .monitor import FIELDS as MONITOR_FIELDS
 
