@@ -3,6 +3,7 @@ names, printed commands, running, gathering and reuse."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -180,3 +181,91 @@ def test_tiny_sweep_print_commands_run_gather_and_reuse(tmp_path: Path, capsys: 
     # nothing left to print
     assert cli.main(args + ["--print-commands"]) == 0
     assert capsys.readouterr().out == ""
+
+
+# ----- widening a grid whose choice is at an end (gradreg.widen) --------------------------------
+from gradreg.widen import LamScore, Limits, decide, hard_limits  # noqa: E402
+
+REF = LamScore(0.0, 0.990, 0.10)  # the clean model: floor 0.980 at 1 point
+
+
+def _grid(*rows: tuple[float, float, float]) -> list[LamScore]:
+    return [LamScore(lam, clean, pgd) for lam, clean, pgd in rows]
+
+
+def test_widening_extends_a_grid_whose_best_point_is_at_the_top_by_its_own_ratio() -> None:
+    rising = _grid((0.1, 0.989, 0.20), (1.0, 0.987, 0.30), (10.0, 0.985, 0.40))
+    d = decide(rising, REF, rounds_left=2)
+    assert d.chosen == 10.0 and d.widen == (pytest.approx(100.0),) and d.stop == ""
+    # the grid's own ratio at that end (3 here), not a fixed factor
+    d = decide(_grid((1.0, 0.989, 0.2), (2.0, 0.988, 0.3), (6.0, 0.985, 0.4)), REF, rounds_left=1)
+    assert d.widen == (pytest.approx(18.0),)
+    # the rounds spent: the end choice stands and says so
+    d = decide(rising, REF, rounds_left=0)
+    assert d.chosen == 10.0 and d.widen == () and d.stop == "max-widen" and "spent" in d.reason
+
+
+def test_widening_extends_downwards_when_robustness_falls_with_lambda() -> None:
+    falling = _grid((0.1, 0.989, 0.40), (1.0, 0.987, 0.30), (10.0, 0.985, 0.20))
+    d = decide(falling, REF, rounds_left=1)
+    assert d.chosen == 0.1 and d.widen == (pytest.approx(0.01),)
+    # every λ too costly in clean accuracy: go down towards the clean model, which is admissible
+    d = decide(_grid((1.0, 0.95, 0.5), (10.0, 0.90, 0.6)), REF, rounds_left=1)
+    assert d.chosen is None and d.widen == (pytest.approx(0.1),)
+    # a bottom that is not better than the clean model: smaller λ only approach it
+    d = decide(_grid((0.1, 0.989, 0.105), (1.0, 0.987, 0.05), (10.0, 0.985, 0.02)), REF, rounds_left=1)
+    assert d.chosen == 0.1 and d.widen == () and d.stop == "clean-model"
+
+
+def test_widening_stops_at_an_interior_choice() -> None:
+    peaked = _grid((0.1, 0.989, 0.20), (1.0, 0.987, 0.45), (10.0, 0.985, 0.30))
+    d = decide(peaked, REF, rounds_left=3)
+    assert d.chosen == 1.0 and d.widen == () and d.stop == "interior"
+    # a widened grid whose new top point lost: the former end is now interior
+    d = decide(_grid((0.1, 0.989, 0.2), (1.0, 0.987, 0.3), (10.0, 0.985, 0.4), (100.0, 0.982, 0.35)), REF, rounds_left=2)
+    assert d.chosen == 10.0 and d.stop == "interior"
+    # the clean-accuracy floor bounds the choice from above: nothing to widen
+    d = decide(_grid((0.1, 0.989, 0.2), (1.0, 0.985, 0.3), (10.0, 0.95, 0.9)), REF, rounds_left=2)
+    assert d.chosen == 1.0 and d.stop == "interior"
+
+
+def test_widening_respects_a_hard_limit() -> None:
+    fd = hard_limits("datagrad", {"p": 1, "solver": "fd", "fd_step": 0.1})
+    assert fd.upper == 0.1 and "φ = 0.1" in fd.upper_reason
+    assert hard_limits("datagrad", {"p": 1, "solver": "exact"}).upper == math.inf
+    assert hard_limits("datagrad", {"p": 2, "solver": "fd"}).upper == 2.0  # the module's default φ
+    assert hard_limits("lyu", {"solver": "onestep"}).upper == 1.0
+    assert hard_limits("gn", {}, stated_max=30.0).upper == 30.0
+    rising = _grid((0.01, 0.989, 0.2), (0.03, 0.988, 0.3), (0.1, 0.986, 0.4))
+    d = decide(rising, REF, limits=fd, rounds_left=3)
+    assert d.chosen == 0.1 and d.widen == () and d.stop == "limit" and "φ = 0.1" in d.reason
+    # below the limit, the next λ is clamped to it, never beyond
+    d = decide(_grid((0.01, 0.989, 0.2), (0.05, 0.988, 0.4)), REF, limits=fd, rounds_left=3)
+    assert d.widen == (pytest.approx(0.1),)
+    # the lower end never reaches λ ≤ 0: one step is a division by the grid's ratio
+    d = decide(_grid((1e-6, 0.989, 0.4), (1e-5, 0.989, 0.2)), REF, rounds_left=3)
+    assert d.widen[0] > 0
+
+
+def test_widening_ignores_a_one_image_difference() -> None:
+    n = 1600  # MNIST-10k's validation split (0.2 of 8,000)
+    one = 1 / n
+    # the top λ better by one validation image: not a rise, the smaller λ stays chosen
+    flat_top = _grid((0.1, 0.989, 0.20), (1.0, 0.987, 0.30), (10.0, 0.985, 0.30 + one))
+    d = decide(flat_top, REF, rounds_left=3)
+    assert d.chosen == 1.0 and d.widen == () and d.stop == "interior"
+    # the rule without a margin would have taken the end and widened
+    d0 = decide(flat_top, REF, margin_points=0.0, rounds_left=3)
+    assert d0.chosen == 10.0 and d0.widen == (pytest.approx(100.0),)
+    # a whole grid within a few images: a plateau, no widening
+    d = decide(_grid((0.1, 0.989, 0.3 + 3 * one), (1.0, 0.987, 0.3), (10.0, 0.985, 0.3 + 5 * one)), REF, rounds_left=3)
+    assert d.chosen == 0.1 and d.widen == () and d.stop == "plateau"
+
+
+def test_widening_a_one_point_grid_looks_both_ways_and_waits_for_unfinished_runs() -> None:
+    d = decide(_grid((1.0, 0.985, 0.3)), REF, rounds_left=1)
+    assert d.chosen == 1.0 and d.widen == (pytest.approx(0.1), pytest.approx(10.0))
+    d = decide(_grid((1.0, 0.985, 0.3)), REF, limits=Limits(1.0, "cap"), rounds_left=1)
+    assert d.widen == (pytest.approx(0.1),)
+    pending = [LamScore(1.0, None, None), LamScore(2.0, 0.98, 0.3)]
+    assert decide(pending, REF, rounds_left=1).stop == "pending"
