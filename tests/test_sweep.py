@@ -269,3 +269,43 @@ def test_widening_a_one_point_grid_looks_both_ways_and_waits_for_unfinished_runs
     assert d.widen == (pytest.approx(0.1),)
     pending = [LamScore(1.0, None, None), LamScore(2.0, 0.98, 0.3)]
     assert decide(pending, REF, rounds_left=1).stop == "pending"
+
+
+# ----- reproduce's trainings: in this process, as one-thread workers, or printed (gradreg.runner) ------
+def _outcomes(out: Path) -> dict[str, object]:
+    """What results.json says about the models (their λ and every evaluation), not about time."""
+    result = json.loads((out / "results.json").read_text())
+    sweep = json.loads((out / "sweeps" / "gn" / "sweep.json").read_text())
+    return {"lam": {n: (c["lam"], c["source"], c["grid"], c["curve"]) for n, c in result["lam"].items()},
+            "evals": {n: r["evals"] for n, r in result["rows"].items()},
+            "validation": [(r["lam"], r["clean_accuracy"], r["pgd_accuracy"]) for r in [sweep["reference"], *sweep["rows"]]]}
+
+
+@pytest.mark.slow
+def test_reproduce_jobs_2_and_printed_commands_give_the_outcomes_of_jobs_1(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The family benchmark's tiny budget on its tuned GN row (a clean reference and one λ on the
+    validation split, then the row): trained in this process, and by an external "scheduler"
+    running the printed first wave plus two one-thread workers for the rest."""
+    args = ["reproduce", "family-mnist10k", "--budget", "tiny", "--rows", "GN"]
+    assert cli.main(args + ["--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    out = tmp_path / "two"
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # the first wave: the sweep's clean reference and its λ point; the row waits for its λ
+    assert len(lines) == 2 and all(" train --resume --out " in line and "/sweeps/runs/" in line for line in lines)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for line in lines:
+        subprocess.run(line, shell=True, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
+    second = capsys.readouterr().out.strip().splitlines()
+    assert len(second) == 1 and "/runs/gn" in second[0] and "/sweeps/" not in second[0]
+    assert not (out / "results.json").exists()  # printing evaluates nothing
+    assert cli.main(args + ["--out", str(out), "--jobs", "2"]) == 0  # trains the row as a one-thread worker
+    assert (out / "runs" / "gn-lam1" / "sweep-run.log").is_file()  # it ran as a subprocess
+    assert "It reused 2 of 3 trainings" in (out / "report.md").read_text()
+    assert _outcomes(out) == _outcomes(tmp_path / "one")
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
+    assert capsys.readouterr().out == ""  # nothing left to train

@@ -199,11 +199,16 @@ def default_launcher() -> list[str]:
     return [sys.executable, "-m", "gradreg"]
 
 
-def point_argv(point: SweepPoint, *, launcher: Sequence[str] | None = None) -> list[str]:
-    argv = list(launcher or default_launcher()) + ["train", "--resume", "--out", str(point.run_dir)]
-    for item in config_overrides(point.config):
+def train_argv(cfg: TrainConfig, *, launcher: Sequence[str] | None = None) -> list[str]:
+    """``gradreg train --resume --out DIR --set ...``: the run ``cfg`` as one resumable command."""
+    argv = list(launcher or default_launcher()) + ["train", "--resume", "--out", str(cfg.out)]
+    for item in config_overrides(cfg):
         argv += ["--set", item]
     return argv
+
+
+def point_argv(point: SweepPoint, *, launcher: Sequence[str] | None = None) -> list[str]:
+    return train_argv(point.config, launcher=launcher)
 
 
 def point_command(point: SweepPoint, *, launcher: Sequence[str] | None = None) -> str:
@@ -226,23 +231,38 @@ def run_points(points: Sequence[SweepPoint], *, jobs: int = 1, launcher: Sequenc
                log: Callable[[str], None] = print) -> dict[str, int]:
     """Train the unfinished points as ``jobs`` parallel subprocesses; returns their exit codes.
     Each run's output goes to ``<run>/sweep-run.log`` and its exit code to ``sweep-exit.txt``."""
-    if jobs < 1:
-        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
     todo = [p for p in points if not is_finished(p)]
     if len(todo) < len(points):
         log(f"reusing {len(points) - len(todo)} finished run(s)")
+    return run_trainings([(p.name, p.config) for p in todo], jobs=jobs, launcher=launcher, log=log)
 
-    def one(p: SweepPoint) -> tuple[str, int]:
-        p.run_dir.mkdir(parents=True, exist_ok=True)
-        with (p.run_dir / RUN_LOG).open("w") as fh:
-            rc = subprocess.run(point_argv(p, launcher=launcher), stdout=fh, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), check=False).returncode
-        (p.run_dir / RUN_EXIT).write_text(f"{rc}\n")
-        log(f"{p.name}: {'done' if rc == 0 else f'failed (exit {rc}, see {p.run_dir / RUN_LOG})'}")
-        return p.name, rc
+
+def run_trainings(trainings: Sequence[tuple[str, TrainConfig]], *, jobs: int = 1,
+                  launcher: Sequence[str] | None = None, log: Callable[[str], None] = print,
+                  threads: int | None = None) -> dict[str, int]:
+    """Run every ``(label, config)`` as ``gradreg train --resume`` (:func:`train_argv`), ``jobs``
+    subprocesses at a time; returns their exit codes by label. ``threads`` (e.g. 1) sets each
+    subprocess's OMP/MKL thread count: N one-thread workers use N cores without oversubscribing
+    them. Each run's output goes to ``<run>/sweep-run.log``, its exit code to ``sweep-exit.txt``."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+    env = os.environ.copy()
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    def one(item: tuple[str, TrainConfig]) -> tuple[str, int]:
+        label, cfg = item
+        run_dir = Path(cfg.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / RUN_LOG).open("w") as fh:
+            rc = subprocess.run(train_argv(cfg, launcher=launcher), stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, check=False).returncode
+        (run_dir / RUN_EXIT).write_text(f"{rc}\n")
+        log(f"{label}: {'done' if rc == 0 else f'failed (exit {rc}, see {run_dir / RUN_LOG})'}")
+        return label, rc
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(pool.map(one, todo))
+        return dict(pool.map(one, trainings))
 
 
 def read_row(point: SweepPoint) -> SweepRow:

@@ -29,7 +29,8 @@ names the λ to train next:
   better than the clean model by more than the margin: smaller λ only approaches it);
   ``max-widen`` (the rounds allowed are spent; the choice is still at an end).
 
-One round adds one λ per widened end (both ends for a one-point grid). The λ grid stays sorted.
+One round adds one λ per widened end (both ends for a one-point grid), rounded to 3 significant
+digits (our choice).
 """
 from __future__ import annotations
 
@@ -90,6 +91,12 @@ def hard_limits(method: str, penalty: Mapping[str, Any], *, stated_max: float | 
     return limits
 
 
+def _nice(value: float, upper: float) -> float:
+    """``value`` to 3 significant digits (our choice: λ that read well in tables and run names),
+    never above ``upper``."""
+    return min(float(f"{value:.3g}"), upper)
+
+
 def _ratio(a: float, b: float) -> float:
     """b / a for neighbouring grid points a < b (a > 0), else the default factor."""
     return b / a if a > 0 and b > a else DEFAULT_FACTOR
@@ -113,7 +120,7 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
     lo, hi = grid[0], grid[-1]
     ratio_lo = _ratio(lo.lam, grid[1].lam) if len(grid) > 1 else DEFAULT_FACTOR
     ratio_hi = _ratio(grid[-2].lam, hi.lam) if len(grid) > 1 else DEFAULT_FACTOR
-    down = (lo.lam / ratio_lo,)
+    down = (_nice(lo.lam / ratio_lo, math.inf),)
 
     def widen(values: tuple[float, ...], why: str, chosen: float | None, reason: str) -> Decision:
         if rounds_left <= 0:
@@ -129,7 +136,7 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
               f"{len(admissible)} λ" + (f" with clean accuracy ≥ {floor:.4f}" if rule == "within-clean" else ""))
     up = hi.lam * ratio_hi
     at_limit = hi.lam >= limits.upper * (1 - 1e-9)
-    up_values = () if at_limit else (min(up, limits.upper),)
+    up_values = () if at_limit else (_nice(up, limits.upper),)
     if len(grid) == 1:  # one point: no neighbour tells the direction, look both ways
         values = down + up_values
         return widen(values, "a one-point grid", chosen.lam, reason)
