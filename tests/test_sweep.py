@@ -309,3 +309,50 @@ def test_reproduce_jobs_2_and_printed_commands_give_the_outcomes_of_jobs_1(tmp_p
     capsys.readouterr()
     assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
     assert capsys.readouterr().out == ""  # nothing left to train
+
+
+def _fake_finish(points: list, curve: dict[float, tuple[float, float]], reference: tuple[float, float]) -> None:  # type: ignore[type-arg]
+    """Write the metrics a finished validation run leaves, with the given (clean, PGD) per λ."""
+    for p in points:
+        clean, pgd = reference if p.role == "reference" else curve[round(p.lam, 6)]
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        (p.run_dir / "metrics.json").write_text(json.dumps({"validation_accuracy": clean, "validation_pgd_accuracy": pgd,
+                                                            "train_seconds": 1.0}))
+
+
+def test_reproduce_tuning_widens_a_rising_grid_round_by_round_from_the_run_folders(tmp_path: Path) -> None:
+    """tune_rows' state on the family benchmark's GN row with widening on: read from run folders
+    alone (here written by hand, no training), one λ added per round until the choice is interior."""
+    from dataclasses import replace as dc_replace
+
+    from gradreg import experiments
+    from gradreg.reproduce import tuning_state
+
+    exp = experiments.load("family-mnist10k").for_budget("tiny")
+    budget = {**exp.budget("tiny"), "sweep_points": 3, "widen": True, "max_widen": 3}
+    row = dc_replace(next(r for r in exp.rows if r.name == "GN"), lams=[0.1, 1.0, 10.0])
+    # validation PGD accuracy peaks at λ = 1000: two rounds up (100, then 1000), then 10000 loses
+    curve = {0.1: (0.98, 0.20), 1.0: (0.98, 0.30), 10.0: (0.98, 0.40), 100.0: (0.975, 0.50), 1000.0: (0.972, 0.60),
+             10000.0: (0.971, 0.55)}
+    grids = []
+    for _ in range(5):
+        state = tuning_state(exp, row, budget, tmp_path, None)
+        if state.choice is not None:
+            break
+        grids.append(list(state.grid))
+        _fake_finish([p for p in state.points if not (p.run_dir / "metrics.json").exists()], curve, (0.98, 0.10))
+    assert grids == [[0.1, 1.0, 10.0], [0.1, 1.0, 10.0, 100.0], [0.1, 1.0, 10.0, 100.0, 1000.0],
+                     [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]]
+    choice = state.choice
+    assert choice is not None and choice.lam == 1000.0 and choice.stop == "interior" and choice.source == "sweep"
+    assert choice.grid == (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+    assert [c[0] for c in choice.curve] == list(choice.grid) and choice.curve[4][2] == 0.60
+    record = json.loads((tmp_path / choice.record / "sweep.json").read_text())  # type: ignore[operator]
+    assert record["chosen_lam"] == 1000.0 and record["extra"]["stop"] == "interior"
+    assert record["extra"]["initial_grid"] == [0.1, 1.0, 10.0]
+    # a clean-accuracy floor that λ = 10000 breaks changes nothing; one that 1000 breaks moves the choice
+    budget2 = {**budget, "sweep_tolerance_points": 0.7}  # floor 0.973: 1000 (0.972) is not admissible
+    assert tuning_state(exp, row, budget2, tmp_path, None).choice.lam == 100.0  # type: ignore[union-attr]
+    # the same runs without widening: the sweep's own rule on the initial grid, its end flagged by the report
+    plain = tuning_state(exp, row, {**budget, "widen": False}, tmp_path, None).choice
+    assert plain is not None and plain.lam == 10.0 and plain.grid == (0.1, 1.0, 10.0) and plain.stop == ""
