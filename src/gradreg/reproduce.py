@@ -176,7 +176,8 @@ def run_name(row: experiments.Row, seed: int, *, default_seed: int | None) -> st
     """Run folder of a row at a seed: the row's slug for the budget's own seed when no seeds are
     asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise; a tuned row's folder
     also names its λ (``slug-lamΛ``), so a run trained at another λ is never reused."""
-    slug = row.slug if not row.lams or row.lam is None else f"{row.slug}-lam{row.lam:g}"
+    value = row.tuned_value
+    slug = row.slug if not row.lams or value is None else f"{row.slug}-lam{value:g}"
     return slug if seed == default_seed else f"{slug}-s{seed}"
 
 
@@ -278,7 +279,8 @@ def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict
     where = str(record.relative_to(out))
     for rounds_left in range(settings["max_widen"], -1, -1):
         specs = [SweepSpec(base=replace(base, seed=seed, penalty=dict(base.penalty)).validate(), lams=grid,
-                           out=out / "sweeps", rule=settings["rule"], tolerance_points=settings["tolerance"])
+                           out=out / "sweeps", rule=settings["rule"], tolerance_points=settings["tolerance"],
+                           lam_key=row.lam_key)
                  for seed in settings["seeds"]]
         per_seed = [sweep_points(spec) for spec in specs]
         points = [p for pts in per_seed for p in pts]
@@ -293,7 +295,7 @@ def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict
                           for r in sorted(result.rows, key=lambda r: r.lam or 0.0) if r.status == "done")
             if result.chosen is not None:
                 return RowTuning(grid, points, LamChoice(result.chosen.lam, "sweep", rule, tuple(grid), where, curve=curve))
-            return RowTuning(grid, points, LamChoice(row.lam, "declared (sweep chose none)", rule, tuple(grid), where,
+            return RowTuning(grid, points, LamChoice(row.tuned_value, "declared (sweep chose none)", rule, tuple(grid), where,
                                                      curve=curve))
         table = _seed_means(results, settings["seeds"])
         scores = [LamScore(float(r.lam or 0.0), r.clean_accuracy, r.pgd_accuracy, len(specs)) for r in table.rows]
@@ -316,7 +318,7 @@ def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict
                   + (f", stop: {decision.stop}" if decision.stop else "") + ")")
         curve = tuple((s.lam, float(s.clean or 0.0), float(s.pgd or 0.0)) for s in sorted(scores, key=lambda s: s.lam))
         source = "sweep" if decision.chosen is not None else "declared (sweep chose none)"
-        lam = decision.chosen if decision.chosen is not None else row.lam
+        lam = decision.chosen if decision.chosen is not None else row.tuned_value
         return RowTuning(grid, points, LamChoice(lam, source, detail, tuple(grid), where, decision.stop, curve))
     raise AssertionError("unreachable: the last round has no rounds left to widen")
 
@@ -490,7 +492,7 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
     tuning = tune_rows(exp, chosen, budget, out, data_dir, log, reuse, runner=runner) if any(r.lams for r in chosen) else {}
     if runner.print_only:  # rows whose λ is still being tuned cannot be planned yet
         chosen = [r for r in chosen if r.name in tuning or not r.lams]
-    chosen = [replace(r, lam=tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
+    chosen = [r.at(tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
     planned = plan_trainings(exp, chosen, budget, out, data_dir, seed_list, naming_default)
     for cfg in planned.values():
         reuse.training(Path(cfg.out), done=is_trained(cfg))

@@ -68,8 +68,11 @@ class SweepSpec:
     eps_key: str = "penalty.eps"
     rule: str = "within-clean"
     tolerance_points: float = 1.0
+    lam_key: str = "lam"  # the configuration key the grid sets: the objective's λ, or a penalty's own weight
 
     def __post_init__(self) -> None:
+        if self.lam_key != "lam" and not self.lam_key.startswith("penalty."):
+            raise ConfigError(f"a sweep's λ key is 'lam' or a 'penalty.KEY', got {self.lam_key!r}")
         if not self.lams:
             raise ConfigError("a sweep needs at least one λ")
         if any(not math.isfinite(v) or v < 0 for v in self.lams):
@@ -134,9 +137,11 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def run_name(cfg: TrainConfig, *, eps: float | None = None) -> str:
-    """``<method>-lam<λ>[-eps<ε>]-<hash>``: readable, and unique per configuration."""
-    lam = "-reference" if cfg.lam is None else f"-lam{cfg.lam:g}"
+def run_name(cfg: TrainConfig, *, eps: float | None = None, swept: float | None = None) -> str:
+    """``<method>-lam<λ>[-eps<ε>]-<hash>``: readable, and unique per configuration; λ is the
+    swept value (``swept``, for a grid over a penalty's own weight) or the objective's."""
+    value = cfg.lam if swept is None else swept
+    lam = "-reference" if value is None else f"-lam{value:g}"
     parts = [cfg.method + lam] + ([f"eps{eps:g}"] if eps is not None else [])
     return "-".join(parts + [config_hash(cfg)]).replace("/", "_")
 
@@ -149,14 +154,14 @@ def sweep_points(spec: SweepSpec) -> list[SweepPoint]:
         cfg = dataclasses.replace(spec.base, penalty=dict(spec.base.penalty), model_params=dict(spec.base.model_params))
         apply_overrides(cfg, overrides)
         cfg.quiet = True
-        name = run_name(cfg, eps=eps)
+        name = run_name(cfg, eps=eps, swept=lam if spec.lam_key != "lam" else None)
         cfg.out = str(runs / name)
         return SweepPoint(name=name, role=role, lam=lam, eps=eps, config=cfg.validate())
 
     points = [point("reference", None, None, {"method": "clean", "lam": None, "task_weight": None, "penalty": {}})]
     for eps in (list(spec.eps_values) if spec.eps_values is not None else [None]):
         for lam in spec.lams:
-            over: dict[str, Any] = {"lam": float(lam)}
+            over: dict[str, Any] = {spec.lam_key: float(lam)}
             if eps is not None:
                 over[spec.eps_key] = float(eps)
             points.append(point("point", float(lam), eps, over))
@@ -320,7 +325,7 @@ def gather(spec: SweepSpec, points: Sequence[SweepPoint] | None = None) -> Sweep
     rows = [read_row(p) for p in points]
     reference, grid = rows[0], rows[1:]
     chosen, reason = RULES[spec.rule](grid, reference.clean_accuracy, spec.tolerance_points)
-    spec_dict = {"method": spec.base.method, "lams": list(spec.lams),
+    spec_dict = {"method": spec.base.method, "lams": list(spec.lams), "lam_key": spec.lam_key,
                  "eps_values": list(spec.eps_values) if spec.eps_values is not None else None,
                  "eps_key": spec.eps_key, "base": spec.base.to_dict()}
     return SweepResult(spec=spec_dict, rule=spec.rule, tolerance_points=spec.tolerance_points,

@@ -66,6 +66,21 @@ class Row:
     note: str = ""  # which variant the row runs, where it departs from the cited paper (printed in the report)
     lams: list[float] = field(default_factory=list)  # the λ grid tuned on a validation split (empty: λ as declared)
     lam_max: float | None = None  # a stated largest λ that widening the grid may reach (gradreg.widen)
+    lam_key: str = "lam"  # what ``lams`` sets: the objective's λ, or a "penalty.KEY" (a term's own weight)
+
+    @property
+    def tuned_value(self) -> float | None:
+        """The declared value of what ``lams`` sets (``lam``, or the penalty's ``lam_key``)."""
+        if self.lam_key == "lam":
+            return self.lam
+        value = self.penalty.get(self.lam_key.partition(".")[2])
+        return None if value is None else float(value)
+
+    def at(self, value: float | None) -> Row:
+        """This row with what ``lams`` sets at ``value``."""
+        if self.lam_key == "lam":
+            return replace(self, lam=value)
+        return replace(self, penalty={**self.penalty, self.lam_key.partition(".")[2]: value})
 
     @property
     def slug(self) -> str:
