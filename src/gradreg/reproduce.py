@@ -58,6 +58,7 @@ from .protocols import (
 )
 from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
+from .threat import parse_eps
 from .stats import Interval, compare, from_count, mean_score, over_seeds
 from .runner import Runner, default_jobs, is_trained
 from .sweep import (DEFAULT_VALIDATION_FRACTION, SweepPoint, SweepResult, SweepRow, SweepSpec, gather, is_finished,
@@ -421,6 +422,12 @@ class Reuse:
                 "the same command, whose time is not in it.")
 
 
+def eval_grid(budget: dict[str, Any]) -> list[float] | None:
+    """The budget's ``eps_grid`` (the ε of the attack columns' curves; "8/255" style allowed), or
+    None for the data set's default grid."""
+    return [parse_eps(e) for e in budget["eps_grid"]] if "eps_grid" in budget else None
+
+
 def plan_trainings(exp: experiments.Experiment, chosen: list[experiments.Row], budget: dict[str, Any], out: Path,
                    data_dir: str | None, seed_list: list[int], naming_default: int | None) -> dict[tuple[str, int], TrainConfig]:
     """Every (row, seed) training of the table, plus the transfer sources' twins (a single seed
@@ -509,7 +516,7 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
     settings = EvalSettings(norm=exp.norm, attacks=tuple(a for a in ("pgd", "tpgd-all", "uniform", "fgsm")
                                                           if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns)),
                             pgd_steps=int(budget.get("pgd_steps", 40)), pgd_restarts=int(budget.get("pgd_restarts", 1)),
-                            n_test=budget.get("n_test"),
+                            n_test=budget.get("n_test"), eps=eval_grid(budget),
                             deepfool="ρ" in exp.columns, seed=default_seed, **(aa or {}))
     lrc_cols = [c for c in exp.columns if lrc_column(c) is not None]
     lrc = LRCSettings.declared(exp, budget).resolve(bundle, lrc_cols) if lrc_cols else None

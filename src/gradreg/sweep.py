@@ -181,6 +181,8 @@ def toml_literal(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (an added term); a None entry is the key's default, left out
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_literal(v)}" for k, v in value.items() if v is not None) + "}"
     raise ValueError(f"cannot write {value!r} as a --set value")
 
 

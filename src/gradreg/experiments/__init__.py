@@ -33,6 +33,8 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   ``sweep_margin_points`` (1 with widening, else 0) is the validation PGD accuracy difference a
   larger λ must exceed to be preferred, ``sweep_seeds`` the training seeds each λ is validated
   with (their mean is compared).
+- ``eps_grid``: the ε of the attack columns' curves (a column is their mean), e.g. the hard
+  radius's 0.1, 0.2, 0.3; default: the data set's grid.
 - ``jobs``: the default of ``reproduce --jobs`` for the budget (else the number of cores; 1 for
   a budget named ``tiny``).
 - other budget keys: ``seeds`` (the seeds when ``--seeds`` is not given), ``threads`` (torch's
