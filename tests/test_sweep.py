@@ -356,3 +356,20 @@ def test_reproduce_tuning_widens_a_rising_grid_round_by_round_from_the_run_folde
     # the same runs without widening: the sweep's own rule on the initial grid, its end flagged by the report
     plain = tuning_state(exp, row, {**budget, "widen": False}, tmp_path, None).choice
     assert plain is not None and plain.lam == 10.0 and plain.grid == (0.1, 1.0, 10.0) and plain.stop == ""
+
+
+def test_a_grid_over_a_penalty_weight_and_added_terms_in_printed_commands(tmp_path: Path) -> None:
+    from gradreg.config import apply_overrides, parse_set
+
+    base = TrainConfig(method="arr", penalty={"eps": 0.1, "divergence": "kl"}, validation_fraction=0.2, validation_eps=0.1,
+                       add=[{"method": "gn", "lam": None, "p": 2}])
+    spec = SweepSpec(base=base, lams=[0.5, 2.0], out=tmp_path, lam_key="penalty.eps")
+    points = sweep_points(spec)
+    assert [p.config.penalty["eps"] for p in points[1:]] == [0.5, 2.0] and points[1].config.lam is None
+    assert points[1].name.startswith("arr-lam0.5-") and points[2].name.startswith("arr-lam2-")
+    items = config_overrides(points[2].config)  # the added term as an inline table, its default λ left out
+    assert 'add=[{"method" = "gn", "p" = 2}]' in items
+    again = apply_overrides(TrainConfig(), parse_set(items))
+    assert again.add == points[2].config.add and again.penalty == points[2].config.penalty
+    with pytest.raises(ConfigError, match="λ key"):
+        SweepSpec(base=base, lams=[1.0], out=tmp_path, lam_key="epochs")
