@@ -132,7 +132,7 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
         return widen(down, "smaller λ approach the clean model, which does", None, reason)
     best = max(s.pgd for s in admissible)  # type: ignore[type-var]
     chosen = min((s for s in admissible if s.pgd >= best - m - 1e-12), key=lambda s: s.lam)  # type: ignore[operator]
-    reason = (f"the smallest λ within {margin_points:g} points of the best validation PGD accuracy ({best:.4f}) among "
+    reason = (f"the smallest λ within {margin_points:g} point{'' if margin_points == 1 else 's'} of the best validation PGD accuracy ({best:.4f}) among "
               f"{len(admissible)} λ" + (f" with clean accuracy ≥ {floor:.4f}" if rule == "within-clean" else ""))
     up = hi.lam * ratio_hi
     at_limit = hi.lam >= limits.upper * (1 - 1e-9)
