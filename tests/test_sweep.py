@@ -202,7 +202,7 @@ def test_widening_extends_a_grid_whose_best_point_is_at_the_top_by_its_own_ratio
     assert d.widen == (pytest.approx(18.0),)
     # the rounds spent: the end choice stands and says so
     d = decide(rising, REF, rounds_left=0)
-    assert d.chosen == 10.0 and d.widen == () and d.stop == "max-widen" and "spent" in d.reason
+    assert d.chosen == 10.0 and d.widen == () and d.stop == "max-widen" and "no round is left" in d.reason
 
 
 def test_widening_extends_downwards_when_robustness_falls_with_lambda() -> None:

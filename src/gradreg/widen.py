@@ -124,7 +124,8 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
 
     def widen(values: tuple[float, ...], why: str, chosen: float | None, reason: str) -> Decision:
         if rounds_left <= 0:
-            return Decision(chosen, f"{reason}; {why}, but the widening rounds are spent", (), "max-widen")
+            return Decision(chosen, f"{reason}; {why}, but no round is left to widen it (max_widen, or widening off)",
+                            (), "max-widen")
         return Decision(chosen, f"{reason}; {why}: widening", values, "")
 
     if not admissible:
