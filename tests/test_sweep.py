@@ -373,3 +373,21 @@ def test_a_grid_over_a_penalty_weight_and_added_terms_in_printed_commands(tmp_pa
     assert again.add == points[2].config.add and again.penalty == points[2].config.penalty
     with pytest.raises(ConfigError, match="λ key"):
         SweepSpec(base=base, lams=[1.0], out=tmp_path, lam_key="epochs")
+
+
+def test_runner_prints_a_shared_run_once_and_stops_on_a_failed_worker(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from gradreg.runner import Runner
+
+    shared = TrainConfig(data="digits", model="mlp", epochs=1, out=str(tmp_path / "ref"))
+    other = TrainConfig(data="digits", model="mlp", epochs=2, out=str(tmp_path / "other"))
+    printer = Runner(print_only=True)
+    assert printer.run([("a", shared), ("b", shared), ("c", other)]) == 2  # two rows' common reference: once
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines == printer.printed and not (tmp_path / "ref").exists()
+    failing = Runner(jobs=2, launcher=[sys.executable, "-c", "import sys; sys.exit(3)"], log=lambda s: None)
+    with pytest.raises(RuntimeError, match=r"2 training\(s\) failed: .*exit 3.*sweep-run.log"):
+        failing.run([("a", shared), ("c", other)])
+    assert (tmp_path / "ref" / "sweep-exit.txt").read_text().strip() == "3"
+    with pytest.raises(ValueError, match="jobs"):
+        Runner(jobs=0)
