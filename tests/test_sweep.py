@@ -3,6 +3,7 @@ names, printed commands, running, gathering and reuse."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -180,3 +181,213 @@ def test_tiny_sweep_print_commands_run_gather_and_reuse(tmp_path: Path, capsys: 
     # nothing left to print
     assert cli.main(args + ["--print-commands"]) == 0
     assert capsys.readouterr().out == ""
+
+
+# ----- widening a grid whose choice is at an end (gradreg.widen) --------------------------------
+from gradreg.widen import LamScore, Limits, decide, hard_limits  # noqa: E402
+
+REF = LamScore(0.0, 0.990, 0.10)  # the clean model: floor 0.980 at 1 point
+
+
+def _grid(*rows: tuple[float, float, float]) -> list[LamScore]:
+    return [LamScore(lam, clean, pgd) for lam, clean, pgd in rows]
+
+
+def test_widening_extends_a_grid_whose_best_point_is_at_the_top_by_its_own_ratio() -> None:
+    rising = _grid((0.1, 0.989, 0.20), (1.0, 0.987, 0.30), (10.0, 0.985, 0.40))
+    d = decide(rising, REF, rounds_left=2)
+    assert d.chosen == 10.0 and d.widen == (pytest.approx(100.0),) and d.stop == ""
+    # the grid's own ratio at that end (3 here), not a fixed factor
+    d = decide(_grid((1.0, 0.989, 0.2), (2.0, 0.988, 0.3), (6.0, 0.985, 0.4)), REF, rounds_left=1)
+    assert d.widen == (pytest.approx(18.0),)
+    # the rounds spent: the end choice stands and says so
+    d = decide(rising, REF, rounds_left=0)
+    assert d.chosen == 10.0 and d.widen == () and d.stop == "max-widen" and "no round is left" in d.reason
+
+
+def test_widening_extends_downwards_when_robustness_falls_with_lambda() -> None:
+    falling = _grid((0.1, 0.989, 0.40), (1.0, 0.987, 0.30), (10.0, 0.985, 0.20))
+    d = decide(falling, REF, rounds_left=1)
+    assert d.chosen == 0.1 and d.widen == (pytest.approx(0.01),)
+    # every λ too costly in clean accuracy: go down towards the clean model, which is admissible
+    d = decide(_grid((1.0, 0.95, 0.5), (10.0, 0.90, 0.6)), REF, rounds_left=1)
+    assert d.chosen is None and d.widen == (pytest.approx(0.1),)
+    # a bottom that is not better than the clean model: smaller λ only approach it
+    d = decide(_grid((0.1, 0.989, 0.105), (1.0, 0.987, 0.05), (10.0, 0.985, 0.02)), REF, rounds_left=1)
+    assert d.chosen == 0.1 and d.widen == () and d.stop == "clean-model"
+
+
+def test_widening_stops_at_an_interior_choice() -> None:
+    peaked = _grid((0.1, 0.989, 0.20), (1.0, 0.987, 0.45), (10.0, 0.985, 0.30))
+    d = decide(peaked, REF, rounds_left=3)
+    assert d.chosen == 1.0 and d.widen == () and d.stop == "interior"
+    # a widened grid whose new top point lost: the former end is now interior
+    d = decide(_grid((0.1, 0.989, 0.2), (1.0, 0.987, 0.3), (10.0, 0.985, 0.4), (100.0, 0.982, 0.35)), REF, rounds_left=2)
+    assert d.chosen == 10.0 and d.stop == "interior"
+    # the clean-accuracy floor bounds the choice from above: nothing to widen
+    d = decide(_grid((0.1, 0.989, 0.2), (1.0, 0.985, 0.3), (10.0, 0.95, 0.9)), REF, rounds_left=2)
+    assert d.chosen == 1.0 and d.stop == "interior"
+
+
+def test_widening_respects_a_hard_limit() -> None:
+    fd = hard_limits("datagrad", {"p": 1, "solver": "fd", "fd_step": 0.1})
+    assert fd.upper == 0.1 and "φ = 0.1" in fd.upper_reason
+    assert hard_limits("datagrad", {"p": 1, "solver": "exact"}).upper == math.inf
+    assert hard_limits("datagrad", {"p": 2, "solver": "fd"}).upper == 2.0  # the module's default φ
+    assert hard_limits("lyu", {"solver": "onestep"}).upper == 1.0
+    assert hard_limits("gn", {}, stated_max=30.0).upper == 30.0
+    rising = _grid((0.01, 0.989, 0.2), (0.03, 0.988, 0.3), (0.1, 0.986, 0.4))
+    d = decide(rising, REF, limits=fd, rounds_left=3)
+    assert d.chosen == 0.1 and d.widen == () and d.stop == "limit" and "φ = 0.1" in d.reason
+    # below the limit, the next λ is clamped to it, never beyond
+    d = decide(_grid((0.01, 0.989, 0.2), (0.05, 0.988, 0.4)), REF, limits=fd, rounds_left=3)
+    assert d.widen == (pytest.approx(0.1),)
+    # the lower end never reaches λ ≤ 0: one step is a division by the grid's ratio
+    d = decide(_grid((1e-6, 0.989, 0.4), (1e-5, 0.989, 0.2)), REF, rounds_left=3)
+    assert d.widen[0] > 0
+
+
+def test_widening_ignores_a_one_image_difference() -> None:
+    n = 1600  # MNIST-10k's validation split (0.2 of 8,000)
+    one = 1 / n
+    # the top λ better by one validation image: not a rise, the smaller λ stays chosen
+    flat_top = _grid((0.1, 0.989, 0.20), (1.0, 0.987, 0.30), (10.0, 0.985, 0.30 + one))
+    d = decide(flat_top, REF, rounds_left=3)
+    assert d.chosen == 1.0 and d.widen == () and d.stop == "interior"
+    # the rule without a margin would have taken the end and widened
+    d0 = decide(flat_top, REF, margin_points=0.0, rounds_left=3)
+    assert d0.chosen == 10.0 and d0.widen == (pytest.approx(100.0),)
+    # a whole grid within a few images: a plateau, no widening
+    d = decide(_grid((0.1, 0.989, 0.3 + 3 * one), (1.0, 0.987, 0.3), (10.0, 0.985, 0.3 + 5 * one)), REF, rounds_left=3)
+    assert d.chosen == 0.1 and d.widen == () and d.stop == "plateau"
+
+
+def test_widening_a_one_point_grid_looks_both_ways_and_waits_for_unfinished_runs() -> None:
+    d = decide(_grid((1.0, 0.985, 0.3)), REF, rounds_left=1)
+    assert d.chosen == 1.0 and d.widen == (pytest.approx(0.1), pytest.approx(10.0))
+    d = decide(_grid((1.0, 0.985, 0.3)), REF, limits=Limits(1.0, "cap"), rounds_left=1)
+    assert d.widen == (pytest.approx(0.1),)
+    pending = [LamScore(1.0, None, None), LamScore(2.0, 0.98, 0.3)]
+    assert decide(pending, REF, rounds_left=1).stop == "pending"
+
+
+# ----- reproduce's trainings: in this process, as one-thread workers, or printed (gradreg.runner) ------
+def _outcomes(out: Path) -> dict[str, object]:
+    """What results.json says about the models (their λ and every evaluation), not about time."""
+    result = json.loads((out / "results.json").read_text())
+    sweep = json.loads((out / "sweeps" / "gn" / "sweep.json").read_text())
+    return {"lam": {n: (c["lam"], c["source"], c["grid"], c["curve"]) for n, c in result["lam"].items()},
+            "evals": {n: r["evals"] for n, r in result["rows"].items()},
+            "validation": [(r["lam"], r["clean_accuracy"], r["pgd_accuracy"]) for r in [sweep["reference"], *sweep["rows"]]]}
+
+
+@pytest.mark.slow
+def test_reproduce_jobs_2_and_printed_commands_give_the_outcomes_of_jobs_1(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The family benchmark's tiny budget on its tuned GN row (a clean reference and one λ on the
+    validation split, then the row): trained in this process, and by an external "scheduler"
+    running the printed first wave plus two one-thread workers for the rest."""
+    args = ["reproduce", "family-mnist10k", "--budget", "tiny", "--rows", "GN"]
+    assert cli.main(args + ["--out", str(tmp_path / "one"), "--jobs", "1"]) == 0
+    out = tmp_path / "two"
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    # the first wave: the sweep's clean reference and its λ point; the row waits for its λ
+    assert len(lines) == 2 and all(" train --resume --out " in line and "/sweeps/runs/" in line for line in lines)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for line in lines:
+        subprocess.run(line, shell=True, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
+    second = capsys.readouterr().out.strip().splitlines()
+    assert len(second) == 1 and "/runs/gn" in second[0] and "/sweeps/" not in second[0]
+    assert not (out / "results.json").exists()  # printing evaluates nothing
+    assert cli.main(args + ["--out", str(out), "--jobs", "2"]) == 0  # trains the row as a one-thread worker
+    assert (out / "runs" / "gn-lam1" / "sweep-run.log").is_file()  # it ran as a subprocess
+    assert "It reused 2 of 3 trainings" in (out / "report.md").read_text()
+    assert _outcomes(out) == _outcomes(tmp_path / "one")
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(out), "--print-commands"]) == 0
+    assert capsys.readouterr().out == ""  # nothing left to train
+
+
+def _fake_finish(points: list, curve: dict[float, tuple[float, float]], reference: tuple[float, float]) -> None:  # type: ignore[type-arg]
+    """Write the metrics a finished validation run leaves, with the given (clean, PGD) per λ."""
+    for p in points:
+        clean, pgd = reference if p.role == "reference" else curve[round(p.lam, 6)]
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        (p.run_dir / "metrics.json").write_text(json.dumps({"validation_accuracy": clean, "validation_pgd_accuracy": pgd,
+                                                            "train_seconds": 1.0}))
+
+
+def test_reproduce_tuning_widens_a_rising_grid_round_by_round_from_the_run_folders(tmp_path: Path) -> None:
+    """tune_rows' state on the family benchmark's GN row with widening on: read from run folders
+    alone (here written by hand, no training), one λ added per round until the choice is interior."""
+    from dataclasses import replace as dc_replace
+
+    from gradreg import experiments
+    from gradreg.reproduce import tuning_state
+
+    exp = experiments.load("family-mnist10k").for_budget("tiny")
+    budget = {**exp.budget("tiny"), "sweep_points": 3, "widen": True, "max_widen": 3}
+    row = dc_replace(next(r for r in exp.rows if r.name == "GN"), lams=[0.1, 1.0, 10.0])
+    # validation PGD accuracy peaks at λ = 1000: two rounds up (100, then 1000), then 10000 loses
+    curve = {0.1: (0.98, 0.20), 1.0: (0.98, 0.30), 10.0: (0.98, 0.40), 100.0: (0.975, 0.50), 1000.0: (0.972, 0.60),
+             10000.0: (0.971, 0.55)}
+    grids = []
+    for _ in range(5):
+        state = tuning_state(exp, row, budget, tmp_path, None)
+        if state.choice is not None:
+            break
+        grids.append(list(state.grid))
+        _fake_finish([p for p in state.points if not (p.run_dir / "metrics.json").exists()], curve, (0.98, 0.10))
+    assert grids == [[0.1, 1.0, 10.0], [0.1, 1.0, 10.0, 100.0], [0.1, 1.0, 10.0, 100.0, 1000.0],
+                     [0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0]]
+    choice = state.choice
+    assert choice is not None and choice.lam == 1000.0 and choice.stop == "interior" and choice.source == "sweep"
+    assert choice.grid == (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+    assert [c[0] for c in choice.curve] == list(choice.grid) and choice.curve[4][2] == 0.60
+    record = json.loads((tmp_path / choice.record / "sweep.json").read_text())  # type: ignore[operator]
+    assert record["chosen_lam"] == 1000.0 and record["extra"]["stop"] == "interior"
+    assert record["extra"]["initial_grid"] == [0.1, 1.0, 10.0]
+    # a clean-accuracy floor that λ = 10000 breaks changes nothing; one that 1000 breaks moves the choice
+    budget2 = {**budget, "sweep_tolerance_points": 0.7}  # floor 0.973: 1000 (0.972) is not admissible
+    assert tuning_state(exp, row, budget2, tmp_path, None).choice.lam == 100.0  # type: ignore[union-attr]
+    # the same runs without widening: the sweep's own rule on the initial grid, its end flagged by the report
+    plain = tuning_state(exp, row, {**budget, "widen": False}, tmp_path, None).choice
+    assert plain is not None and plain.lam == 10.0 and plain.grid == (0.1, 1.0, 10.0) and plain.stop == ""
+
+
+def test_a_grid_over_a_penalty_weight_and_added_terms_in_printed_commands(tmp_path: Path) -> None:
+    from gradreg.config import apply_overrides, parse_set
+
+    base = TrainConfig(method="arr", penalty={"eps": 0.1, "divergence": "kl"}, validation_fraction=0.2, validation_eps=0.1,
+                       add=[{"method": "gn", "lam": None, "p": 2}])
+    spec = SweepSpec(base=base, lams=[0.5, 2.0], out=tmp_path, lam_key="penalty.eps")
+    points = sweep_points(spec)
+    assert [p.config.penalty["eps"] for p in points[1:]] == [0.5, 2.0] and points[1].config.lam is None
+    assert points[1].name.startswith("arr-lam0.5-") and points[2].name.startswith("arr-lam2-")
+    items = config_overrides(points[2].config)  # the added term as an inline table, its default λ left out
+    assert 'add=[{"method" = "gn", "p" = 2}]' in items
+    again = apply_overrides(TrainConfig(), parse_set(items))
+    assert again.add == points[2].config.add and again.penalty == points[2].config.penalty
+    with pytest.raises(ConfigError, match="λ key"):
+        SweepSpec(base=base, lams=[1.0], out=tmp_path, lam_key="epochs")
+
+
+def test_runner_prints_a_shared_run_once_and_stops_on_a_failed_worker(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from gradreg.runner import Runner
+
+    shared = TrainConfig(data="digits", model="mlp", epochs=1, out=str(tmp_path / "ref"))
+    other = TrainConfig(data="digits", model="mlp", epochs=2, out=str(tmp_path / "other"))
+    printer = Runner(print_only=True)
+    assert printer.run([("a", shared), ("b", shared), ("c", other)]) == 2  # two rows' common reference: once
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines == printer.printed and not (tmp_path / "ref").exists()
+    failing = Runner(jobs=2, launcher=[sys.executable, "-c", "import sys; sys.exit(3)"], log=lambda s: None)
+    with pytest.raises(RuntimeError, match=r"2 training\(s\) failed: .*exit 3.*sweep-run.log"):
+        failing.run([("a", shared), ("c", other)])
+    assert (tmp_path / "ref" / "sweep-exit.txt").read_text().strip() == "3"
+    with pytest.raises(ValueError, match="jobs"):
+        Runner(jobs=0)

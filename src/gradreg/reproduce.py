@@ -28,7 +28,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,8 +63,11 @@ from .protocols import (
 from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
 from .stats import Comparison, Interval, adjust_family, compare, from_count, mean_score, over_seeds
-from .sweep import DEFAULT_VALIDATION_FRACTION, SweepSpec, gather, is_finished, sweep_points, write_records
-from .trainer import train
+from .threat import parse_eps
+from .runner import Runner, default_jobs, is_trained
+from .sweep import (DEFAULT_VALIDATION_FRACTION, SweepPoint, SweepResult, SweepRow, SweepSpec, gather, is_finished,
+                    sweep_points, write_records)
+from .widen import LamScore, decide, hard_limits
 
 # a column name → which attack's grid average it shows (transfer columns are "←ROW")
 # T-PGD: the multi-target reading, the one that puts the SGR paper's T-PGD below its PGD (see
@@ -178,7 +181,8 @@ def run_name(row: experiments.Row, seed: int, *, default_seed: int | None) -> st
     """Run folder of a row at a seed: the row's slug for the budget's own seed when no seeds are
     asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise; a tuned row's folder
     also names its λ (``slug-lamΛ``), so a run trained at another λ is never reused."""
-    slug = row.slug if not row.lams or row.lam is None else f"{row.slug}-lam{row.lam:g}"
+    value = row.tuned_value
+    slug = row.slug if not row.lams or value is None else f"{row.slug}-lam{value:g}"
     return slug if seed == default_seed else f"{slug}-s{seed}"
 
 
@@ -191,6 +195,8 @@ class LamChoice:
     detail: str
     grid: tuple[float, ...] = ()
     record: str | None = None  # the sweep's folder under the output folder (sweep.md, sweep.json, sweep.png)
+    stop: str = ""  # why widening the grid stopped (gradreg.widen: interior, limit, plateau, …); "" without widening
+    curve: tuple[tuple[float, float, float], ...] = ()  # (λ, clean, PGD) validation accuracies, seed means, by λ
 
 
 def sweep_grid(lams: list[float], points: int | None) -> list[float]:
@@ -204,44 +210,153 @@ def sweep_grid(lams: list[float], points: int | None) -> list[float]:
     return [lams[round(i * (len(lams) - 1) / (points - 1))] for i in range(points)]
 
 
+def sweep_settings(budget: dict[str, Any]) -> dict[str, Any]:
+    """The budget's sweep keys with their defaults: ``widen`` (False), ``max_widen`` (3),
+    ``sweep_seeds`` (the budget's seed), ``sweep_margin_points`` (1 with widening or several
+    seeds, else 0: the rule as it was), ``sweep_rule``, ``sweep_tolerance_points``."""
+    widen = bool(budget.get("widen", False))
+    seeds = [int(v) for v in budget.get("sweep_seeds", [])] or [int(budget.get("seed", 0))]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"sweep_seeds must be distinct, got {seeds}")
+    margin = float(budget.get("sweep_margin_points", 1.0 if widen or len(seeds) > 1 else 0.0))
+    max_widen = int(budget.get("max_widen", 3))
+    if margin < 0 or max_widen < 0:
+        raise ValueError(f"sweep_margin_points and max_widen must be ≥ 0, got {margin} and {max_widen}")
+    return {"widen": widen, "max_widen": max_widen if widen else 0, "seeds": seeds, "margin": margin,
+            "rule": str(budget.get("sweep_rule", "within-clean")),
+            "tolerance": float(budget.get("sweep_tolerance_points", 1.0))}
+
+
+def sweep_base(exp: experiments.Experiment, row: experiments.Row, budget: dict[str, Any], out: Path,
+               data_dir: str | None) -> TrainConfig:
+    """A tuned row's training config on the validation split, scored by PGD at the training ε."""
+    if exp.autoattack_eps is None:
+        raise ValueError(f"experiment {exp.name!r}: tuning λ of {row.name!r} needs the training ε (autoattack_eps)")
+    base = row_config(exp, row, budget, out / "sweeps", data_dir)
+    apply_overrides(base, {"validation_fraction": float(budget.get("sweep_validation_fraction",
+                                                                   DEFAULT_VALIDATION_FRACTION)),
+                           "validation_eps": float(exp.autoattack_eps), "validation_norm": exp.norm,
+                           "validation_pgd_steps": int(budget.get("sweep_pgd_steps", budget.get("pgd_steps", 20)))})
+    return base.validate()
+
+
+@dataclass
+class RowTuning:
+    """Where a row's tuning stands, read from its run folders alone (so that an interrupted or
+    externally scheduled run resumes where it was): its grid, widened as far as the finished
+    points say, every point of it, and the choice once no point is unfinished."""
+
+    grid: list[float]
+    points: list[SweepPoint]
+    choice: LamChoice | None
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None) / len(values)
+
+
+def _seed_means(results: list[SweepResult], seeds: list[int]) -> SweepResult:
+    """One sweep table whose accuracies are the means over the validation seeds' tables."""
+    first = results[0]
+
+    def mean_row(rows: list[SweepRow]) -> SweepRow:
+        done = all(r.status == "done" for r in rows)
+        return SweepRow(name=rows[0].name + (f" (+{len(rows) - 1} seeds)" if len(rows) > 1 else ""), role=rows[0].role,
+                        lam=rows[0].lam, eps=rows[0].eps, status="done" if done else "pending",
+                        clean_accuracy=_mean([r.clean_accuracy for r in rows]), pgd_accuracy=_mean([r.pgd_accuracy for r in rows]),
+                        train_seconds=_mean([r.train_seconds for r in rows]), run_dir=rows[0].run_dir,
+                        note=f"mean over seeds {', '.join(map(str, seeds))}" if len(rows) > 1 else "")
+
+    rows = [mean_row([r.rows[i] for r in results]) for i in range(len(first.rows))]
+    return SweepResult(spec=first.spec, rule=first.rule, tolerance_points=first.tolerance_points,
+                       reference=mean_row([r.reference for r in results]), rows=rows, chosen=None, reason="",
+                       extra={"seeds": seeds})
+
+
+def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict[str, Any], out: Path,
+                 data_dir: str | None) -> RowTuning:
+    """The row's :class:`RowTuning`; once its grid is decided, writes ``out/sweeps/<row>/sweep.*``."""
+    settings = sweep_settings(budget)
+    base = sweep_base(exp, row, budget, out, data_dir)
+    grid = sweep_grid(row.lams, budget.get("sweep_points"))
+    limits = hard_limits(row.method, row.penalty, stated_max=row.lam_max)
+    record = out / "sweeps" / row.slug
+    where = str(record.relative_to(out))
+    for rounds_left in range(settings["max_widen"], -1, -1):
+        specs = [SweepSpec(base=replace(base, seed=seed, penalty=dict(base.penalty)).validate(), lams=grid,
+                           out=out / "sweeps", rule=settings["rule"], tolerance_points=settings["tolerance"],
+                           lam_key=row.lam_key)
+                 for seed in settings["seeds"]]
+        per_seed = [sweep_points(spec) for spec in specs]
+        points = [p for pts in per_seed for p in pts]
+        if not all(is_finished(p) for p in points):
+            return RowTuning(grid, points, None)
+        results = [gather(spec, pts) for spec, pts in zip(specs, per_seed)]
+        if not settings["widen"] and len(specs) == 1 and settings["margin"] == 0:  # the sweep's own rule
+            result = results[0]
+            write_records(result, record)
+            rule = f"rule {result.rule}: {result.reason}"
+            curve = tuple((float(r.lam or 0.0), float(r.clean_accuracy or 0.0), float(r.pgd_accuracy or 0.0))
+                          for r in sorted(result.rows, key=lambda r: r.lam or 0.0) if r.status == "done")
+            if result.chosen is not None:
+                return RowTuning(grid, points, LamChoice(result.chosen.lam, "sweep", rule, tuple(grid), where, curve=curve))
+            return RowTuning(grid, points, LamChoice(row.tuned_value, "declared (sweep chose none)", rule, tuple(grid), where,
+                                                     curve=curve))
+        table = _seed_means(results, settings["seeds"])
+        scores = [LamScore(float(r.lam or 0.0), r.clean_accuracy, r.pgd_accuracy, len(specs)) for r in table.rows]
+        ref = LamScore(0.0, table.reference.clean_accuracy, table.reference.pgd_accuracy, len(specs))
+        decision = decide(scores, ref, rule=settings["rule"], tolerance_points=settings["tolerance"],
+                          margin_points=settings["margin"], limits=limits, rounds_left=rounds_left)
+        if decision.widen:
+            grid = sorted(set(grid) | set(decision.widen))
+            continue
+        table.chosen = next((r for r in table.rows if decision.chosen is not None and r.lam == decision.chosen), None)
+        table.reason = decision.reason
+        table.spec = {**table.spec, "lams": list(grid)}
+        table.extra.update(stop=decision.stop, margin_points=settings["margin"], widen=settings["widen"],
+                           max_widen=settings["max_widen"], initial_grid=sweep_grid(row.lams, budget.get("sweep_points")),
+                           upper_limit=None if math.isinf(limits.upper) else limits.upper,
+                           upper_limit_reason=limits.upper_reason)
+        write_records(table, record)
+        seeds = settings["seeds"]
+        detail = (f"{decision.reason} (validation seeds {', '.join(map(str, seeds))}; gradreg.widen"
+                  + (f", stop: {decision.stop}" if decision.stop else "") + ")")
+        curve = tuple((s.lam, float(s.clean or 0.0), float(s.pgd or 0.0)) for s in sorted(scores, key=lambda s: s.lam))
+        source = "sweep" if decision.chosen is not None else "declared (sweep chose none)"
+        lam = decision.chosen if decision.chosen is not None else row.tuned_value
+        return RowTuning(grid, points, LamChoice(lam, source, detail, tuple(grid), where, decision.stop, curve))
+    raise AssertionError("unreachable: the last round has no rounds left to widen")
+
+
 def tune_rows(exp: experiments.Experiment, rows: list[experiments.Row], budget: dict[str, Any], out: Path,
-              data_dir: str | None, log: Callable[[str], None], reuse: Reuse | None = None) -> dict[str, LamChoice]:
+              data_dir: str | None, log: Callable[[str], None], reuse: Reuse | None = None, *,
+              runner: Runner | None = None) -> dict[str, LamChoice]:
     """Every row's λ: for a row with a grid (``lams``), ``gradreg sweep``'s choice on a validation
     split carved from the training data (its rule, ``sweep_rule`` / ``sweep_tolerance_points``
-    of the budget, validation PGD at the training ε); the declared λ if it has no grid or the
-    rule picks none. The sweeps share ``out/sweeps/runs`` (rows with the same training settings
-    share their clean reference run) and write ``out/sweeps/<row>/sweep.{md,json,png}``."""
-    choices = {}
-    for row in rows:
-        if not row.lams:
-            choices[row.name] = LamChoice(row.lam, "declared", "no λ grid: the λ of the row's protocol")
-            continue
-        if exp.autoattack_eps is None:
-            raise ValueError(f"experiment {exp.name!r}: tuning λ of {row.name!r} needs the training ε (autoattack_eps)")
-        base = row_config(exp, row, budget, out / "sweeps", data_dir)
-        apply_overrides(base, {"validation_fraction": float(budget.get("sweep_validation_fraction",
-                                                                       DEFAULT_VALIDATION_FRACTION)),
-                               "validation_eps": float(exp.autoattack_eps), "validation_norm": exp.norm,
-                               "validation_pgd_steps": int(budget.get("sweep_pgd_steps", budget.get("pgd_steps", 20)))})
-        grid = sweep_grid(row.lams, budget.get("sweep_points"))
-        spec = SweepSpec(base=base.validate(), lams=grid, out=out / "sweeps", rule=str(budget.get("sweep_rule", "within-clean")),
-                         tolerance_points=float(budget.get("sweep_tolerance_points", 1.0)))
-        points = sweep_points(spec)
-        for point in points:
-            if not is_finished(point):
-                _ensure_trained(point.config, f"sweep {row.name}: {point.name}", log, reuse)
-            elif reuse is not None:
-                reuse.training(Path(point.config.out), done=True)
-        result = gather(spec, points)
-        record = out / "sweeps" / row.slug
-        write_records(result, record)
-        rule = f"rule {result.rule}: {result.reason}"
-        where = str(record.relative_to(out))
-        if result.chosen is not None:
-            choices[row.name] = LamChoice(result.chosen.lam, "sweep", rule, tuple(grid), where)
-        else:
-            choices[row.name] = LamChoice(row.lam, "declared (sweep chose none)", rule, tuple(grid), where)
-    return choices
+    of the budget, validation PGD at the training ε), widened beyond an end when the budget says
+    ``widen`` (:func:`tuning_state`, :mod:`gradreg.widen`); the declared λ if it has no grid or
+    the rule picks none. The sweeps share ``out/sweeps/runs`` (rows with the same training
+    settings share their clean reference run) and write ``out/sweeps/<row>/sweep.{md,json,png}``.
+    Trainings run in waves through ``runner`` (every undecided row's unfinished points at once);
+    a printing runner stops after the first wave, and rows still undecided are left out."""
+    runner = runner or Runner(jobs=1, log=log)
+    choices = {r.name: LamChoice(r.lam, "declared", "no λ grid: the λ of the row's protocol") for r in rows if not r.lams}
+    while True:
+        states = {r.name: tuning_state(exp, r, budget, out, data_dir) for r in rows if r.name not in choices}
+        for state in states.values():
+            for point in state.points:
+                if reuse is not None:
+                    reuse.training(point.run_dir, done=is_finished(point))
+        choices.update({name: st.choice for name, st in states.items() if st.choice is not None})
+        wave = [(f"sweep {name}: {p.name}", p.config) for name, st in states.items() if st.choice is None
+                for p in st.points if not is_finished(p)]
+        if not wave:
+            break
+        log(f"λ sweeps: {len(wave)} unfinished point(s) of {sum(st.choice is None for st in states.values())} row(s)")
+        runner.run(wave)
+        if runner.print_only:
+            break
+    return {r.name: choices[r.name] for r in rows if r.name in choices}
 
 
 def twin_seeds(seeds: list[int]) -> list[int]:
@@ -307,7 +422,7 @@ def eval_settings(exp: experiments.Experiment, budget: dict[str, Any]) -> EvalSe
     settings = EvalSettings(norm=exp.norm, attacks=attacks, pgd_steps=int(budget.get("pgd_steps", 40)),
                             pgd_restarts=int(budget.get("pgd_restarts", 1)), n_test=budget.get("n_test"),
                             deepfool="ρ" in exp.columns, seed=int(budget.get("seed", 0)),
-                            square_queries=int(budget.get("square_queries", 1000)), **(aa or {}))
+                            square_queries=int(budget.get("square_queries", 1000)), eps=eval_grid(budget), **(aa or {}))
     if curve:
         if "PGD" in exp.columns:
             raise ValueError(f"experiment {exp.name!r}: curve_eps would replace the PGD column's ε grid")
@@ -348,23 +463,26 @@ class Reuse:
                 "the same command, whose time is not in it.")
 
 
-def _ensure_trained(cfg: TrainConfig, label: str, log: Callable[[str], None], reuse: Reuse | None = None) -> Path:
-    """Train (or resume) the run ``cfg.out`` unless it has finished; its folder."""
-    run_dir = Path(cfg.out)
-    done = (run_dir / "model.safetensors").exists()
-    if reuse is not None:
-        reuse.training(run_dir, done=done)
-    if not done:
-        log(f"training {label} ({cfg.method}, seed {cfg.seed}) on {cfg.data}, {cfg.epochs} epochs")
-        cfg.quiet = False
-        train(cfg, resume=True, log=lambda s: None)
-    else:
-        log(f"{label}: reusing {run_dir}")
-    return run_dir
+def eval_grid(budget: dict[str, Any]) -> list[float] | None:
+    """The budget's ``eps_grid`` (the ε of the attack columns' curves; "8/255" style allowed), or
+    None for the data set's default grid."""
+    return [parse_eps(e) for e in budget["eps_grid"]] if "eps_grid" in budget else None
 
 
-def _train_row(cfg: TrainConfig, label: str, log: Callable[[str], None], reuse: Reuse | None = None) -> Any:
-    return load_run(_ensure_trained(cfg, label, log, reuse), device=cfg.device)
+def plan_trainings(exp: experiments.Experiment, chosen: list[experiments.Row], budget: dict[str, Any], out: Path,
+                   data_dir: str | None, seed_list: list[int], naming_default: int | None) -> dict[tuple[str, int], TrainConfig]:
+    """Every (row, seed) training of the table, plus the transfer sources' twins (a single seed
+    needs its twins trained; with several seeds they exist): independent of each other."""
+    planned = {(row.name, seed): row_config(exp, row, budget, out, data_dir, seed=seed,
+                                            run_name=run_name(row, seed, default_seed=naming_default))
+               for row in chosen for seed in seed_list}
+    for source in [s for s in exp.transfer_sources if any(r.name == s for r in chosen)]:
+        row = next(r for r in chosen if r.name == source)
+        for twin in twin_seeds(seed_list):
+            if (source, twin) not in planned:
+                planned[(source, twin)] = row_config(exp, row, budget, out, data_dir, seed=twin,
+                                                     run_name=run_name(row, twin, default_seed=naming_default))
+    return planned
 
 
 @contextmanager
@@ -381,18 +499,29 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | None = None,
                    rows: list[str] | None = None, seeds: list[int] | None = None,
-                   log: Callable[[str], None] = _log) -> dict[str, Any]:
+                   log: Callable[[str], None] = _log, jobs: int | None = None, print_commands: bool = False,
+                   launcher: Sequence[str] | None = None) -> dict[str, Any]:
     """Train (or reuse finished runs in ``out/runs``) every row once per seed, evaluate, and write
     ``out/report.md``. Transfer sources are twins trained with another seed. A budget's
     ``threads`` sets torch's intra-op threads for the whole run (1 for the tiny budgets' small
-    models, whose operations are too small to split and slow down when the cores are shared)."""
-    with torch_threads(experiments.load(name).budget(budget_name).get("threads")):
+    models, whose operations are too small to split and slow down when the cores are shared).
+
+    Independent trainings (a wave of sweep points, then every row × seed) run as ``jobs``
+    one-thread worker processes (:mod:`gradreg.runner`; default: the budget's ``jobs``, else the
+    number of cores, but 1 for a ``tiny`` budget, whose sub-second trainings cost less than a
+    worker's start; 1 trains in this process). ``print_commands`` trains nothing: it prints the
+    next wave's unfinished trainings as resumable shell commands (``launcher`` starts gradreg in
+    them) and returns ``{"printed": [...]}``; re-running it after they finish prints the next."""
+    budget = experiments.load(name).budget(budget_name)
+    runner = Runner(jobs=int(jobs or budget.get("jobs") or (1 if budget_name == "tiny" else default_jobs())),
+                    print_only=print_commands, launcher=launcher, log=log)
+    with torch_threads(budget.get("threads")):
         return _run_experiment(name, budget_name=budget_name, out=out, data_dir=data_dir, rows=rows, seeds=seeds,
-                               log=log)
+                               log=log, runner=runner)
 
 
 def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | None, rows: list[str] | None,
-                    seeds: list[int] | None, log: Callable[[str], None]) -> dict[str, Any]:
+                    seeds: list[int] | None, log: Callable[[str], None], runner: Runner) -> dict[str, Any]:
     exp = experiments.load(name).for_budget(budget_name)
     budget = exp.budget(budget_name)
     chosen = [r for r in exp.rows if rows is None or r.name in rows or r.slug in rows]
@@ -408,25 +537,21 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     reuse = Reuse()
-    tuning = tune_rows(exp, chosen, budget, out, data_dir, log, reuse) if any(r.lams for r in chosen) else {}
-    chosen = [replace(r, lam=tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
-    trained: dict[tuple[str, int], Any] = {}
-    total = len(chosen) * len(seed_list)
-    for i, row in enumerate(chosen):
-        for j, seed in enumerate(seed_list):
-            cfg = row_config(exp, row, budget, out, data_dir, seed=seed,
-                             run_name=run_name(row, seed, default_seed=naming_default))
-            trained[(row.name, seed)] = _train_row(cfg, f"[{i * len(seed_list) + j + 1}/{total}] {row.name}", log,
-                                                   reuse)
+    tuning = tune_rows(exp, chosen, budget, out, data_dir, log, reuse, runner=runner) if any(r.lams for r in chosen) else {}
+    if runner.print_only:  # rows whose λ is still being tuned cannot be planned yet
+        chosen = [r for r in chosen if r.name in tuning or not r.lams]
+    chosen = [r.at(tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
+    planned = plan_trainings(exp, chosen, budget, out, data_dir, seed_list, naming_default)
+    for cfg in planned.values():
+        reuse.training(Path(cfg.out), done=is_trained(cfg))
+    runner.run([(f"{row} (seed {seed})", cfg) for (row, seed), cfg in planned.items()])
+    if runner.print_only:
+        log(f"printed {len(runner.printed)} training command(s); run them, then run this command again "
+            "(without --print-commands to evaluate once it prints none)")
+        return {"printed": list(runner.printed)}
+    trained = {key: load_run(Path(cfg.out), device=cfg.device) for key, cfg in planned.items()}
     sources = [s for s in exp.transfer_sources if any(r.name == s for r in chosen)]
     twins = twin_seeds(seed_list)
-    for s in sources:  # a single seed needs its twins trained; with several seeds they exist
-        row = next(r for r in chosen if r.name == s)
-        for t in twins:
-            if (s, t) not in trained:
-                cfg = row_config(exp, row, budget, out, data_dir, seed=t,
-                                 run_name=run_name(row, t, default_seed=naming_default))
-                trained[(s, t)] = _train_row(cfg, f"transfer twin {s}", log, reuse)
     bundle = load_data(budget["data"], data_dir=data_dir)
     aa = autoattack_settings(exp, budget)
     settings = eval_settings(exp, budget)

@@ -68,8 +68,11 @@ class SweepSpec:
     eps_key: str = "penalty.eps"
     rule: str = "within-clean"
     tolerance_points: float = 1.0
+    lam_key: str = "lam"  # the configuration key the grid sets: the objective's λ, or a penalty's own weight
 
     def __post_init__(self) -> None:
+        if self.lam_key != "lam" and not self.lam_key.startswith("penalty."):
+            raise ConfigError(f"a sweep's λ key is 'lam' or a 'penalty.KEY', got {self.lam_key!r}")
         if not self.lams:
             raise ConfigError("a sweep needs at least one λ")
         if any(not math.isfinite(v) or v < 0 for v in self.lams):
@@ -134,9 +137,11 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
-def run_name(cfg: TrainConfig, *, eps: float | None = None) -> str:
-    """``<method>-lam<λ>[-eps<ε>]-<hash>``: readable, and unique per configuration."""
-    lam = "-reference" if cfg.lam is None else f"-lam{cfg.lam:g}"
+def run_name(cfg: TrainConfig, *, eps: float | None = None, swept: float | None = None) -> str:
+    """``<method>-lam<λ>[-eps<ε>]-<hash>``: readable, and unique per configuration; λ is the
+    swept value (``swept``, for a grid over a penalty's own weight) or the objective's."""
+    value = cfg.lam if swept is None else swept
+    lam = "-reference" if value is None else f"-lam{value:g}"
     parts = [cfg.method + lam] + ([f"eps{eps:g}"] if eps is not None else [])
     return "-".join(parts + [config_hash(cfg)]).replace("/", "_")
 
@@ -149,14 +154,14 @@ def sweep_points(spec: SweepSpec) -> list[SweepPoint]:
         cfg = dataclasses.replace(spec.base, penalty=dict(spec.base.penalty), model_params=dict(spec.base.model_params))
         apply_overrides(cfg, overrides)
         cfg.quiet = True
-        name = run_name(cfg, eps=eps)
+        name = run_name(cfg, eps=eps, swept=lam if spec.lam_key != "lam" else None)
         cfg.out = str(runs / name)
         return SweepPoint(name=name, role=role, lam=lam, eps=eps, config=cfg.validate())
 
     points = [point("reference", None, None, {"method": "clean", "lam": None, "task_weight": None, "penalty": {}})]
     for eps in (list(spec.eps_values) if spec.eps_values is not None else [None]):
         for lam in spec.lams:
-            over: dict[str, Any] = {"lam": float(lam)}
+            over: dict[str, Any] = {spec.lam_key: float(lam)}
             if eps is not None:
                 over[spec.eps_key] = float(eps)
             points.append(point("point", float(lam), eps, over))
@@ -176,6 +181,8 @@ def toml_literal(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (an added term); a None entry is the key's default, left out
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_literal(v)}" for k, v in value.items() if v is not None) + "}"
     raise ValueError(f"cannot write {value!r} as a --set value")
 
 
@@ -199,11 +206,16 @@ def default_launcher() -> list[str]:
     return [sys.executable, "-m", "gradreg"]
 
 
-def point_argv(point: SweepPoint, *, launcher: Sequence[str] | None = None) -> list[str]:
-    argv = list(launcher or default_launcher()) + ["train", "--resume", "--out", str(point.run_dir)]
-    for item in config_overrides(point.config):
+def train_argv(cfg: TrainConfig, *, launcher: Sequence[str] | None = None) -> list[str]:
+    """``gradreg train --resume --out DIR --set ...``: the run ``cfg`` as one resumable command."""
+    argv = list(launcher or default_launcher()) + ["train", "--resume", "--out", str(cfg.out)]
+    for item in config_overrides(cfg):
         argv += ["--set", item]
     return argv
+
+
+def point_argv(point: SweepPoint, *, launcher: Sequence[str] | None = None) -> list[str]:
+    return train_argv(point.config, launcher=launcher)
 
 
 def point_command(point: SweepPoint, *, launcher: Sequence[str] | None = None) -> str:
@@ -226,23 +238,38 @@ def run_points(points: Sequence[SweepPoint], *, jobs: int = 1, launcher: Sequenc
                log: Callable[[str], None] = print) -> dict[str, int]:
     """Train the unfinished points as ``jobs`` parallel subprocesses; returns their exit codes.
     Each run's output goes to ``<run>/sweep-run.log`` and its exit code to ``sweep-exit.txt``."""
-    if jobs < 1:
-        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
     todo = [p for p in points if not is_finished(p)]
     if len(todo) < len(points):
         log(f"reusing {len(points) - len(todo)} finished run(s)")
+    return run_trainings([(p.name, p.config) for p in todo], jobs=jobs, launcher=launcher, log=log)
 
-    def one(p: SweepPoint) -> tuple[str, int]:
-        p.run_dir.mkdir(parents=True, exist_ok=True)
-        with (p.run_dir / RUN_LOG).open("w") as fh:
-            rc = subprocess.run(point_argv(p, launcher=launcher), stdout=fh, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), check=False).returncode
-        (p.run_dir / RUN_EXIT).write_text(f"{rc}\n")
-        log(f"{p.name}: {'done' if rc == 0 else f'failed (exit {rc}, see {p.run_dir / RUN_LOG})'}")
-        return p.name, rc
+
+def run_trainings(trainings: Sequence[tuple[str, TrainConfig]], *, jobs: int = 1,
+                  launcher: Sequence[str] | None = None, log: Callable[[str], None] = print,
+                  threads: int | None = None) -> dict[str, int]:
+    """Run every ``(label, config)`` as ``gradreg train --resume`` (:func:`train_argv`), ``jobs``
+    subprocesses at a time; returns their exit codes by label. ``threads`` (e.g. 1) sets each
+    subprocess's OMP/MKL thread count: N one-thread workers use N cores without oversubscribing
+    them. Each run's output goes to ``<run>/sweep-run.log``, its exit code to ``sweep-exit.txt``."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be ≥ 1, got {jobs}")
+    env = os.environ.copy()
+    if threads is not None:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+
+    def one(item: tuple[str, TrainConfig]) -> tuple[str, int]:
+        label, cfg = item
+        run_dir = Path(cfg.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / RUN_LOG).open("w") as fh:
+            rc = subprocess.run(train_argv(cfg, launcher=launcher), stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, check=False).returncode
+        (run_dir / RUN_EXIT).write_text(f"{rc}\n")
+        log(f"{label}: {'done' if rc == 0 else f'failed (exit {rc}, see {run_dir / RUN_LOG})'}")
+        return label, rc
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        return dict(pool.map(one, todo))
+        return dict(pool.map(one, trainings))
 
 
 def read_row(point: SweepPoint) -> SweepRow:
@@ -300,7 +327,7 @@ def gather(spec: SweepSpec, points: Sequence[SweepPoint] | None = None) -> Sweep
     rows = [read_row(p) for p in points]
     reference, grid = rows[0], rows[1:]
     chosen, reason = RULES[spec.rule](grid, reference.clean_accuracy, spec.tolerance_points)
-    spec_dict = {"method": spec.base.method, "lams": list(spec.lams),
+    spec_dict = {"method": spec.base.method, "lams": list(spec.lams), "lam_key": spec.lam_key,
                  "eps_values": list(spec.eps_values) if spec.eps_values is not None else None,
                  "eps_key": spec.eps_key, "base": spec.base.to_dict()}
     return SweepResult(spec=spec_dict, rule=spec.rule, tolerance_points=spec.tolerance_points,

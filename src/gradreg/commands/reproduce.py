@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from .. import experiments
@@ -25,6 +26,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild report.md, table.csv, results.json and the plots from the finished folder --out "
                              "(its results.json) without training or attacking")
+    parser.add_argument("--jobs", type=int, metavar="N",
+                        help="run independent trainings (sweep points, rows × seeds) as N parallel one-thread "
+                             "worker processes; 1 trains in this process (default: the budget's jobs, else the "
+                             "number of cores; 1 for tiny budgets, whose trainings take less than a worker's start)")
+    parser.add_argument("--print-commands", action="store_true",
+                        help="train nothing: print the next wave of unfinished trainings as resumable shell "
+                             "commands (for an external scheduler) and exit; run them, re-run this until it "
+                             "prints nothing, then run without it to evaluate")
+    parser.add_argument("--launcher", help="command that starts gradreg in printed/run commands "
+                                           "(default: this Python with -m gradreg)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +44,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--report-only re-renders the stored rows and seeds: --rows and --seeds do not apply")
         report_only(args.experiment, budget_name=args.budget, out=Path(args.out))
         return 0
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
     run_experiment(args.experiment, budget_name=args.budget, out=Path(args.out), data_dir=args.data_dir, rows=args.rows,
-                   seeds=args.seeds)
+                   seeds=args.seeds, jobs=args.jobs, print_commands=args.print_commands,
+                   launcher=shlex.split(args.launcher) if args.launcher else None)
     return 0

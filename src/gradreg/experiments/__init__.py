@@ -27,6 +27,16 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   budget's ``sweep_points = N`` keeps N evenly spaced points of every grid (1: the middle one);
   ``sweep_pgd_steps``, ``sweep_validation_fraction``, ``sweep_rule`` and
   ``sweep_tolerance_points`` set the sweep's validation PGD and its selection rule.
+- ``widen = true`` lets a sweep whose choice sits at an end of its grid add λ beyond that end, at
+  most ``max_widen`` (3) rounds, until the choice is interior or a hard limit stops it
+  (:mod:`gradreg.widen`; a row's ``lam_max`` states a limit of its own);
+  ``sweep_margin_points`` (1 with widening, else 0) is the validation PGD accuracy difference a
+  larger λ must exceed to be preferred, ``sweep_seeds`` the training seeds each λ is validated
+  with (their mean is compared).
+- ``eps_grid``: the ε of the attack columns' curves (a column is their mean), e.g. the hard
+  radius's 0.1, 0.2, 0.3; default: the data set's grid.
+- ``jobs``: the default of ``reproduce --jobs`` for the budget (else the number of cores; 1 for
+  a budget named ``tiny``).
 - other budget keys: ``seeds`` (the seeds when ``--seeds`` is not given), ``threads`` (torch's
   intra-op threads for the run), ``pgd_restarts`` (random starts of the evaluation's PGD),
   ``norms_n`` / ``norms_iterations`` (the per-example gradient and operator norms of every
@@ -57,6 +67,22 @@ class Row:
     train: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for this row
     note: str = ""  # which variant the row runs, where it departs from the cited paper (printed in the report)
     lams: list[float] = field(default_factory=list)  # the λ grid tuned on a validation split (empty: λ as declared)
+    lam_max: float | None = None  # a stated largest λ that widening the grid may reach (gradreg.widen)
+    lam_key: str = "lam"  # what ``lams`` sets: the objective's λ, or a "penalty.KEY" (a term's own weight)
+
+    @property
+    def tuned_value(self) -> float | None:
+        """The declared value of what ``lams`` sets (``lam``, or the penalty's ``lam_key``)."""
+        if self.lam_key == "lam":
+            return self.lam
+        value = self.penalty.get(self.lam_key.partition(".")[2])
+        return None if value is None else float(value)
+
+    def at(self, value: float | None) -> Row:
+        """This row with what ``lams`` sets at ``value``."""
+        if self.lam_key == "lam":
+            return replace(self, lam=value)
+        return replace(self, penalty={**self.penalty, self.lam_key.partition(".")[2]: value})
 
     @property
     def slug(self) -> str:

@@ -1,0 +1,93 @@
+"""A wave of independent trainings: trained here, by parallel one-thread workers, or printed.
+
+``gradreg reproduce`` plans its trainings in waves whose members do not depend on each other
+(every row's next sweep points; then every row × seed training) and hands each wave to a
+:class:`Runner`:
+
+- ``jobs = 1``: one after the other in this process (torch's threads as the caller set them);
+- ``jobs = N > 1``: N ``gradreg train --resume`` subprocesses at a time, each with one
+  OMP/MKL thread (:func:`gradreg.sweep.run_trainings`, the machinery of ``gradreg sweep
+  --jobs``). Small models gain more from N one-thread workers than from one N-thread process,
+  whose operations are too small to split; each worker pays torch's import (4–9 s on the
+  2-core machine), which is why a budget of sub-second trainings may prefer ``jobs = 1``;
+- ``print_only``: one resumable shell line per unfinished training, for an external scheduler
+  (a SLURM array, GNU parallel); nothing runs. Re-running the same ``reproduce`` command then
+  prints the next wave (a widened λ, the rows' trainings at their tuned λ), and nothing once
+  every training has finished.
+
+A run folder is trained at most once per wave, whatever number of rows share it (the sweeps'
+common clean reference), and a finished one never again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainConfig
+from .sweep import RUN_LOG, run_trainings, train_argv
+from .trainer import train
+
+
+def default_jobs() -> int:
+    """The cores this process may use (its CPU affinity where the platform tells it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def is_trained(cfg: TrainConfig) -> bool:
+    """Finished: a tuning run (validation split with an ε) has its validation PGD accuracy in
+    ``metrics.json``; any other run has its ``model.safetensors``."""
+    run = Path(cfg.out)
+    if cfg.validation_fraction > 0 and cfg.validation_eps is not None:
+        try:
+            return "validation_pgd_accuracy" in json.loads((run / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+    return (run / "model.safetensors").exists()
+
+
+@dataclass
+class Runner:
+    jobs: int = 1
+    print_only: bool = False
+    launcher: Sequence[str] | None = None
+    log: Callable[[str], None] = print
+    printed: list[str] = field(default_factory=list)  # every line printed so far (print_only)
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be ≥ 1, got {self.jobs}")
+
+    def run(self, trainings: Sequence[tuple[str, TrainConfig]]) -> int:
+        """Train (or print) the unfinished ``(label, config)`` of one wave; the number of them.
+        A failed subprocess stops the run with its log's path."""
+        todo: dict[str, tuple[str, TrainConfig]] = {}
+        for label, cfg in trainings:
+            if not is_trained(cfg):
+                todo.setdefault(str(Path(cfg.out)), (label, cfg))  # a shared run folder once
+        if not todo:
+            return 0
+        if self.print_only:
+            for label, cfg in todo.values():
+                line = shlex.join(train_argv(cfg, launcher=self.launcher))
+                self.printed.append(line)
+                print(line)
+            return len(todo)
+        if self.jobs == 1:
+            for label, cfg in todo.values():
+                self.log(f"training {label} ({cfg.method}, seed {cfg.seed}) on {cfg.data}, {cfg.epochs} epochs")
+                train(cfg, resume=True, log=lambda s: None)
+            return len(todo)
+        self.log(f"training {len(todo)} run(s) as {min(self.jobs, len(todo))} one-thread workers")
+        codes = run_trainings(list(todo.values()), jobs=self.jobs, launcher=self.launcher, log=self.log, threads=1)
+        failed = [f"{label} (exit {rc}, {Path(cfg.out) / RUN_LOG})" for label, cfg in todo.values()
+                  if (rc := codes.get(label, 0)) != 0]
+        if failed:
+            raise RuntimeError(f"{len(failed)} training(s) failed: {'; '.join(failed)}")
+        return len(todo)
