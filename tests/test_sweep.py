@@ -391,3 +391,14 @@ def test_runner_prints_a_shared_run_once_and_stops_on_a_failed_worker(tmp_path: 
     assert (tmp_path / "ref" / "sweep-exit.txt").read_text().strip() == "3"
     with pytest.raises(ValueError, match="jobs"):
         Runner(jobs=0)
+
+
+def test_run_names_of_an_earlier_version_are_kept() -> None:
+    """Fields added later with a weight-neutral default (the overfitting monitor's) stay out of
+    the run name's hash, so a reproduce folder written before them is reused. The two hashes
+    were computed by the version before the monitor existed (commit d956f1b)."""
+    from gradreg.sweep import config_hash
+
+    assert config_hash(TrainConfig(method="gn", lam=1.0, data="digits", epochs=2)) == "060be398"
+    assert config_hash(TrainConfig()) == "50c81835"
+    assert config_hash(TrainConfig(monitor=False)) != "50c81835"  # off is not the default: a new name

@@ -52,6 +52,10 @@ DEFAULT_VALIDATION_FRACTION = 0.2  # our choice when the base configuration sets
 # the run name's hash (the same set ``gradreg train --resume`` lets change)
 RUN_LOCATION_FIELDS = ("out", "quiet", "device", "checkpoint_every", "on_nonfinite", "eval_batch_size",
                        "data_dir", "download")
+# fields added after run names were first hashed, whose default leaves the trained weights as
+# they were (the monitor watches on forked random generators): at their default they are left
+# out of the hash, so the run folders of an earlier version keep their names and are reused
+NEUTRAL_AT_DEFAULT = ("monitor", "monitor_every_steps", "monitor_points", "monitor_eps", "monitor_drop", "on_overfit")
 RUN_LOG = "sweep-run.log"  # stdout+stderr of a point run by run_points
 RUN_EXIT = "sweep-exit.txt"  # its exit code
 
@@ -133,7 +137,9 @@ class SweepResult:
 # ----- run names ------------------------------------------------------------------------------
 def config_hash(cfg: TrainConfig) -> str:
     """8 hex digits of SHA-256 over what the run computes (not where it runs)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in RUN_LOCATION_FIELDS}
+    defaults = TrainConfig().to_dict()
+    d = {k: v for k, v in cfg.to_dict().items()
+         if k not in RUN_LOCATION_FIELDS and not (k in NEUTRAL_AT_DEFAULT and v == defaults.get(k))}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
