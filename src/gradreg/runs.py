@@ -253,7 +253,13 @@ def external_model(spec: str, *, params: dict[str, Any] | None = None, weights: 
                               num_classes=num_classes)
         model = build_model(spec, params, in_shape=input_shape or bundle.in_shape,
                             num_classes=num_classes or bundle.num_classes)
-        load_state(model, state, source=f"weights in {weights}")
+        try:
+            load_state(model, state, source=f"weights in {weights}")
+        except LoadError as err:
+            if input_shape is not None and num_classes is not None:
+                raise
+            raise LoadError(f"{err} (it was built for the data's inputs {bundle.in_shape} and {bundle.num_classes} "
+                            f"classes: give --input-shape or --num-classes if the model has others)") from None
         name = Path(weights).stem
     dev = resolve_device(device)
     model.to(dev).eval()
