@@ -17,6 +17,7 @@ RobustBench model ids.
 from __future__ import annotations
 
 import ast
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -341,8 +342,8 @@ def rebuild_factory_model(record: Mapping[str, Any], *, run: str) -> nn.Module:
     spec = record["name"]
     params = {k: tuple(v) if k == "in_shape" else v for k, v in dict(record.get("params") or {}).items()}
     factory = LIVE_MODELS.get(spec)
-    if isinstance(factory, _Instance):  # the very object trained in this process: a fresh copy of its class
-        factory = None
+    if isinstance(factory, _Instance):  # the object trained in this process: a copy has its architecture
+        return copy.deepcopy(factory.module)
     if factory is None:
         try:
             factory = import_object(spec)
