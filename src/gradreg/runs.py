@@ -68,9 +68,7 @@ def run_data_spec(spec: str, run_dir: Path) -> str:
 def eval_data(spec: str, *, data_dir: str | None = None) -> data.DataBundle:
     """Test data named for an evaluation: a registered set's test split, or an external source
     used whole (a labelled file or folder without its own split is all test data)."""
-    if spec not in data.DATASETS and data.external.is_external(spec):
-        return data.external.load_external(spec, test_only=True)
-    return data.load(spec, data_dir=data_dir, download=False)
+    return data.load_test(spec, data_dir=data_dir)
 
 
 def check_model_fits(model: nn.Module, bundle: data.DataBundle, *, name: str) -> None:
