@@ -216,11 +216,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every refusal (pickled code, corrupt file) reads the same
         text = ANSI.sub("", str(err))
-        if "weights only load failed" in text.lower() or "weights_only" in text:  # torch refused to unpickle code
+        if "Unsupported global" in text:  # torch's weights-only unpickler met a class: pickled code
             raise LoadError(f"{p} holds pickled Python objects (e.g. a whole model saved with torch.save(model)), "
                             f"which gradreg does not unpickle because that can run any code: save "
                             f"model.state_dict() instead (or use .safetensors) and give the model with --model") from None
-        first = text.strip().splitlines()[0] if text.strip() else ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        marker = next((i for i, line in enumerate(lines) if line.startswith("Please file an issue")), None)
+        first = lines[marker + 1] if marker is not None and marker + 1 < len(lines) else (lines[0] if lines else "")
         raise LoadError(f"{p} cannot be loaded as plain weights ({type(err).__name__}: {first})") from None
     return strip_prefixes(_find_state(obj, p))
 
