@@ -291,4 +291,6 @@ def test_penalty_fast_paths_pass_with_the_kernels_off() -> None:
                            str(ROOT / "tests" / "test_penalties_registry.py"), "-k", "fast_paths or plain"],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout and "kernels off" in proc.stdout, proc.stdout[-3000:]
+    summary = next(line for line in proc.stdout.splitlines() if "first-order kernels off" in line)
+    tests, blocks = (int(w) for w in summary.split(":")[-1].replace(",", " ").split() if w.isdigit())
+    assert tests >= 40 and blocks >= 10, summary  # the fast paths ran, through the plain branch
