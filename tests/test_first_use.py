@@ -86,6 +86,7 @@ def test_every_architecture_through_eval_autoattack(name: str, tmp_path: Path) -
     (aa,) = run["autoattack"]
     assert aa["n"] == 2 and aa["eps"] == pytest.approx(0.05)  # the default ε capped at the grid's largest
     assert aa["run"]["package"] in ("autoattack", "pyautoattack") and aa["run"]["package_version"]
+    assert res["record"]["attack_packages"][aa["run"]["package"]] == aa["run"]["package_version"]
 
 
 # ----- 2. the user's own module, from its folder, without PYTHONPATH ----------------------------

@@ -146,12 +146,17 @@ def check_names(config: Any) -> None:
 
 
 def absolute_paths(config: Any) -> None:
-    """Data files and folders, and model files (``nets/mynets.py:make_net``), as absolute paths,
+    """Data files and folders, the data directory, and model files (``nets/mynets.py:make_net``), as absolute paths,
     so the run can be evaluated from any folder."""
     from .data.external import absolute_spec
     from .loading import split_spec
 
-    config.data = absolute_spec(config.data)
+    from .data import DATASETS
+
+    if config.data not in DATASETS:  # a registered name wins over a folder of the same name
+        config.data = absolute_spec(config.data)
+    if config.data_dir and Path(config.data_dir).is_dir():  # a registered set's folder, too
+        config.data_dir = str(Path(config.data_dir).resolve())
     if ":" in config.model:
         module_part, attr = split_spec(config.model)
         if module_part.endswith(".py") and Path(module_part).is_file():

@@ -139,12 +139,24 @@ def run_record(args: argparse.Namespace, *, n: int, seeds: list[int]) -> dict[st
             "git_commit": git_commit()}
 
 
-def add_record(path: Path, args: argparse.Namespace, *, n: int, seeds: list[int]) -> None:
-    """Add ``"record": run_record(...)`` to a results JSON file written by a command."""
+def add_record(path: Path, args: argparse.Namespace, *, n: int, seeds: list[int],
+               autoattack: bool = False) -> None:
+    """Add ``"record": run_record(...)`` to a results JSON file written by a command, with the
+    packages that ran the attacks (gradreg's own, and the AutoAttack package when it ran)."""
     import json
+
+    from .. import __version__
 
     payload = json.loads(path.read_text())
     payload["record"] = run_record(args, n=n, seeds=seeds)
+    packages = {"gradreg": __version__}
+    if autoattack:
+        from ..attacks.autoattack import backend, backend_version
+
+        name = backend()
+        if name is not None:
+            packages[name] = backend_version(name)
+    payload["record"]["attack_packages"] = packages
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if is_writer():
         write_eval_report(out, results, data=data, settings_desc=describe(settings, data))
         add_record(out / "results.json", args, n=min(settings.n_test or len(bundle.test_y), len(bundle.test_y)),
-                   seeds=[settings.seed])
+                   seeds=[settings.seed], autoattack=use_aa)
     return 0
 
 
