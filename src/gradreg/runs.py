@@ -188,7 +188,7 @@ def check_bounds(bundle: data.DataBundle, bounds: tuple[float, float]) -> None:
     0,255 on pixels in [0, 1]): ε and the attacks' clipping would be in other units than the
     data, and every attack would be meaningless."""
     lo, hi = (float(bundle.test_x.min()), float(bundle.test_x.max())) if len(bundle.test_y) else bundle.bounds
-    span = max(hi - lo, float(bundle.bounds[1] - bundle.bounds[0]) if hi <= lo else hi - lo)
+    span = hi - lo if hi > lo else float(bundle.bounds[1] - bundle.bounds[0])  # constant images: the data's bounds
     if bounds[1] - bounds[0] > 10 * span:
         raise ValueError(f"--bounds {bounds[0]:g},{bounds[1]:g} is far wider than the data, whose values lie in "
                          f"[{lo:g}, {hi:g}]: inputs and ε must be in the same units (gradreg reads 8-bit images "
