@@ -78,6 +78,9 @@ BYO_CASES = [
     (["attack", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/net.pt",
       "--data", "digits", "--eps", "0.1", "--attack", "autoattack", "--aa-version", "bogus"],
      "--aa-version must be one of standard, rand, plus, custom, got 'bogus'"),
+    (["eval", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/net.pt",
+      "--data", "digits", "--out", "{d}/e", "--autoattack", "--aa-version", "bogus"],
+     "--aa-version must be one of standard, rand, plus, custom, got 'bogus'"),
     (["attack", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/whole.pt",
       "--data", "digits", "--eps", "0.1"],
      "holds pickled Python objects"),
@@ -93,7 +96,7 @@ BYO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv,message", BYO_CASES, ids=["shape", "aa-version", "pickled", "pickled-eval", "bounds",
+@pytest.mark.parametrize("argv,message", BYO_CASES, ids=["shape", "aa-version", "eval-aa-version", "pickled", "pickled-eval", "bounds",
                                                           "wrn-weights"])
 def test_model_input_errors_are_one_line(argv: list[str], message: str | None, byo_files: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

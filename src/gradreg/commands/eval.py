@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "so 32/255 with the default grid) and at any --aa-eps")
     parser.add_argument("--aa-eps", "--autoattack-eps", dest="aa_eps", nargs="+", metavar="EPS",
                         help="AutoAttack radii besides the standard one (implies --autoattack)")
-    parser.add_argument("--aa-version", default="standard", choices=("standard", "rand", "plus"),
-                        help="AutoAttack version (default standard)")
+    parser.add_argument("--aa-version", default="standard",
+                        help="AutoAttack version: standard, rand or plus (default standard)")
     parser.add_argument("--aa-n", type=int, metavar="N", help="run AutoAttack on the first N evaluated points only")
     parser.add_argument("--aa-param", dest="aa_params", metavar="KEY=VALUE", action="append", default=[],
                         help="AutoAttack budget, a Python literal: --aa-param n_iter=20 --aa-param n_queries=500 "
@@ -41,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..threat import parse_eps
 
+    from ..protocols import AA_VERSIONS
+
+    if args.aa_version not in AA_VERSIONS:  # before any model or data is read
+        raise ValueError(f"--aa-version must be one of {', '.join(AA_VERSIONS)}, got {args.aa_version!r}")
     runs = load_runs(args)
     data = check_same_data(runs)
     if args.aa_n is not None and args.aa_n < 1:
