@@ -29,7 +29,7 @@ else:
     print(f"{path} not found: evaluating a random-weight PreAct ResNet-18 instead")
     model = gradreg.models.make("preact-resnet18", mean=loading.CIFAR10_MEAN, std=loading.CIFAR10_STD).eval()
 
-bundle = gradreg.data.load(args.data, data_dir=args.data_dir)
+bundle = gradreg.data.load_test(args.data, data_dir=args.data_dir)  # a file is all test data
 x, y = bundle.test_x[:args.n], bundle.test_y[:args.n]
 threat = gradreg.ThreatModel("linf", 8 / 255, bundle.bounds)
 result = gradreg.evaluate(model, x, y, threat, attacks=["fgsm", "pgd"], steps=args.steps)

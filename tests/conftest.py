@@ -1,7 +1,10 @@
 """Shared fixtures: small trained models on the embedded digits data set."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +64,42 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train(TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(out),
                       model_params={"hidden": [16]}), log=lambda s: None)
     return out
+
+
+# GRADREG_TEST_NO_KERNELS=1: the first-order double-backward kernels of gradreg.autodiff are
+# switched off for the whole session (as after a failed self-check under another torch), and any
+# test that still reaches them fails: CI's proof that the plain composition carries the tests.
+NO_KERNELS = os.environ.get("GRADREG_TEST_NO_KERNELS") == "1"
+_PLAIN_USES = {"tests": 0, "plain_blocks": 0}  # what the session's summary line reports
+
+
+@pytest.fixture(autouse=True)
+def _no_kernels(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if not NO_KERNELS:
+        yield
+        return
+    from gradreg import autodiff
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the first-order kernels ran although GRADREG_TEST_NO_KERNELS=1")
+
+    plain = autodiff._nothing
+
+    def counted(req: Any) -> Any:  # efficient_second_order's plain branch: counted, so a run proves it was taken
+        _PLAIN_USES["plain_blocks"] += 1
+        return plain(req)
+
+    token = autodiff._ENABLED.set(False)
+    monkeypatch.setattr(autodiff, "_patched", refuse)
+    monkeypatch.setattr(autodiff, "_nothing", counted)
+    _PLAIN_USES["tests"] += 1
+    try:
+        yield
+    finally:
+        autodiff._ENABLED.reset(token)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if NO_KERNELS:
+        terminalreporter.write_line(f"gradreg: first-order kernels off (GRADREG_TEST_NO_KERNELS=1): "
+                                    f"{_PLAIN_USES['tests']} tests, {_PLAIN_USES['plain_blocks']} plain-path blocks")

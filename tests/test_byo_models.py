@@ -84,8 +84,12 @@ def test_state_dict_nesting_and_prefixes(tmp_path: Path) -> None:
 
 def test_pickled_code_is_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": small_bn_net(width=4)}, tmp_path / "module.pt")  # a pickled nn.Module
-    with pytest.raises(loading.LoadError, match="cannot be loaded as plain weights"):
+    with pytest.raises(loading.LoadError, match="holds pickled Python objects") as info:
         loading.read_state_dict(tmp_path / "module.pt")
+    assert "\x1b[" not in str(info.value) and str(info.value).endswith("--model")  # whole, no colour codes
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(loading.LoadError, match="cannot be loaded as plain weights"):
+        loading.read_state_dict(tmp_path / "junk.pt")
 
 
 BAD = [

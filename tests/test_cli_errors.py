@@ -53,3 +53,80 @@ def test_data_bundle_refuses_bad_tensors() -> None:
         DataBundle("t", x * 255, y, x, y, num_classes=4)
     with pytest.raises(ValueError, match=r"must be \(N, C, H, W\)"):
         DataBundle("t", x.flatten(1), y, x, y, num_classes=4)
+
+
+@pytest.fixture(scope="module")
+def byo_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's BN net as plain weights and as a pickled whole module; weights of a model for
+    28×28 inputs (shapes that the 8×8 digits do not fit)."""
+    from byo_nets import small_bn_net
+    from torch import nn
+
+    folder = tmp_path_factory.mktemp("errs")
+    torch.manual_seed(0)
+    net = small_bn_net(width=4)
+    torch.save(net.state_dict(), folder / "net.pt")
+    torch.save(net, folder / "whole.pt")
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).state_dict(), folder / "flat.pt")
+    return folder
+
+
+BYO_CASES = [
+    # a model for other inputs than the data's: named in one line, before any attack
+    (["attack", "--model", "torch.nn:Sequential", "--weights", "{d}/flat.pt", "--data", "digits", "--eps", "0.1"],
+     None),
+    (["attack", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/net.pt",
+      "--data", "digits", "--eps", "0.1", "--attack", "autoattack", "--aa-version", "bogus"],
+     "--aa-version must be one of standard, rand, plus, custom, got 'bogus'"),
+    (["eval", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/net.pt",
+      "--data", "digits", "--out", "{d}/e", "--autoattack", "--aa-version", "bogus"],
+     "--aa-version must be one of standard, rand, plus, custom, got 'bogus'"),
+    (["attack", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/whole.pt",
+      "--data", "digits", "--eps", "0.1"],
+     "holds pickled Python objects"),
+    (["eval", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/whole.pt",
+      "--data", "digits", "--out", "{d}/e"],
+     "save model.state_dict() instead (or use .safetensors) and give the model with --model"),
+    (["attack", "--model", "byo_nets:small_bn_net", "--model-param", "width=4", "--weights", "{d}/net.pt",
+      "--data", "digits", "--eps", "0.1", "--bounds", "0,255"],
+     "--bounds 0,255 is far wider than the data"),
+    (["eval", "--model", "wrn", "--model-param", "depth=10", "--model-param", "widen_factor=1", "--weights",
+      "{d}/net.pt", "--data", "digits", "--out", "{d}/e"],
+     "it was built for the data's inputs (1, 8, 8) and 10 classes"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BYO_CASES, ids=["shape", "aa-version", "eval-aa-version", "pickled", "pickled-eval", "bounds",
+                                                          "wrn-weights"])
+def test_model_input_errors_are_one_line(argv: list[str], message: str | None, byo_files: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args = [a.format(d=byo_files) for a in argv]
+    if args[2] == "torch.nn:Sequential":  # the flat model: a factory of this test module
+        args[2] = "test_cli_errors:flat28"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("gradreg: error: ") and len(err.splitlines()) == 1, err
+    assert "\x1b[" not in err
+    if message is None:
+        assert "does not take the inputs of data 'digits' (shape (1, 8, 8)" in err, err
+    else:
+        assert message in err, err
+
+
+def flat28() -> torch.nn.Module:
+    """A model for 28×28 grey inputs."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+
+
+def test_registered_model_takes_the_data_shape(byo_files: Path, tmp_path: Path) -> None:
+    """``--model wrn`` is built for the data's channels and classes (1×8×8, 10 on digits)."""
+    from safetensors.torch import save_file
+
+    from gradreg import models
+
+    torch.manual_seed(0)
+    net = models.make("wrn", depth=10, widen_factor=1, in_shape=(1, 8, 8), num_classes=10)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    assert main(["attack", "--model", "wrn", "--model-param", "depth=10", "--model-param", "widen_factor=1",
+                 "--weights", str(tmp_path / "w.safetensors"), "--data", "digits", "--eps", "0.05", "--steps", "1",
+                 "--limit", "4"]) == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -96,13 +97,32 @@ def train(config: Any = None, *, resume: bool = False, log: Any = None, **fields
 
     ``gradreg.train(data="digits", method="gn", lam=0.1, out="runs/gn")``: keyword fields of
     :class:`gradreg.config.TrainConfig`, on top of the data set's training defaults (as the
-    CLI); or pass a ready ``TrainConfig``.
+    CLI); or pass a ready ``TrainConfig``. ``model`` is a registered name, a spec
+    (``"mynets:make_net"``, ``"nets/mynets.py:make_net"``), a factory (called with ``in_shape``
+    and ``num_classes`` when it takes them) or a ready ``nn.Module`` (trained in place). The run
+    records the factory as ``module:name``, so ``gradreg eval RUN`` rebuilds it where that
+    module can be imported (or from the file it came from).
     """
-    from .config import TrainConfig, apply_overrides
+    import difflib
+
+    from .config import ConfigError, TrainConfig, apply_overrides
     from .data import train_defaults
+    from .loading import register_live
     from .runs import load_run
     from .trainer import train as run_training
 
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    unknown = [k for k in fields if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(sorted(known))})"
+        raise ConfigError(f"gradreg.train() got an unknown keyword {unknown[0]!r}{hint}")
+    model = fields.get("model")
+    if model is not None and not isinstance(model, str):
+        if not (isinstance(model, nn.Module) or callable(model)):
+            raise ConfigError(f"model must be a name, a 'module:factory' spec, a factory or an nn.Module, "
+                              f"got {type(model).__name__}")
+        fields["model"] = register_live(model)
     if config is None:
         config = TrainConfig()
         apply_overrides(config, train_defaults(fields.get("data", config.data)))
@@ -110,5 +130,34 @@ def train(config: Any = None, *, resume: bool = False, log: Any = None, **fields
     elif fields:
         raise ValueError("pass either a TrainConfig or keyword fields, not both")
     config.validate()
+    check_names(config)
+    absolute_paths(config)
     run_training(config, resume=resume, log=log or print)
     return load_run(config.out, device=config.device)
+
+
+def check_names(config: Any) -> None:
+    """Unknown method names fail here, with the registry's did-you-mean, before data is read."""
+    from . import penalties
+
+    penalties.PENALTIES.get(config.method)
+    for term in config.add:
+        penalties.PENALTIES.get(term["method"])
+
+
+def absolute_paths(config: Any) -> None:
+    """Data files and folders, the data directory, and model files (``nets/mynets.py:make_net``), as absolute paths,
+    so the run can be evaluated from any folder."""
+    from .data.external import absolute_spec
+    from .loading import split_spec
+
+    from .data import DATASETS
+
+    if config.data not in DATASETS:  # a registered name wins over a folder of the same name
+        config.data = absolute_spec(config.data)
+    if config.data_dir and Path(config.data_dir).is_dir():  # a registered set's folder, too
+        config.data_dir = str(Path(config.data_dir).resolve())
+    if ":" in config.model:
+        module_part, attr = split_spec(config.model)
+        if module_part.endswith(".py") and Path(module_part).is_file():
+            config.model = f"{Path(module_part).resolve()}:{attr}"

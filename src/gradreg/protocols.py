@@ -247,7 +247,10 @@ def fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1) first: a 0-dim tensor (BatchNorm's int64 num_batches_tracked) cannot be
+        # viewed as bytes; for any other tensor the bytes, and so the hash, are unchanged
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()[:16]
 
 

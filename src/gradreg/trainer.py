@@ -50,6 +50,13 @@ class TrainingInterrupted(RuntimeError):
 
 def build_model(cfg: TrainConfig, bundle: data.DataBundle | StreamingData) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the spec that rebuilds it (saved in config.json)."""
+    if ":" in cfg.model:  # a user's factory: package.module:name or file.py:name (gradreg.loading)
+        from .loading import build_factory_model
+
+        user_model, record = build_factory_model(cfg.model, cfg.model_params, in_shape=bundle.in_shape,
+                                                 num_classes=bundle.num_classes)
+        attach_standardization(user_model, cfg.standardize)
+        return user_model, record
     name = models.auto_name(bundle.name, bundle.in_shape) if cfg.model == "auto" else cfg.model
     models.MODELS.get(name)  # clear error for an unknown name before anything else
     params: dict[str, Any] = {
@@ -409,6 +416,7 @@ class Trainer:
                 scores.update(validation_eps=cfg.validation_eps, validation_norm=cfg.validation_norm)
         else:
             scores = {"eval_split": "test", "test_accuracy": test_acc}
+        scores["eval_n"] = int(len(self.test_y))  # the points behind that accuracy (for its interval)
         metrics = {**scores, "train_seconds": self.state.train_seconds,
                    "epochs": cfg.epochs, "steps": self.state.global_step, "skipped_steps": self.state.skipped_steps,
                    "method": cfg.method, "lam": self.lam, "data": cfg.data, "model": self.model_spec["name"]}

@@ -5,7 +5,9 @@ Example::
     gradreg attack runs/sgr --attack pgd --norm linf --eps 0 0.05 0.1 8/255 --steps 40 --json pgd.json
 
 prints a table and, with ``--json``, writes
-``{"clean_accuracy": a, "results": [{"attack": .., "norm": .., "eps": e, "accuracy": r}, ...]}``.
+``{"clean_accuracy": a, "clean": {...}, "n": n, "results": [{"attack": .., "norm": .., "eps": e,
+"accuracy": r, "n": n, "lo": .., "hi": ..}, ...], "record": {..., "attack": {"package": ..,
+"package_version": ..}}}`` (accuracies are fractions, lo/hi their 95 % Wilson interval).
 The evaluation goes through :func:`gradreg.judge.evaluate_attack`, which re-checks and
 re-judges every adversarial example.
 """
@@ -88,6 +90,11 @@ def attack_params(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
         params[key.strip().replace("-", "_")] = _literal(value.strip())
+    if args.aa_version is not None:
+        from ..protocols import AA_VERSIONS
+
+        if args.aa_version not in AA_VERSIONS:
+            raise ValueError(f"--aa-version must be one of {', '.join(AA_VERSIONS)}, got {args.aa_version!r}")
     unknown = sorted(set(params) - accepted)
     if unknown:
         raise ValueError(f"attack {args.attack!r} has no parameter {', '.join(unknown)} "
@@ -95,12 +102,35 @@ def attack_params(args: argparse.Namespace) -> dict[str, Any]:
     return params
 
 
-def format_table(rows: list[dict[str, Any]], clean: float) -> str:
-    lines = [f"{'attack':<12} {'norm':<5} {'eps':>10} {'accuracy':>9}"]
+def format_table(rows: list[dict[str, Any]], clean: dict[str, Any]) -> str:
+    """Accuracies in % with their 95 % Wilson intervals, and n."""
+    lines = [f"{'attack':<12} {'norm':<5} {'eps':>10} {'accuracy % [95 % interval]':>28} {'n':>6}"]
     for r in rows:
-        lines.append(f"{r['attack']:<12} {r['norm']:<5} {r['eps']:>10.6g} {r['accuracy']:>9.4f}")
-    lines.append(f"clean accuracy {clean:.4f}")
+        lines.append(f"{r['attack']:<12} {r['norm']:<5} {r['eps']:>10.6g} {_cell(r):>28} {r['n']:>6}")
+    lines.append(f"clean accuracy {_cell(clean)} (n = {clean['n']}, 95 % Wilson interval)")
     return "\n".join(lines)
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    return f"{100 * entry['accuracy']:.1f} [{100 * entry['lo']:.1f}, {100 * entry['hi']:.1f}]"
+
+
+def with_interval(accuracy: float, n: int) -> dict[str, Any]:
+    """``{"accuracy", "n", "lo", "hi"}``: the accuracy with its 95 % Wilson interval."""
+    from ..stats import wilson_interval
+
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    return {"accuracy": accuracy, "n": n, "lo": lo, "hi": hi}
+
+
+def attack_package(attack: Any) -> dict[str, Any]:
+    """Which code ran the attack: the AutoAttack package and its version, or gradreg's own."""
+    from .. import __version__
+
+    describe = getattr(attack, "describe", None)
+    if callable(describe):
+        return dict(describe())
+    return {"package": "gradreg", "package_version": __version__}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,12 +168,14 @@ def run(args: argparse.Namespace) -> int:
     accs = robust_accuracy(loaded.model, x, y, attack, threat, eps_list, batch_size=args.batch_size,
                            progress=args.progress)
     clean = accuracy(loaded.model, x, y, batch_size=args.batch_size)
-    rows = [{"attack": attack.name, "norm": norm, "eps": e, "accuracy": a} for e, a in zip(eps_list, accs)]
+    n = len(y)
+    rows = [{"attack": attack.name, "norm": norm, "eps": e, **with_interval(a, n)} for e, a in zip(eps_list, accs)]
+    clean_entry = with_interval(clean, n)
     if distributed.rank_world()[0] != 0:
         return 0
     print(f"{Path(args.run_dir).name if args.run_dir else loaded.name}: {attack.name} ({norm}, labels={args.labels}) on {len(y)} test images "
           f"of {bundle.name}")
-    print(format_table(rows, clean))
+    print(format_table(rows, clean_entry))
     if args.json_file:
         out = Path(args.json_file)
         if out.parent and not out.parent.exists():
@@ -151,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
         from .common import run_record
 
         record = run_record(args, n=len(y), seeds=[args.seed if args.seed is not None else 0])
-        out.write_text(json.dumps({"clean_accuracy": clean, "results": rows, "record": record}, indent=2) + "\n")
+        record["attack"] = attack_package(attack)
+        out.write_text(json.dumps({"clean_accuracy": clean, "clean": clean_entry, "n": n, "results": rows,
+                                   "record": record}, indent=2) + "\n")
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -33,7 +33,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, data_dir: bool = Fal
     if data_dir:
         g.add_argument("--data-dir", help="data directory, if not the one the run was trained with")
     g.add_argument("--model", metavar="SPEC",
-                   help="package.module:factory, a registered model (gradreg list models) or robustbench:NAME")
+                   help="module:factory (a module in the current folder or on sys.path), path/to/file.py:factory, "
+                        "a registered model (gradreg list models; built for the data's input shape and classes) "
+                        "or robustbench:NAME")
     g.add_argument("--model-param", dest="model_params", metavar="KEY=VALUE", action="append", default=[],
                    help="factory parameter, a Python literal: --model-param depth=16")
     g.add_argument("--weights", metavar="FILE", help=".safetensors, or .pt/.pth (read with weights_only=True)")
@@ -41,8 +43,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, data_dir: bool = Fal
     g.add_argument("--bounds", metavar="LO,HI", help="the input domain (default: the data's, e.g. 0,1)")
     g.add_argument("--num-classes", type=int, metavar="K", help="the model's classes (default: the data's)")
     g.add_argument("--data", metavar="DATA",
-                   help="test data for --model: a registered set, package.module:factory, an image folder, "
-                        "or a .npz/.safetensors file with x and y")
+                   help="test data: a registered set (its test split), package.module:factory, an image folder, "
+                        "or a .npz/.safetensors file with x and y (or x_test and y_test); a file or folder is "
+                        "used whole, as test data. Needed for --model; for a run directory it replaces the "
+                        "data the run was trained on")
     g.add_argument("--threat-model", default="Linf", help="RobustBench threat model: Linf, L2, corruptions")
     g.add_argument("--dataset", default="cifar10", help="RobustBench data set (default cifar10)")
     g.add_argument("--model-dir", default="models", help="RobustBench model folder (default ./models)")
@@ -78,6 +82,13 @@ def load_runs(args: argparse.Namespace) -> list[LoadedRun | ExternalModel]:
     paths = [] if raw is None else raw if isinstance(raw, list) else [raw]
     # looked up at call time, so a test may stand in for gradreg.runs.load_run
     loaded: list[LoadedRun | ExternalModel] = [runs.load_run(p, device=args.device) for p in paths]
+    override = getattr(args, "data", None)
+    for r in loaded:
+        if override and isinstance(r, LoadedRun):
+            r.data_override = override
+            if is_writer():
+                print(f"gradreg: evaluating {r.name} on {override} (--data), not on the test split of the data it "
+                      f"was trained on ({r.train_config['data']})", file=sys.stderr)
     if getattr(args, "model", None):
         loaded.append(load_external(args))
     if not loaded:
@@ -100,11 +111,12 @@ def load_external(args: argparse.Namespace) -> ExternalModel:
     return external_model(args.model, params=parse_params(args.model_params), weights=args.weights,
                           data_spec=args.data, input_shape=parse_shape(args.input_shape),
                           bounds=parse_bounds(args.bounds), num_classes=args.num_classes, device=args.device,
-                          threat_model=args.threat_model, dataset=args.dataset, model_dir=args.model_dir)
+                          threat_model=args.threat_model, dataset=args.dataset, model_dir=args.model_dir,
+                          data_dir=getattr(args, "data_dir", None))
 
 
 def check_same_data(runs: list[LoadedRun | ExternalModel]) -> str:
-    data = {r.train_config["data"] for r in runs}
+    data = {r.data_spec for r in runs}
     if len(data) != 1:
         raise ValueError(f"runs were trained on different data sets ({', '.join(sorted(data))}); compare like with like")
     return data.pop()
@@ -127,12 +139,24 @@ def run_record(args: argparse.Namespace, *, n: int, seeds: list[int]) -> dict[st
             "git_commit": git_commit()}
 
 
-def add_record(path: Path, args: argparse.Namespace, *, n: int, seeds: list[int]) -> None:
-    """Add ``"record": run_record(...)`` to a results JSON file written by a command."""
+def add_record(path: Path, args: argparse.Namespace, *, n: int, seeds: list[int],
+               autoattack: bool = False) -> None:
+    """Add ``"record": run_record(...)`` to a results JSON file written by a command, with the
+    packages that ran the attacks (gradreg's own, and the AutoAttack package when it ran)."""
     import json
+
+    from .. import __version__
 
     payload = json.loads(path.read_text())
     payload["record"] = run_record(args, n=n, seeds=seeds)
+    packages = {"gradreg": __version__}
+    if autoattack:
+        from ..attacks.autoattack import backend, backend_version
+
+        name = backend()
+        if name is not None:
+            packages[name] = backend_version(name)
+    payload["record"]["attack_packages"] = packages
     path.write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -154,3 +178,12 @@ def warn_checks(ev: ModelEval) -> list[str]:
         for line in lines:
             print(line, file=sys.stderr)
     return lines
+
+
+def mean_cell(value: float, n: int) -> str:
+    """A grid-averaged accuracy in % with the Wilson interval at its mean (as ``eval``'s
+    averages): ``97.2 [95.0, 98.5]``."""
+    from ..stats import wilson_interval
+
+    lo, hi = wilson_interval(round(value * n), n)
+    return f"{100 * value:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"

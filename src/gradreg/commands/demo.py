@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    print("gradreg demo: training 6 methods on scikit-learn digits, then attacking each (a few minutes on 2 cores).")
+    print("gradreg demo: training 6 methods on scikit-learn digits, then attacking each (about 10 minutes of one CPU core).")
     print(f"Finished runs in {out}/runs are reused; delete the folder to start over.\n")
     run_experiment("demo", budget_name="tiny", out=out)
     print(f"\nPlots: {out / 'pgd.png'}; full report: {out / 'report.md'}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 from ..protocols import EvalSettings, lrc_curves, lrc_data_std
-from ..report import fmt, markdown_table, plot_curves, write_csv, write_json
+from ..report import markdown_table, plot_curves, write_csv, write_json
 from ..threat import parse_eps
-from .common import add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir
+from .common import add_record, add_run_arguments, check_same_data, is_writer, load_runs, mean_cell, output_dir
 
 HELP = "accuracy under long-range-correlated Gaussian noise (SGR paper) as a function of ζ and ε"
 
@@ -44,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     scale_text = ("s = σ_data, the square root of the training inputs' mean per-pixel variance"
                   if args.scale == "data" else "s = 1")
+    n = min(args.n_test or len(bundle.test_y), len(bundle.test_y))
     header = ["run", *[f"ζ={z:g}" for z in args.zeta]]
-    rows = [[name, *[fmt(sum(c[z]) / len(c[z])) for z in c]] for name, c in results.items()]
+    rows = [[name, *[mean_cell(sum(c[z]) / len(c[z]), n) for z in c]] for name, c in results.items()]
     table = markdown_table(header, rows)
     print(table)
+    print(f"accuracy % [95 % Wilson interval at the mean] on n = {n} test points, averaged over ε")
     write_csv(out / "lrc.csv", ["run", "zeta", "eps", "accuracy"],
               [[n, z, e, a] for n, c in results.items() for z, accs in c.items() for e, a in zip(eps, accs)])
     plots = []
@@ -62,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.md").write_text(
         f"# Long-range-correlated noise on {data}\n\nAccuracy (%) under worst-of-{args.samples} LRC noise "
         f"(x + ε·s·ξ, {scale_text}), "
-        f"averaged over ε ∈ {{{', '.join(f'{e:g}' for e in eps)}}}, per decay length ζ.\n\n{table}\n\n" + "\n".join(plots) + "\n")
+        f"averaged over ε ∈ {{{', '.join(f'{e:g}' for e in eps)}}}, per decay length ζ, on n = {n} test points, "
+        f"with the 95 % Wilson interval at the mean [lo, hi].\n\n{table}\n\n" + "\n".join(plots) + "\n")
     write_json(out / "results.json", {"data": data, "eps": eps, "samples": args.samples, "scale": args.scale,
                                       "results": {n: {str(z): a for z, a in c.items()} for n, c in results.items()}})
     add_record(out / "results.json", args, n=min(args.n_test or len(bundle.test_y), len(bundle.test_y)),

@@ -62,7 +62,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         apply_overrides(cfg, parse_set(args.overrides))
         return cfg
 
-    return build(train_defaults(build({}).data)).validate()  # type: ignore[arg-type]  # values are config scalars
+    from ..api import absolute_paths, check_names
+
+    cfg = build(train_defaults(build({}).data)).validate()  # type: ignore[arg-type]  # values are config scalars
+    check_names(cfg)
+    absolute_paths(cfg)
+    return cfg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,6 +118,16 @@ def run(args: argparse.Namespace) -> int:
     if distributed.rank_world()[0] != 0:
         return 0
     split = metrics["eval_split"]
-    print(f"{cfg.method}: {split} accuracy {metrics[split + '_accuracy']:.4f} "
+    print(f"{cfg.method}: {split} accuracy {accuracy_text(metrics[split + '_accuracy'], metrics.get('eval_n'))} "
           f"({metrics['train_seconds']:.1f} s training) -> {cfg.out}")
     return 0
+
+
+def accuracy_text(accuracy: float, n: int | None) -> str:
+    """``97.2 % [95.0, 98.5] (n = 360, 95 % Wilson interval)``; a bare percentage without n."""
+    from ..stats import wilson_interval
+
+    if not n:
+        return f"{100 * accuracy:.1f} %"
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    return f"{100 * accuracy:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] (n = {n}, 95 % Wilson interval)"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 
 from ..protocols import transfer_matrix
-from ..report import fmt, markdown_table, plot_matrix, write_csv, write_json
+from ..report import markdown_table, plot_matrix, write_csv, write_json
 from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
-    settings_from_args
+    mean_cell, settings_from_args
 
 HELP = "PGD transfer matrix: examples crafted on each source run, judged on each target run"
 
@@ -29,10 +29,12 @@ def run(args: argparse.Namespace) -> int:
     avg = [[sum(matrix[s][t]) / len(matrix[s][t]) for t in names] for s in names]
     if not is_writer():
         return 0
+    n = min(settings.n_test or len(bundle.test_y), len(bundle.test_y))
     header = ["source ↓ / target →", *names]
-    rows = [[s, *[fmt(v) for v in row]] for s, row in zip(names, avg)]
+    rows = [[s, *[mean_cell(v, n) for v in row]] for s, row in zip(names, avg)]
     table = markdown_table(header, rows)
     print(table)
+    print(f"accuracy % [95 % Wilson interval at the mean] on n = {n} test points, averaged over the ε grid")
     grid = settings.grid(data)
     write_csv(out / "transfer.csv", ["source", "target", "eps", "accuracy"],
               [[s, t, e, a] for s in names for t in names for e, a in zip(grid, matrix[s][t])])
@@ -40,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
                 xlabel="target model", ylabel="source model")
     (out / "report.md").write_text(
         f"# PGD transfer on {data}\n\nAccuracy (%) of each target on PGD-{settings.pgd_steps} examples crafted on "
-        f"each source, averaged over ε ∈ {{{', '.join(f'{e:.4g}' for e in grid)}}} ({settings.norm}). "
-        f"The diagonal is white-box.\n\n{table}\n\n![transfer](transfer.png)\n")
+        f"each source, averaged over ε ∈ {{{', '.join(f'{e:.4g}' for e in grid)}}} ({settings.norm}), on n = {n} "
+        f"test points, with the 95 % Wilson interval at the mean [lo, hi]. The diagonal is white-box.\n\n{table}\n\n![transfer](transfer.png)\n")
     write_json(out / "results.json", {"data": data, "eps": grid, "matrix": matrix})
-    add_record(out / "results.json", args, n=min(settings.n_test or len(bundle.test_y), len(bundle.test_y)),
-               seeds=[settings.seed])
+    add_record(out / "results.json", args, n=n, seeds=[settings.seed])
     return 0

@@ -46,6 +46,15 @@ def load(name: str, **params: object) -> DataBundle:
     return DATASETS.make(name, **params)
 
 
+def load_test(name: str, *, data_dir: str | None = None) -> DataBundle:
+    """Data to evaluate on: a registered set's test split (``bundle.test_x``, ``test_y``), or
+    external data used whole — a labelled file or folder without its own split is all test data
+    (no 80/20 cut), and a ``.npz`` may hold only ``x_test``/``y_test``."""
+    if name not in DATASETS and external.is_external(name):
+        return external.load_external(name, test_only=True)
+    return DATASETS.make(name, data_dir=data_dir, download=False)
+
+
 def aux_labels(task: str, y):
     """Auxiliary labels for the multi-task DataGrad variant. ``parity`` (our choice, SPEC §1):
     whether the digit is odd — meaningful for digit data sets only."""
@@ -54,5 +63,5 @@ def aux_labels(task: str, y):
     raise ValueError(f"unknown auxiliary task {task!r}; known: {', '.join(AUX_TASKS)}")
 
 
-__all__ = ["DATASETS", "DataBundle", "load", "stratified_split", "aux_labels", "AUX_TASKS", "TRAIN_DEFAULTS",
+__all__ = ["DATASETS", "DataBundle", "load", "load_test", "stratified_split", "aux_labels", "AUX_TASKS", "TRAIN_DEFAULTS",
            "train_defaults"]

@@ -9,11 +9,14 @@
 - an image folder — one sub-folder per class (``DIR/cat/*.png``), or ``DIR/train/<class>``
   and ``DIR/test/<class>``; images read with Pillow, 8-bit values scaled to [0, 1];
 - a tensor file — ``.npz`` or ``.safetensors`` holding ``x`` and ``y`` (or ``x_train``,
-  ``y_train``, ``x_test``, ``y_test``); ``x`` is ``(N, C, H, W)``, ``(N, H, W, C)`` with C ∈
-  {1, 3} or ``(N, H, W)``, uint8 (scaled by 1/255) or float in [0, 1].
+  ``y_train``, ``x_test``, ``y_test``; for evaluation ``x_test``, ``y_test`` alone); ``x`` is
+  ``(N, C, H, W)``, ``(N, H, W, C)`` with C ∈ {1, 3} or ``(N, H, W)``, uint8 (scaled by 1/255)
+  or float in [0, 1].
 
-A source without its own test split gets a fixed stratified 80/20 split (our choice, the
-same as the built-in digits set).
+For training, a source without its own test split gets a fixed stratified 80/20 split (our
+choice, the same as the built-in digits set). For evaluation (``test_only=True``: data given to
+``eval``/``attack``) a source without a split is all test data, and a source with one gives
+its test part.
 """
 from __future__ import annotations
 
@@ -40,22 +43,38 @@ def is_external(spec: str) -> bool:
     return ":" in spec or spec.endswith(TENSOR_SUFFIXES) or Path(spec).is_dir()
 
 
+def is_path_spec(spec: str) -> bool:
+    """Whether ``spec`` names a file or folder (recorded absolute in a run)."""
+    return not is_factory_spec(spec) and (spec.endswith(TENSOR_SUFFIXES) or Path(spec).exists())
+
+
+def absolute_spec(spec: str) -> str:
+    """A relative file or folder as an absolute path (so a run can be evaluated from anywhere);
+    anything else unchanged."""
+    return str(Path(spec).resolve()) if is_path_spec(spec) and Path(spec).exists() else spec
+
+
 def is_factory_spec(spec: str) -> bool:
     """Whether ``spec`` is ``package.module:factory`` (not a path that happens to hold a colon)."""
     return ":" in spec and not Path(spec).exists()
 
 
-def load_external(spec: str, **_: object) -> DataBundle:
+def load_external(spec: str, *, test_only: bool = False, **_: object) -> DataBundle:
+    """The bundle of ``spec``; ``test_only``: evaluation data (module docstring): no 80/20 cut,
+    the train split is the test split (only its statistics are ever read)."""
     if is_factory_spec(spec):
-        return _from_factory(spec)
-    path = Path(spec)
-    if not path.exists():
-        raise DataError(f"data {spec!r} is neither a registered data set nor an existing file or folder")
-    if path.is_dir():
-        return _from_folder(path)
-    if path.suffix in TENSOR_SUFFIXES:
-        return _from_tensor_file(path)
-    raise DataError(f"cannot read data from {path} (expected a folder, .npz or .safetensors)")
+        bundle = _from_factory(spec, test_only=test_only)
+    else:
+        path = Path(spec)
+        if not path.exists():
+            raise DataError(f"data {spec!r} is neither a registered data set nor an existing file or folder")
+        if path.is_dir():
+            bundle = _from_folder(path, test_only=test_only)
+        elif path.suffix in TENSOR_SUFFIXES:
+            bundle = _from_tensor_file(path, test_only=test_only)
+        else:
+            raise DataError(f"cannot read data from {path} (expected a folder, .npz or .safetensors)")
+    return bundle
 
 
 # ----- tensors --------------------------------------------------------------------------
@@ -86,9 +105,15 @@ def _labels(y: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
 
 
 def _bundle(name: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor | None = None,
-            y_test: torch.Tensor | None = None, classes: Sequence[str] = ()) -> DataBundle:
+            y_test: torch.Tensor | None = None, classes: Sequence[str] = (), *, test_only: bool = False) -> DataBundle:
     if len(x) != len(y):
         raise DataError(f"{name}: {len(x)} images but {len(y)} labels")
+    if test_only:
+        if x_test is None or y_test is None:  # evaluation data used whole
+            x_test, y_test = x, y
+        x, y = x_test, y_test
+        if not len(y_test):
+            raise DataError(f"{name}: no test points")
     if x_test is None or y_test is None:
         counts = torch.bincount(y)
         if len(y) < 10 or int(counts[counts > 0].min()) < 2:
@@ -110,7 +135,7 @@ def _bundle(name: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor | 
         raise DataError(str(err)) from None
 
 
-def _from_tensor_file(path: Path) -> DataBundle:
+def _from_tensor_file(path: Path, *, test_only: bool = False) -> DataBundle:
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -128,9 +153,15 @@ def _from_tensor_file(path: Path) -> DataBundle:
     src = str(path)
     if "x_train" in arrays and "y_train" in arrays and "x_test" in arrays and "y_test" in arrays:
         return _bundle(path.stem, _images(arrays["x_train"], src), _labels(arrays["y_train"], src),
-                       _images(arrays["x_test"], src), _labels(arrays["y_test"], src))
+                       _images(arrays["x_test"], src), _labels(arrays["y_test"], src), test_only=test_only)
+    if "x_test" in arrays and "y_test" in arrays and test_only:  # test arrays alone: enough to evaluate
+        xt, yt = _images(arrays["x_test"], src), _labels(arrays["y_test"], src)
+        return _bundle(path.stem, xt, yt, xt, yt, test_only=True)
     if "x" in arrays and "y" in arrays:
-        return _bundle(path.stem, _images(arrays["x"], src), _labels(arrays["y"], src))
+        return _bundle(path.stem, _images(arrays["x"], src), _labels(arrays["y"], src), test_only=test_only)
+    if "x_test" in arrays and "y_test" in arrays:
+        raise DataError(f"{path} holds only x_test and y_test: enough to evaluate a model (eval, attack), "
+                        "not to train one (add x_train and y_train, or give x and y)")
     raise DataError(f"{path} must hold x and y (or x_train, y_train, x_test, y_test); it has {', '.join(arrays)}")
 
 
@@ -169,14 +200,14 @@ def _read_class_folders(root: Path, classes: Sequence[str] | None = None) -> tup
     return x, torch.tensor(labels, dtype=torch.long), names
 
 
-def _from_folder(root: Path) -> DataBundle:
+def _from_folder(root: Path, *, test_only: bool = False) -> DataBundle:
     train, test = root / "train", root / "test"
     if train.is_dir() and test.is_dir():
         x, y, names = _read_class_folders(train)
         xt, yt, _ = _read_class_folders(test, names)
-        return _bundle(root.name, x, y, xt, yt, classes=names)
+        return _bundle(root.name, x, y, xt, yt, classes=names, test_only=test_only)
     x, y, names = _read_class_folders(root)
-    return _bundle(root.name, x, y, classes=names)
+    return _bundle(root.name, x, y, classes=names, test_only=test_only)
 
 
 # ----- factories ---------------------------------------------------------------------------
@@ -210,7 +241,7 @@ def call_factory(spec: str) -> Any:
     return factory() if callable(factory) and not isinstance(factory, Dataset) else factory
 
 
-def bundle_from_object(spec: str, obj: Any) -> DataBundle:
+def bundle_from_object(spec: str, obj: Any, *, test_only: bool = False) -> DataBundle:
     """A factory's result in memory: a ``DataBundle`` as is, a Dataset or a (train, test) pair read whole."""
     name = spec.rsplit(":", 1)[1]
     if isinstance(obj, DataBundle):
@@ -218,12 +249,12 @@ def bundle_from_object(spec: str, obj: Any) -> DataBundle:
     if isinstance(obj, tuple) and len(obj) == 2:
         x, y = _dataset_tensors(obj[0], f"{spec} (train)")
         xt, yt = _dataset_tensors(obj[1], f"{spec} (test)")
-        return _bundle(name, x, y, xt, yt, classes=getattr(obj[0], "classes", ()) or ())
+        return _bundle(name, x, y, xt, yt, classes=getattr(obj[0], "classes", ()) or (), test_only=test_only)
     if hasattr(obj, "__getitem__") or hasattr(obj, "__iter__"):
         x, y = _dataset_tensors(obj, spec)
-        return _bundle(name, x, y, classes=getattr(obj, "classes", ()) or ())
+        return _bundle(name, x, y, classes=getattr(obj, "classes", ()) or (), test_only=test_only)
     raise DataError(f"{spec} returned {type(obj).__name__}; expected a Dataset, a (train, test) pair or a DataBundle")
 
 
-def _from_factory(spec: str) -> DataBundle:
-    return bundle_from_object(spec, call_factory(spec))
+def _from_factory(spec: str, *, test_only: bool = False) -> DataBundle:
+    return bundle_from_object(spec, call_factory(spec), test_only=test_only)
