@@ -78,5 +78,6 @@ class CURE(Penalty):
             self.step += 1
         _, g = clean_loss_and_grad(model, x, y, ctx, policy=policy, create_graph=True)  # (N, ...)
         z = sign_direction(g)
-        _, g_h = loss_and_grad_at(model, x.detach() + h * z, y, policy=policy, create_graph=True)
+        _, g_h = loss_and_grad_at(model, x.detach() + h * z, y, policy=policy, create_graph=True,
+                                  fast=ctx.fast)
         return Term((g_h - g).flatten(1).pow(2).sum(dim=1).mean())

@@ -114,7 +114,7 @@ class GradAlign(Penalty):
         _, g_clean = clean_loss_and_grad(model, x, y, ctx, policy=policy, create_graph=True)  # (N, ...)
         threat = self.threat
         x_noisy = threat.clip(x.detach() + uniform_like(ctx, x, threat.eps))  # η ~ U(−ε, ε)
-        _, g_noisy = loss_and_grad_at(model, x_noisy, y, policy=policy, create_graph=True)  # (N, ...)
+        _, g_noisy = loss_and_grad_at(model, x_noisy, y, policy=policy, create_graph=True, fast=ctx.fast)  # (N, ...)
         cos, ok = masked_cosine(g_clean, g_noisy)
         count = ok.sum()
         return torch.where(count > 0, (ok.to(cos.dtype) - cos).sum() / count.clamp_min(1), cos.sum() * 0)

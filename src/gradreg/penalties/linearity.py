@@ -104,9 +104,11 @@ class LLR(Penalty):
         return x_adv - x0
 
     def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
-        delta = self.maximizer(model, x, y, ctx)
         policy = perturbed_policy(model, self.perturbed_bn_policy)
+        # the graph-keeping clean gradient first: the inner maximization then reads it detached
+        # from the shared pass (when that pass may stand in for its mode) instead of another backward
         loss0, g = clean_loss_and_grad(model, x, y, ctx, policy=policy, create_graph=True)  # (N,), (N, ...)
+        delta = self.maximizer(model, x, y, ctx)
         with run_mode(model, policy):
             loss_d = F.cross_entropy(main_logits(model, x.detach() + delta), main_targets(y), reduction="none")
         first_order = per_sample_dot(delta, g)  # δᵀ∇ℓ(x), (N,)

@@ -23,17 +23,25 @@ def main_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def loss_and_grad_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, policy: BNPolicy,
-                     create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     create_graph: bool, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss ``(N,)`` and input gradient ``(N, ...)`` at ``x`` (detached from its
     history), the model under ``policy``; with ``create_graph`` both are differentiable in θ
-    (double backprop), otherwise both are detached."""
+    (double backprop), otherwise both are detached.
+
+    A graph-keeping gradient is taken through a :class:`CleanPass` at ``x`` built for second
+    order, so with ``fast`` (the step's fast paths; pass ``ctx.fast``) it gets the step's cheap
+    double-backward kernels, exactly as the shared clean pass does."""
     with torch.enable_grad(), run_mode(model, policy):
+        if create_graph:
+            at = CleanPass(model, x.detach(), y, need_input_grad=True, second_order=fast, fast=fast)
+            losses = F.cross_entropy(at.logits, main_targets(y), reduction="none")  # (N,)
+            g = at.input_grad(0)
+            at.finish()  # no more input gradients from this pass
+            return losses, g
         xi = x.detach().clone().requires_grad_(True)
         losses = F.cross_entropy(main_logits(model, xi), main_targets(y), reduction="none")  # (N,)
-        (g,) = torch.autograd.grad(losses.sum(), xi, create_graph=create_graph)
-    if not create_graph:
-        return losses.detach(), g.detach()
-    return losses, g
+        (g,) = torch.autograd.grad(losses.sum(), xi)
+    return losses.detach(), g.detach()
 
 
 def clean_loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass, *,
@@ -45,7 +53,7 @@ def clean_loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx:
         if create_graph:
             return losses, ctx.input_grad(0)
         return losses.detach(), ctx.detached_input_grad(0)
-    return loss_and_grad_at(model, x, y, policy=policy, create_graph=create_graph)
+    return loss_and_grad_at(model, x, y, policy=policy, create_graph=create_graph, fast=ctx.fast)
 
 
 def uniform_like(ctx: CleanPass, x: torch.Tensor, radius: float) -> torch.Tensor:
