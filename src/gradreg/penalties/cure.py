@@ -53,6 +53,7 @@ class CURE(Penalty):
 
     default_lam = 4.0
     requires = Requirements(input_grad=True, double_backward=True, clean_graph=True)
+    step: torch.Tensor  # training steps taken (the h ramp's clock)
 
     def __init__(self, *, h: float = 1.5, h_ramp_steps: int = 0, perturbed_bn_policy: BNPolicy = "frozen") -> None:
         super().__init__()

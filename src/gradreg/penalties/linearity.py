@@ -173,6 +173,10 @@ class AdaptiveELLE(ELLE):
     """ELLE-A (Abad Rocamora et al. 2024): λ_t·E, λ_t jumps to lam_max when E > mean + 2 std of earlier E, ×0.99 otherwise."""
 
     default_lam = 1.0  # the adaptive λ_t is inside the term
+    lam_now: torch.Tensor
+    count: torch.Tensor
+    err_mean: torch.Tensor
+    err_m2: torch.Tensor
 
     def __init__(self, *, lam_max: float = 5000.0, lam_min: float = 0.0, decay: float = 0.99, warmup: int = 2,
                  **params: object) -> None:
