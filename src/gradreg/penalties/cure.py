@@ -1,7 +1,7 @@
 """CURE: curvature regularization by a finite difference of input gradients (SPEC §7).
 
 Moosavi-Dezfooli, Fawzi, Uesato, Frossard, "Robustness via curvature regularization, and vice
-versa", CVPR 2019 (arXiv 1811.09716), eq. (5)::
+versa", CVPR 2019 (arXiv 1811.09716)::
 
     R(x) = ‖∇ₓℓ(x + h·z) − ∇ₓℓ(x)‖₂²,    z = sign ∇ₓℓ(x) / ‖sign ∇ₓℓ(x)‖₂
 

@@ -1,7 +1,7 @@
 """GradAlign: FGSM training with a gradient-alignment regularizer (SPEC §7).
 
 Andriushchenko, Flammarion, "Understanding and Improving Fast Adversarial Training",
-NeurIPS 2020 (arXiv 2007.02617), eq. (6)::
+NeurIPS 2020 (arXiv 2007.02617)::
 
     ℓ(x + δ_FGSM) + λ·(1 − cos(∇ₓℓ(x), ∇ₓℓ(x + η))),   η ~ U(−ε, ε)^d,
     δ_FGSM = ε·sign ∇ₓℓ(x)  (FGSM from zero, the paper's ``--attack_init=zero``)

@@ -1,7 +1,7 @@
 """Jacobian regularization: the squared Frobenius norm of the input-output Jacobian (SPEC §7).
 
 Hoffman, Roberts, Yaida, "Robust Learning with Jacobian Regularization", arXiv 1908.02729
-(2019), eq. (4)–(6) and Algorithm 1::
+(2019)::
 
     R(x) = ‖J(x)‖²_F,   J(x) = ∂f(x)/∂x  (f: the C logits),
     ‖J‖²_F = C·E_v ‖vᵀJ‖²  for v uniform on the unit sphere of R^C

@@ -1,7 +1,7 @@
 """Local-linearity regularizers: LLR, ELLE and ELLE-A (SPEC §7).
 
 - **LLR** — Qin, Martens, Gowal, Krishnan, Dvijotham, Fawzi, De, Stanforth, Kohli, "Adversarial
-  Robustness through Local Linearization", NeurIPS 2019 (arXiv 1907.02610), eq. (5)–(8)::
+  Robustness through Local Linearization", NeurIPS 2019 (arXiv 1907.02610)::
 
       g(δ; x) = |ℓ(x + δ) − ℓ(x) − δᵀ∇ₓℓ(x)|,   γ(ε, x) = max_{δ ∈ B_ε} g(δ; x),
       L = ℓ(x) + λ·γ(ε, x) + μ·|δ_LLRᵀ ∇ₓℓ(x)|,   δ_LLR = argmax of γ
@@ -10,7 +10,7 @@
   on g with ℓ(x) and ∇ₓℓ(x) held fixed; the outer terms are then differentiated in θ at δ_LLR,
   ∇ₓℓ(x) included (double backprop), and averaged over the batch.
 - **ELLE** — Abad Rocamora, Liu, Chrysos, Olmos, Cevher, "Efficient local linearity
-  regularization to overcome catastrophic overfitting", ICLR 2024 (arXiv 2401.11618)::
+  regularization to overcome catastrophic overfitting", ICLR 2024::
 
       E(x) = (ℓ(x_c) − α·ℓ(x_a) − (1 − α)·ℓ(x_b))²,   x_a, x_b ~ U(B_ε(x)),  α ~ U(0, 1),
       x_c = α·x_a + (1 − α)·x_b

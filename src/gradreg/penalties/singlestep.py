@@ -6,7 +6,7 @@ Both are adversarial training with one signed-gradient step, as terms of the one
 policies, label choice and multi-head sum — so only the attack differs:
 
 - **FGSM-RS** — Wong, Rice, Kolter, "Fast is better than free: Revisiting adversarial
-  training", ICLR 2020 (Alg. 3)::
+  training", ICLR 2020::
 
       δ₀ ~ U(−ε, ε),   δ = Π_{B_ε}(δ₀ + α·sign ∇ₓℓ(x + δ₀)),   α = 1.25·ε,   train on x + δ
 
@@ -14,7 +14,7 @@ policies, label choice and multi-head sum — so only the attack differs:
   and the step are clipped to the input bounds, then projected onto the ε-ball), so
   ``fgsm-rs`` is ``AdversarialLoss(steps=1, rel_stepsize=1.25, random_start=True)``.
 - **N-FGSM** — de Jorge, Bibi, Volpi, Sanyal, Torr, Rogez, Dokania, "Make Some Noise:
-  Reliable and Efficient Single-Step Adversarial Training", NeurIPS 2022 (Alg. 1)::
+  Reliable and Efficient Single-Step Adversarial Training", NeurIPS 2022::
 
       η ~ U(−kε, kε),  k = 2,   δ = η + α·sign ∇ₓℓ(x + η),   α = ε,   train on clip(x + δ)
 
