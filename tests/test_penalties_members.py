@@ -311,3 +311,39 @@ def test_two_ranks_under_torchrun_match_one(tmp_path: Path, method: str, extra: 
     # component; ELLE-A multiplies E's rounding by λ ≈ 5000 (the in-process split test above checks
     # both exactly in float64). A rank-local λ rule or noise would differ by orders of magnitude more.
     _compare(tmp_path / "one", tmp_path / "two", atol=2e-3 if method == "n-fgsm" else 2e-4)
+
+
+def bn_cnn() -> nn.Module:
+    """A float64 conv net with BatchNorm: its train and eval modes compute different functions."""
+    from gradreg.models.base import Classifier
+
+    torch.manual_seed(0)
+    features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Softplus(), nn.Flatten())
+    return Classifier(features, 3 * 16, in_shape=SHAPE, num_classes=CLASSES).double().train()
+
+
+@pytest.mark.parametrize("name", MEMBERS)
+def test_fast_paths_give_the_plain_composition_on_a_batchnorm_model(name: str) -> None:
+    """With BatchNorm in train mode the reuse rule decides which passes the shared clean pass may
+    stand in for (train-mode passes yes, eval-mode attacks no): same value and gradient as the
+    plain composition, and the running statistics move exactly as the plain step moves them."""
+    x, y = batch(8)
+    params = {"eps": EPS} if name not in ("cure", "jacreg") else {}
+    results = []
+    for fast in (False, True):
+        model = bn_cnn()
+        pen = penalties.make(name, **params)
+        pen.setup(model, x)
+        out = Objective([(name, pen, 1.0)], task_weight=pen.task_weight, fast_paths=fast)(
+            model, x, y, index=torch.arange(8), noise=BatchNoise(SEED, torch.arange(8), 8))
+        grads_ = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+        bn = model.features[1]
+        results.append((out.loss.detach(), grads_, bn.running_mean.clone(), bn.running_var.clone()))
+    (l0, g0, m0, v0), (l1, g1, m1, v1) = results
+    assert float(l1) == pytest.approx(float(l0), rel=1e-10)
+    for a, b in zip(g0, g1):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-11)
+    assert torch.equal(m0, m1) and torch.equal(v0, v1)
