@@ -347,3 +347,17 @@ def test_fast_paths_give_the_plain_composition_on_a_batchnorm_model(name: str) -
             continue
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-11)
     assert torch.equal(m0, m1) and torch.equal(v0, v1)
+
+
+def test_list_methods_shows_every_member_with_its_paper(capsys: pytest.CaptureFixture[str]) -> None:
+    from gradreg.cli import main
+
+    assert main(["list", "methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    papers = {"fgsm-rs": "Wong", "n-fgsm": "de Jorge", "gradalign": "Andriushchenko", "cure": "Moosavi-Dezfooli",
+              "llr": "Qin", "elle": "Abad Rocamora", "elle-a": "Abad Rocamora", "jacreg": "Hoffman",
+              "igr": "Ross & Doshi-Velez"}
+    for name, author in papers.items():
+        assert author in lines[name], lines.get(name)
+    assert "alias of gn" in lines["igr"]
+    assert penalties.PENALTIES.get("igr") is penalties.PENALTIES.get("gn")
