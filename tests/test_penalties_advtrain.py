@@ -63,7 +63,7 @@ def test_pgd_at_examples_within_threat_and_harder(norm: str, eps: float) -> None
     pen = make("pgd-at", eps=eps, norm=norm, steps=5)
     assert (pen.task_weight, pen.default_lam) == (0.0, 1.0)
     x_adv = pen.attack(model, x, y)
-    threat = ThreatModel(norm=norm, eps=eps)
+    threat = ThreatModel(norm=norm, eps=eps, bounds=pen.bounds)
     assert not x_adv.requires_grad
     assert bool(threat.contains(x, x_adv).all())
     assert float(threat.distance(x, x_adv).max()) <= eps * (1 + 1e-5)

@@ -129,7 +129,7 @@ def test_trades_inner_attack_increases_kl() -> None:
     assert pen.rel_stepsize == pytest.approx(0.007 / 0.031)
     torch.manual_seed(1)
     x_adv = pen.attack(model, x, y)
-    threat = ThreatModel(norm="linf", eps=eps)
+    threat = ThreatModel(norm="linf", eps=eps, bounds=pen.bounds)
     assert bool(threat.contains(x, x_adv).all())
 
     def kl(x2: torch.Tensor) -> torch.Tensor:  # per sample KL(p(x) ‖ p(x2))
@@ -155,7 +155,7 @@ def test_arr_pgd_inner_attack_within_threat_and_ascends() -> None:
     for norm, eps in (("linf", 0.05), ("l2", 0.5)):
         pen = make("arr", attack="pgd", steps=3, norm=norm, eps=eps)
         x_adv = pen.attack(model, x, y)
-        assert bool(ThreatModel(norm=norm, eps=eps).contains(x, x_adv).all())
+        assert bool(ThreatModel(norm=norm, eps=eps, bounds=pen.bounds).contains(x, x_adv).all())
         with torch.no_grad():
             assert bool((F.cross_entropy(model(x_adv), y, reduction="none")
                          > F.cross_entropy(model(x), y, reduction="none")).all())

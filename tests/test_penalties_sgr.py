@@ -4,6 +4,7 @@ standardization follow their formulas, perturbation sources and schedule, checkp
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch.nn import functional as F
 from gradreg.penalties.base import CleanPass
 from gradreg.models.base import Classifier
 from gradreg.penalties import make
-from gradreg.penalties.sgr import GN, SGR, CovFunCovariance, FullCovariance
+from gradreg.penalties.sgr import GN, SGR, CovFunCovariance, FullCovariance, PerturbationSource, SigmaEstimator
 
 SHAPE = (2, 5, 4)  # two channels, non-square: exercises the inter-channel function and both axes
 D = math.prod(SHAPE)
@@ -272,7 +273,7 @@ def test_ema_standardization_and_mean_match_direct_computation(representation: s
     quad = 0.5 * s * torch.einsum("ni,ij,nj->n", gx, sigma, gx).mean()
     lin = math.sqrt(s) * (gx @ mu.flatten()).mean()
     torch.testing.assert_close(pen(model, x, y), quad + lin, rtol=1e-10, atol=1e-14)
-    pen.centred = True
+    pen.estimator = dataclasses.replace(pen.estimator, centred=True)
     torch.testing.assert_close(pen(model, x, y), quad, rtol=1e-10, atol=1e-14)
 
 
@@ -387,6 +388,28 @@ def test_auto_representation_and_defaults() -> None:
         make("sgr", representation="dense")
     with pytest.raises(ValueError):
         make("sgr", source="noise")
+
+
+def test_specs_and_flat_parameters_build_the_same_penalty() -> None:
+    """``--set penalty.NAME=`` gives flat parameters; they fill the two specs, and the penalty
+    built from either computes the same Σ update and value."""
+    flat = SGR(representation="full", source="pgd", eps=0.05, pgd_steps=3, standardize="none").double()
+    spec = SGR(estimator=SigmaEstimator(representation="full", standardize="none"),
+               perturbations=PerturbationSource(kind="pgd", eps=0.05, pgd_steps=3)).double()
+    assert flat.estimator == spec.estimator and flat.perturbations == spec.perturbations
+    assert flat.update_every == 10 and flat.source == "pgd" and flat.eps == 0.05
+    model, (x, y) = tiny_model().double(), batch()
+    values = []
+    for pen in (flat, spec):
+        torch.manual_seed(0)  # the PGD source's random start
+        values.append(pen(model, x.double(), y))
+        values.append(pen(model, x.double(), y))  # after the first Σ update
+    torch.testing.assert_close(values[0], values[2], rtol=0, atol=0)
+    torch.testing.assert_close(values[1], values[3], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="unexpected parameter"):
+        make("sgr", epsilon=0.1)
+    with pytest.raises(TypeError, match="not both"):
+        SGR(estimator=SigmaEstimator(), eps=0.1)
 
 
 # --------------------------------------------------------------------------- state and files

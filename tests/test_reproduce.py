@@ -141,17 +141,24 @@ def test_seeds_twin_transfer_intervals_and_autoattack_column(fast_sgr_mnist: Non
         assert all(p["source_fingerprint"] != fp for fp in p["target_fingerprints"].values())
     for name, row in result["rows"].items():
         assert len(row["evals"]) == 2 and row["step_cost"] is not None
-        for col in ("test", "PGD", "←clean", "←FGSM-AT", "PGD ε=0.1", "AA ε=0.1"):
+        for col in ("test", "PGD", "←clean", "←FGSM-AT", "PGD ε=0.1", "AA ε=0.1", "worst ε=0.1"):
             iv = row["intervals"][col]
             values = row["per_seed"][col]
             assert iv["seeds"] == 2 and iv["value"] == pytest.approx(sum(values) / 2)
             assert iv["lo"] <= iv["value"] <= iv["hi"]
         assert row["cells"]["←PGD-AT"] is None  # a source row that was not trained
     report = (tmp_path / "report.md").read_text()
-    assert "| PGD | PGD ε=0.1 | AA ε=0.1 | T-PGD |" in report and " ± " in report
+    assert "| PGD | PGD ε=0.1 | AA ε=0.1 | worst ε=0.1 | T-PGD |" in report and " ± " in report
     assert "## Differences between rows" in report and "twin" in report
     assert "- **FGSM-AT**: the SGR paper's FGSM baseline" in report  # the row's variant, printed
     assert (tmp_path / "runs" / "fgsm-at-s1" / "model.safetensors").is_file()
+    # --report-only rebuilds the same table, transfer columns and seeds included, from results.json
+    table = (tmp_path / "table.csv").read_text()
+    (tmp_path / "table.csv").unlink()
+    assert main(["reproduce", "sgr-mnist", "--budget", "tiny", "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "table.csv").read_text() == table
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["differences"] == result["differences"] and again["transfer"] == result["transfer"]
 
 
 def test_report_wording_follows_the_paired_test() -> None:
@@ -168,9 +175,12 @@ def test_report_wording_follows_the_paired_test() -> None:
     loud = difference_lines("test", {"A": same, "B": far}, reference="A")
     assert len(quiet) == 1 and "not distinguishable at this n" in quiet[0]
     assert len(loud) == 1 and "B is more accurate than A by 20.0 points" in loud[0] and "mcnemar-exact" in loud[0]
-    # several seeds: the paired bootstrap decides
+    # several seeds: the two-level test over seeds and points decides
     seeds_far = difference_lines("PGD", {"A": torch.stack([same, same]), "B": torch.stack([far, far])}, reference="A")
-    assert "more accurate" in seeds_far[0] and "paired-bootstrap" in seeds_far[0]
+    assert "more accurate" in seeds_far[0] and "two-level" in seeds_far[0]
+    # one column's tests are one family: Holm-adjusted, raw and adjusted p both printed
+    three = difference_lines("test", {"A": same, "B": far, "C": close}, reference="A")
+    assert len(three) == 3 and all("Holm-adjusted" in line and "over 3" in line for line in three)
 
 
 def test_step_cost_comes_from_interleaved_rounds_and_never_shows_more_work_as_cheaper() -> None:

@@ -15,7 +15,7 @@ from gradreg.cli import main
 from gradreg.cost import StepCost
 from gradreg.penalties import noise_aug  # noqa: F401  (registers "lrc-aug")
 from gradreg.protocols import EvalSettings, ModelEval
-from gradreg.reproduce import RowResult, autoattack_settings, honest_reading, row_config, sweep_grid
+from gradreg.reproduce import GRADIENT_PENALTY_METHODS, RowResult, autoattack_settings, honest_reading, report_only, row_config, sweep_grid
 from gradreg.sweep import SweepSpec, sweep_points
 from gradreg.threat import ThreatModel
 
@@ -36,15 +36,25 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "results.json").read_text())
     report = (tmp_path / "report.md").read_text()
     assert list(result["rows"]) == ROWS == [r.name for r in exp.rows]
-    assert result["display_columns"] == ["test", "PGD ε=0.1", "AA ε=0.1"]
-    assert "| method | test | PGD ε=0.1 | AA ε=0.1 | step ×clean | train min | checks |" in report
+    assert result["display_columns"] == ["test", "PGD ε=0.1", "AA ε=0.1", "worst ε=0.1"]
+    assert "| method | test | PGD ε=0.1 | AA ε=0.1 | worst ε=0.1 | step ×clean | train min | checks |" in report
     assert "PGD-5, 2 random starts and AutoAttack" in report
     for name, row in result["rows"].items():
-        for col in ("test", "PGD ε=0.1", "AA ε=0.1"):
+        for col in ("test", "PGD ε=0.1", "AA ε=0.1", "worst ε=0.1"):
             iv = row["intervals"][col]
             assert iv["n"] == (100 if col == "test" else 50) and iv["lo"] <= iv["value"] <= iv["hi"], (name, col)
         assert row["step_cost"]["ratio"] > 0 and row["train_seconds"] > 0, name
         assert f"| {name} |" in report and f"- **{name}**: " in report  # a row of the table and its protocol note
+        # the worst case over the attacks run is never above any single attack's accuracy
+        assert row["intervals"]["worst ε=0.1"]["value"] <= min(row["intervals"][c]["value"]
+                                                               for c in ("PGD ε=0.1", "AA ε=0.1")) + 1e-12, name
+        ev = row["evals"][0]
+        assert len(ev["raw_curves"]["pgd"]) == 3  # the budget's curve_eps: "accuracy falls with ε" has data
+        checks = {c["name"]: c["passed"] for c in ev["checks"]}
+        assert checks["accuracy falls with ε"] is not None
+        audited = exp.rows[ROWS.index(name)].method in GRADIENT_PENALTY_METHODS
+        assert (ev["autoattack"][0].get("square") is not None) == audited, name
+        assert (checks["gradient-free attack breaks no more than the gradient attacks"] is None) == (not audited), name
     # λ: every row says which it used and where it came from; tuned rows come from their sweep
     lam = result["lam"]
     assert list(lam) == ROWS
@@ -69,8 +79,10 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
         n: ["grad_l1", "grad_l2", "opnorm_linf_l2"] for n in ROWS}
     assert "![norms](norms.png)" in report
     reading = result["reading"]
-    assert reading["sentence"] in report and reading["sentence"].startswith("Which regularizer, if any, reaches 90%")
-    candidates = [n for n, r in zip(ROWS, exp.rows) if r.method not in ("clean", "fgsm-at", "pgd-at")]
+    assert reading["sentence"] in report and reading["sentence"].startswith("Which method, if any, reaches 90%")
+    aliased = {a for names in result["aliases"].values() for a in names}
+    candidates = [n for n, r in zip(ROWS, exp.rows) if r.method not in ("clean", "pgd-at") and n not in aliased]
+    assert "FGSM-AT" in candidates  # a cheap baseline competes like any regularizer
     assert [v.split(":")[0] for v in reading["rows"]] == candidates
     assert set(reading["reached"]) <= set(candidates)
     print(f"tiny family benchmark: {elapsed:.0f} s")
@@ -90,6 +102,22 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
             "model evaluations") in (tmp_path / "report.md").read_text()
     assert "It reused" not in report  # the first invocation did everything itself
     assert {n: r["intervals"] for n, r in again["rows"].items()} == {n: r["intervals"] for n, r in result["rows"].items()}
+    # --report-only rebuilds the same tables from the folder, without training or attacking
+    table = (tmp_path / "table.csv").read_text()
+    (tmp_path / "table.csv").unlink()
+    (tmp_path / "frontier.png").unlink()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(protocols, "evaluate_model", no_attack)
+        mp.setattr("gradreg.reproduce.train", no_attack)
+        assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path), "--report-only"]) == 0
+    assert (tmp_path / "table.csv").read_text() == table and (tmp_path / "frontier.png").is_file()
+    rendered = json.loads((tmp_path / "results.json").read_text())
+    assert rendered["table_markdown"] == again["table_markdown"] and rendered["reading"] == again["reading"]
+    assert rendered["differences"] == again["differences"]
+    assert "Re-rendered from the stored per-example outcomes" in (tmp_path / "report.md").read_text()
+    assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path / "empty"), "--report-only"]) != 0
+    with pytest.raises(FileNotFoundError, match="finished output folder"):
+        report_only(NAME, budget_name="tiny", out=tmp_path / "empty")
 
 
 @pytest.mark.parametrize("budget", ["tiny", "cpu", "paper", "paper-cifar10"])
@@ -143,11 +171,11 @@ def test_pgd_restarts_never_find_fewer_examples(digits_mlp: torch.nn.Module, dig
         attacks.make("pgd", restarts=2, random_start=False)
 
 
-def _row(name: str, method: str, aa: list[int], cost: float) -> RowResult:
+def _row(name: str, method: str, aa: list[int], cost: float, ratios: tuple[float, ...] = ()) -> RowResult:
     flags = torch.tensor(aa, dtype=torch.bool)
     ev = ModelEval(name=name, eps=[0.0], clean=1.0, curves={}, clean_flags=torch.ones(len(aa), dtype=torch.bool),
                    autoattack=[{"eps": 0.1, "pgd_bits": "1" * len(aa)}], aa_flags={0.1: flags})
-    return RowResult(name, method, [ev], [1.0], [1.0], step_cost=StepCost(cost, cost, cost, cost, 3))
+    return RowResult(name, method, [ev], [1.0], [1.0], step_cost=StepCost(cost, cost, cost, cost, 3, ratios=ratios))
 
 
 def test_honest_reading_follows_the_paired_test() -> None:
@@ -173,6 +201,26 @@ def test_honest_reading_follows_the_paired_test() -> None:
     assert "Void here" in honest_reading(spec, results, "AA ε=0.1")["sentence"]
 
 
+def test_honest_reading_bar_is_a_share_of_the_gain_and_cost_can_be_on_the_edge() -> None:
+    n = 400
+    ref_ratios = (9.0, 10.0, 11.0, 10.0, 9.5, 10.5, 10.0, 9.0, 11.0, 10.0)
+    results = {"clean": _row("clean", "clean", [1] * 200 + [0] * 200, 1.0, (1.0,) * 10),  # clean model: 50 %
+               "PGD-AT": _row("PGD-AT", "pgd-at", [1] * 300 + [0] * 100, 10.0, ref_ratios),  # 75 %
+               # 72 %: above 0.9 × 75 = 67.5 but below the gain bar 50 + 0.9 × 25 = 72.5
+               "F": _row("F", "fgsm-at", [1] * 288 + [0] * 112, 2.0, (2.0,) * 10),
+               # as robust as the reference, at a cost whose interval over rounds holds 35 %
+               "E": _row("E", "gn", [1] * 300 + [0] * 100, 3.5, (2.8, 3.9, 3.3, 3.6, 3.2, 3.8, 3.5, 3.0, 4.0, 3.4))}
+    spec = {"reference": "PGD-AT", "accuracy_fraction": 0.9, "cost_fraction": 0.35, "exclude_methods": ["pgd-at"]}
+    got = honest_reading(spec, results, "AA ε=0.1")
+    assert got["bar"] == pytest.approx(0.725) and got["clean_autoattack"] == 0.5
+    verdicts = dict(v.split(": ", 1) for v in got["rows"])
+    assert list(verdicts) == ["F", "E"]  # the cheap baseline FGSM-AT is a candidate
+    assert "within the 35% bar" in verdicts["F"] and "reaches the bar" not in verdicts["F"]
+    assert "on the edge of the 35% bar" in verdicts["E"] and "95 % interval" in verdicts["E"]
+    assert got["reached"] == [] and got["cost_edge"] == ["E"] and "on the edge of the cost bar" in got["sentence"]
+    assert "Holm-adjusted" in verdicts["E"]
+
+
 def test_the_lambda_table_flags_a_choice_at_the_end_of_its_grid() -> None:
     from gradreg.reproduce import LamChoice, grid_edge, tuning_lines
 
@@ -188,3 +236,54 @@ def test_the_lambda_table_flags_a_choice_at_the_end_of_its_grid() -> None:
     assert "2 of 3 swept rows chose an end of their grid (GN, ARR)" in text
     quiet = "\n".join(tuning_lines({"SGR": inner}, {"SGR": "sgr"}))
     assert "end of their grid" not in quiet
+
+
+class _Quantized(torch.nn.Module):
+    """A planted gradient-masking model: the input is rounded to {0, ½, 1} before the MLP, so its
+    input gradient is zero almost everywhere (gradient attacks stall), while a query-based attack
+    that pushes a pixel across a rounding threshold still changes the prediction."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(torch.round(x * 2) / 2)
+
+
+def _audited(model: torch.nn.Module, bundle: data.DataBundle) -> ModelEval:
+    from gradreg.protocols import evaluate_model
+
+    settings = EvalSettings(eps=[0.2], attacks=("pgd",), pgd_steps=20, pgd_restarts=2, deepfool=False,
+                            unbounded_check=False, n_test=60, autoattack=True, aa_eps=[0.2], aa_version="custom",
+                            aa_params={"attacks": ["apgd-ce"], "n_iter": 20}, square_n=60, square_queries=300)
+    return evaluate_model(model, bundle, settings, name="m", progress=False)
+
+
+def test_square_audit_catches_a_masked_model_and_passes_a_normal_one(digits_mlp: torch.nn.Module,
+                                                                      digits: data.DataBundle) -> None:
+    from gradreg.protocols import square_check
+
+    masked = _audited(_Quantized(digits_mlp).eval(), digits)
+    check = square_check(masked)
+    assert check.passed is False and "Square (300 queries) broke" in check.detail, check.detail
+    normal = square_check(_audited(digits_mlp, digits))
+    assert normal.passed is True, normal.detail
+
+
+def test_a_check_without_data_says_not_measured() -> None:
+    from gradreg.protocols import masking_checks, masking_lines, masking_summary
+
+    flags = torch.ones(1, 50, dtype=torch.bool)
+    ev = ModelEval(name="m", eps=[0.1], clean=1.0, curves={"pgd": [1.0]}, raw_curves={"pgd": [1.0]},
+                   clean_flags=torch.ones(50, dtype=torch.bool), flags={"pgd": flags},
+                   autoattack=[{"eps": 0.1, "accuracy": 1.0, "pgd": 1.0, "pgd_bits": "1" * 50}],
+                   aa_flags={0.1: torch.ones(50, dtype=torch.bool)})
+    checks = {c.name: c for c in masking_checks(ev)}
+    falls = checks["accuracy falls with ε"]
+    assert falls.passed is None and falls.status == "not measured"
+    audit = checks["gradient-free attack breaks no more than the gradient attacks"]
+    assert audit.passed is None and "no Square audit" in audit.detail
+    text = "\n".join(masking_lines([("m", list(checks.values()))]))
+    assert "m: not measured — accuracy falls with ε" in text and "m: ok — accuracy falls" not in text
+    assert masking_summary(list(checks.values())) == "ok (2 of 4 measured)"  # PGD strongest and AutoAttack close to PGD had data

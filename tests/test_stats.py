@@ -77,7 +77,7 @@ def test_compare_counts_discordant_points_and_words_the_outcome() -> None:
     assert not res.significant and "not distinguishable at this n" in res.wording()
 
 
-def test_paired_bootstrap_over_seeds() -> None:
+def test_two_level_test_over_seeds() -> None:
     rng = np.random.default_rng(1)
     a = rng.random((3, 400)) < 0.9
     same = stats.compare(a, a.copy())
@@ -85,8 +85,69 @@ def test_paired_bootstrap_over_seeds() -> None:
     b = a.copy()
     b[:, :60] = False  # b loses 60 points in every seed
     res = stats.compare(a, b, a="x", b="y")
-    assert res.test == "paired-bootstrap" and res.significant
+    assert res.test == "two-level" and res.significant and res.seeds == 3
     assert res.diff == pytest.approx(float(a[:, :60].mean(axis=0).sum()) / 400)
+
+
+def _planted(shape: tuple[int, int], wins: dict[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(S, n) outcomes of B (random, 70 % right) and A = B except that A is right, B wrong, on
+    ``wins[s]`` points of seed s (different points per seed)."""
+    rng = np.random.default_rng(seed)
+    b = rng.random(shape) < 0.7
+    a = b.copy()
+    for s, k in wins.items():
+        wrong = np.flatnonzero(~b[s])[:k]
+        a[s, wrong] = True
+    return a, b
+
+
+def test_four_discordant_points_in_one_seed_are_not_significant() -> None:
+    a, b = _planted((3, 200), {0: 4})
+    res = stats.compare(a, b, a="A", b="B")
+    assert res.test == "two-level" and res.diff > 0 and not res.significant
+    # the one seed alone: exact McNemar with 4 discordant points all one way, 2·2⁻⁴ = 0.125
+    one = stats.compare(a[0], b[0])
+    assert one.p_value == pytest.approx(0.125) and not one.significant
+
+
+def test_twenty_points_in_every_seed_are_significant() -> None:
+    a, b = _planted((3, 200), {0: 20, 1: 20, 2: 20})
+    res = stats.compare(a, b, a="A", b="B")
+    assert res.test == "two-level" and res.p_value < 0.01 and res.significant
+    assert res.diff == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("wins,losses", [(4, 0), (6, 1), (9, 3), (12, 12)])
+def test_two_level_with_identical_seeds_is_mcnemar(wins: int, losses: int) -> None:
+    """Identical seeds: no seed-level spread, the point level is McNemar's exact distribution."""
+    b = np.zeros(200, dtype=bool)
+    b[:100] = True
+    a = b.copy()
+    a[100:100 + wins] = True
+    a[:losses] = False
+    exact = stats.mcnemar_exact_p(wins, losses)
+    p = stats.compare(np.stack([a] * 3), np.stack([b] * 3), rounds=20_000).p_value
+    # Monte-Carlo error of a p estimated from 20,000 draws: ≤ 4 standard errors
+    assert p == pytest.approx(exact, abs=4 * math.sqrt(exact * (1 - exact) / 20_000) + 2e-4)
+
+
+def test_holm_on_hand_worked_p_values() -> None:
+    # sorted 0.01, 0.02, 0.03, 0.04, 0.5 with m = 5: ×5, ×4, ×3, ×2, ×1 = 0.05, 0.08, 0.09, 0.08, 0.5,
+    # then the running maximum keeps them monotone: 0.05, 0.08, 0.09, 0.09, 0.5 (given order below)
+    p = [0.03, 0.5, 0.01, 0.04, 0.02]
+    assert stats.holm(p) == pytest.approx([0.09, 0.5, 0.05, 0.09, 0.08])
+    assert stats.holm([0.3, 0.4]) == pytest.approx([0.6, 0.6])
+    assert stats.holm([]) == []
+
+
+def test_family_adjustment_is_shown_and_decides() -> None:
+    a, b = np.ones(200, dtype=bool), np.ones(200, dtype=bool)
+    b[:8] = False  # 8 discordant, all one way: p = 2⁻⁷ = 0.0078
+    single = stats.compare(a, b, a="A", b="B")
+    assert single.significant
+    family = stats.adjust_family([single] + [stats.compare(a, a)] * 9)
+    assert family[0].p_value == pytest.approx(2 ** -7) and family[0].p_adjusted == pytest.approx(10 * 2 ** -7)
+    assert not family[0].significant and "Holm-adjusted 0.078 over 10" in family[0].wording()
 
 
 def test_over_seeds_combines_seed_and_test_error() -> None:
@@ -116,13 +177,30 @@ def test_mean_score_is_wilson_for_outcomes_and_never_narrower_than_the_normal_in
         stats.mean_score([0.5, 1.5])
 
 
-def test_compare_takes_the_paired_bootstrap_for_graded_scores() -> None:
+def test_compare_takes_the_sign_flip_test_for_graded_scores() -> None:
     a = np.full(100, 0.5)
     b = a.copy()
-    b[:60] = 1.0  # b is better on 60 points, never worse: the bootstrap never draws a difference ≤ 0
+    b[:60] = 1.0  # b is better on 60 points, never worse: P(all 60 signs alike) = 2⁻⁵⁹
     cmp = stats.compare(b, a, a="b", b="a", rounds=2000)
-    # no draw reaches 0: the smallest p that 2000 draws can give, 2·1/2001, never a bare 0
-    assert cmp.test == "paired-bootstrap" and cmp.p_value == pytest.approx(2 / 2001) and cmp.diff == pytest.approx(0.3)
-    assert "p = 0.001" in cmp.wording()
+    # no draw reaches |T|: the smallest p that 2000 draws can give, 1/2001, never a bare 0
+    assert cmp.test == "sign-flip" and cmp.p_value == pytest.approx(1 / 2001) and cmp.diff == pytest.approx(0.3)
+    assert "p = 0.0005" in cmp.wording()
     same = stats.compare(a, a, rounds=200)
     assert same.p_value == 1.0 and "not distinguishable" in same.wording()
+
+
+def test_relative_cost_interval_comes_from_the_rounds_and_says_on_the_edge() -> None:
+    from gradreg.cost import StepCost, relative_cost
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(9.0, 0.3, size=10)  # per-round ratios of the reference (× clean)
+    row = rng.normal(3.15, 0.2, size=10)
+    cost = StepCost(ratio=float(np.median(row)), lo=0, hi=0, seconds=0, rounds=10, ratios=tuple(row))
+    refc = StepCost(ratio=float(np.median(ref)), lo=0, hi=0, seconds=0, rounds=10, ratios=tuple(ref))
+    rel = relative_cost(cost, refc)
+    assert rel.value == pytest.approx(np.median(row) / np.median(ref))
+    assert rel.interval is not None and rel.interval[0] < rel.value < rel.interval[1]
+    assert rel.versus(rel.value) == "on the edge of"  # a bar inside the interval
+    assert rel.versus(rel.interval[1] + 0.01) == "within" and rel.versus(rel.interval[0] - 0.01) == "over"
+    old = StepCost.from_dict({"ratio": 3.0, "lo": 2.9, "hi": 3.1, "seconds": 0.1, "rounds": 10, "measured": None})
+    assert relative_cost(old, refc).interval is None and "not measured" in relative_cost(old, refc).text()

@@ -14,8 +14,7 @@ The Python API (see the README)::
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from .version import __version__  # noqa: E402
 from .threat import ThreatModel  # noqa: E402
 from . import attacks, data, models, penalties, plugins, stats  # noqa: E402
 from .api import EvaluationResult, evaluate, train  # noqa: E402

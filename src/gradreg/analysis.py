@@ -82,7 +82,7 @@ def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     """Per example, with the model in eval mode: ‖∇ₓL‖₁, ‖∇ₓL‖₂ (L the cross-entropy at the
     label y) and the data-dependent operator norm ‖J(x)‖_{p,q} = max_{‖v‖ₚ=1} ‖J(x)v‖_q of the
     logits' Jacobian (Roth, Kilcher, Hofmann, NeurIPS 2020), estimated by ``iterations`` steps
-    of the cold-started power method (:func:`gradreg.penalties.opnorm.power_method`). For
+    of the cold-started power method (:func:`gradreg.jacobian.power_method`). For
     p = q = 2 that converges to the largest singular value; otherwise it ends at a local
     maximum, a lower bound of the norm.
 
@@ -92,7 +92,7 @@ def input_gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     """
     from torch.nn import functional as F
 
-    from .penalties.opnorm import power_method
+    from .jacobian import power_method
 
     dev = next(model.parameters()).device
     torch.manual_seed(seed)  # the power method's random start (our choice: one seed per call)

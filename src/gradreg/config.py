@@ -16,6 +16,7 @@ NONFINITE = ("stop", "skip")
 AMP = ("none", "bf16")
 DATA_LOADERS = ("auto", "memory", "stream")
 LOGS = ("csv", "tensorboard")
+ON_OVERFIT = ("warn", "stop", "restore")  # gradreg.monitor: what a flagged check does
 
 
 # Field metadata: a field that says where or how a run executes, not what it computes, may
@@ -87,6 +88,14 @@ class TrainConfig:
     out: str = field(default="runs/run", metadata=_RUNTIME)
     quiet: bool = field(default=False, metadata=_RUNTIME)
     log: str = field(default="csv", metadata=_RUNTIME)  # "tensorboard": log.csv and TensorBoard events in OUT/tensorboard
+    # catastrophic-overfitting monitor (gradreg.monitor): FGSM and PGD-10 accuracy at the training ε
+    # on a fixed held-out batch, every epoch (or every monitor_every_steps steps)
+    monitor: bool = True
+    monitor_every_steps: int = 0  # 0: at the end of every epoch
+    monitor_points: int = 256  # size of the fixed batch (our choice)
+    monitor_eps: float | None = None  # None: the method's ε, else the data set's standard ℓ∞ radius
+    monitor_drop: float = 0.2  # flag when PGD accuracy falls this far below its best (Wong et al. 2020)
+    on_overfit: str = "warn"  # warn | stop | restore (the weights of the last check before the drop)
 
     def validate(self) -> TrainConfig:
         def need(cond: bool, msg: str) -> None:
@@ -117,6 +126,12 @@ class TrainConfig:
         need(self.task_weight is None or self.task_weight >= 0, f"task_weight must be ≥ 0, got {self.task_weight}")
         need(self.data_loader in DATA_LOADERS, f"data_loader must be one of {', '.join(DATA_LOADERS)}, got {self.data_loader!r}")
         need(self.num_workers >= 0, f"num_workers must be ≥ 0, got {self.num_workers}")
+        need(self.monitor_every_steps >= 0, f"monitor_every_steps must be ≥ 0, got {self.monitor_every_steps}")
+        need(self.monitor_points >= 1, f"monitor_points must be ≥ 1, got {self.monitor_points}")
+        need(self.monitor_eps is None or self.monitor_eps > 0, f"monitor_eps must be > 0, got {self.monitor_eps}")
+        need(0 < self.monitor_drop <= 1, f"monitor_drop must be in (0, 1], got {self.monitor_drop}")
+        need(self.on_overfit in ON_OVERFIT, f"on_overfit must be one of {', '.join(ON_OVERFIT)}, got {self.on_overfit!r}")
+        need(self.on_overfit == "warn" or self.monitor, f"on_overfit {self.on_overfit!r} needs the monitor (monitor = true)")
         need(self.log in LOGS, f"log must be one of {', '.join(LOGS)}, got {self.log!r}")
         for term in self.add:
             need(isinstance(term.get("method"), str) and bool(term["method"]), f"an added term needs a method, got {term!r}")
@@ -160,6 +175,13 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if "float" in hint:
+        if isinstance(value, str) and name.endswith("_eps"):  # an ε as text (--monitor-eps 8/255)
+            from .threat import parse_eps
+
+            try:
+                return parse_eps(value)
+            except ValueError as err:
+                raise ConfigError(f"{name}: {err}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

@@ -7,6 +7,11 @@ every round times one step of each method on the same batch, so a load that come
 affects all of them alike. A method's cost is the median of its per-round ratios to the clean
 step of the same round, reported with the interquartile range of those ratios (our choice, as
 ``benchmarks/penalties.py``); the wall-clock training time is reported separately.
+
+The per-round ratios are kept (``StepCost.ratios``), so a ratio of two methods' costs (e.g. a
+regularizer's cost as a share of adversarial training's) carries a 95 % interval from a
+**bootstrap over the interleaved rounds** (:func:`relative_cost`): a round is the unit that saw
+one load, so rounds are resampled whole, the same rounds for both methods.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,14 +39,59 @@ class StepCost:
     seconds: float
     rounds: int
     measured: float | None = None  # the measured median, where ``ratio`` is floored (see :func:`floor_at_clean`)
+    ratios: tuple[float, ...] = ()  # the per-round ratios behind the median (empty: not kept, older results)
 
     def text(self) -> str:
         shown = f"{self.ratio:.2f}×" + (f" (measured {self.measured:.2f}×)" if self.measured is not None else "")
         return f"{shown} [{self.lo:.2f}, {self.hi:.2f}]"
 
-    def as_dict(self) -> dict[str, float | int | None]:
+    def as_dict(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "lo": self.lo, "hi": self.hi, "seconds": self.seconds, "rounds": self.rounds,
-                "measured": self.measured}
+                "measured": self.measured, "ratios": list(self.ratios)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepCost:
+        """The inverse of :meth:`as_dict`; results written before the rounds were kept load with no ratios."""
+        return cls(ratio=float(d["ratio"]), lo=float(d["lo"]), hi=float(d["hi"]), seconds=float(d["seconds"]),
+                   rounds=int(d["rounds"]), measured=d.get("measured"), ratios=tuple(d.get("ratios") or ()))
+
+
+@dataclass(frozen=True)
+class RelativeCost:
+    """One method's step cost over another's: the ratio of their medians and, where the rounds
+    were kept, its 95 % percentile-bootstrap interval over rounds (None: not measured)."""
+
+    value: float
+    interval: tuple[float, float] | None
+
+    def versus(self, bar: float) -> str:
+        """"within", "over" or "on the edge of" a cost bar: on the edge when the interval holds it."""
+        if self.interval is not None and self.interval[0] <= bar <= self.interval[1]:
+            return "on the edge of"
+        return "within" if self.value <= bar else "over"
+
+    def text(self) -> str:
+        iv = "interval not measured" if self.interval is None else \
+            f"95 % interval [{self.interval[0]:.0%}, {self.interval[1]:.0%}] over rounds"
+        return f"{self.value:.0%} ({iv})"
+
+
+def relative_cost(cost: StepCost, reference: StepCost, *, draws: int = 10_000, seed: int = 0) -> RelativeCost:
+    """``cost``'s median step ratio over ``reference``'s, with a percentile-bootstrap interval
+    over the interleaved rounds (both methods' ratios of a drawn round are taken together). A
+    floored cost (:func:`floor_at_clean`) has its floor applied to every draw as well."""
+    value = cost.ratio / reference.ratio
+    if not cost.ratios or len(cost.ratios) != len(reference.ratios):
+        return RelativeCost(value, None)
+    a, b = np.asarray(cost.ratios, dtype=float), np.asarray(reference.ratios, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(draws, a.size))
+    num, den = np.median(a[idx], axis=1), np.median(b[idx], axis=1)
+    if cost.measured is not None:
+        num = np.maximum(num, 1.0)
+    if reference.measured is not None:
+        den = np.maximum(den, 1.0)
+    boot = num / den
+    return RelativeCost(value, (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))))
 
 
 def floor_at_clean(cost: StepCost) -> StepCost:
@@ -49,7 +101,8 @@ def floor_at_clean(cost: StepCost) -> StepCost:
     range unchanged. Our choice: a cost table never shows more work as cheaper than clean."""
     if cost.ratio >= 1.0:
         return cost
-    return StepCost(ratio=1.0, lo=cost.lo, hi=cost.hi, seconds=cost.seconds, rounds=cost.rounds, measured=cost.ratio)
+    return StepCost(ratio=1.0, lo=cost.lo, hi=cost.hi, seconds=cost.seconds, rounds=cost.rounds, measured=cost.ratio,
+                    ratios=cost.ratios)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -81,7 +134,7 @@ def interleaved_costs(steps: Mapping[str, Step], *, reference: str, rounds: int,
         ratios = [t / c if c > 0 else float("nan") for t, c in zip(ts, ref)]  # the same round: the same load
         lo, hi = _quartiles(ratios)
         out[name] = StepCost(ratio=statistics.median(ratios), lo=lo, hi=hi, seconds=statistics.median(ts),
-                             rounds=rounds)
+                             rounds=rounds, ratios=tuple(ratios))
     return out
 
 

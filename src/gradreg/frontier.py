@@ -62,10 +62,12 @@ def _errors(values: Sequence[float], intervals: Sequence[tuple[float, float]]) -
     return [[v - lo for v, (lo, _) in zip(values, intervals)], [hi - v for v, (_, hi) in zip(values, intervals)]]
 
 
-def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: str = "") -> list[str]:
-    """Two panels: AutoAttack accuracy against training cost (log scale) and against clean
-    accuracy, every point with its error bars, the Pareto front (of the cost panel) drawn as a
-    step line and its points filled. Returns the front's names."""
+def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: str = "",
+                  robust_label: str = "AutoAttack accuracy (%)") -> list[str]:
+    """Two panels: robust accuracy (``autoattack``: AutoAttack's, or the per-point worst case
+    over the attacks run, named by ``robust_label``) against training cost (log scale) and
+    against clean accuracy, every point with its error bars, the Pareto front (of the cost
+    panel) drawn as a step line and its points filled. Returns the front's names."""
     from .report import _pyplot
 
     if not points:
@@ -86,7 +88,7 @@ def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: s
             on = p.name in front
             ax.plot([x], [y], "o", color="C3" if on else "C0", mfc="C3" if on else "white", ms=6)
             ax.annotate(p.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_ylabel("AutoAttack accuracy (%)")
+        ax.set_ylabel(robust_label)
     ordered = sorted((p for p in points if p.name in front), key=lambda p: p.cost_ratio)
     # the front as a staircase: robustness attainable at or below each cost
     ax_cost.step([p.cost_ratio for p in ordered], [p.autoattack * 100 for p in ordered], where="post", color="C3",

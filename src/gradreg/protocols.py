@@ -24,28 +24,13 @@ from . import attacks, distributed, stats
 from .attacks.base import Attack
 from .attacks.lrc import covariance_factor, data_covariance, mean_marginal_variance
 from .data import DataBundle
+from .data.radii import CIFAR_LIKE, default_grid, standard_eps  # noqa: F401  (re-exported)
 from .judge import clean_correct, deepfool_rho, evaluate_attack, robust_accuracy, sharded_outcomes
 from .stats import Interval
 from .threat import ThreatModel, check_eps_fits
 
-CIFAR_LIKE = ("cifar10", "cifar100")
 AA_GAP = 0.05  # AutoAttack more than 5 points below PGD is a masking sign (our choice)
 AA_VERSIONS = ("standard", "rand", "plus", "custom")
-
-
-def standard_eps(data_name: str, norm: str = "linf") -> float:
-    """The data set's standard AutoAttack radius (RobustBench's ℓ∞ convention): 8/255 for
-    CIFAR, 0.3 for the MNIST family (digits included); ℓ2: 0.5 CIFAR, 2.0 MNIST family."""
-    cifar = data_name in CIFAR_LIKE
-    if norm == "l2":
-        return 0.5 if cifar else 2.0
-    return 8 / 255 if cifar else 0.3
-
-
-def default_grid(data_name: str, *, points: int = 9) -> list[float]:
-    """ε grid of the SGR paper's metric: [0, 32]/255 (MNIST-like) or [0, 8]/255 (CIFAR)."""
-    top = 8 / 255 if data_name in CIFAR_LIKE else 32 / 255
-    return [top * i / (points - 1) for i in range(points)]
 
 
 @dataclass
@@ -80,6 +65,10 @@ class EvalSettings:
     # model that falls at the first ε). False: the cheaper carry-over run, no raw curve (for PGD
     # the fast bisection sweep of gradreg.attacks.curves, which cannot show a rising curve).
     raw_pgd: bool = True
+    # the gradient-free masking audit (square_check): Square with square_queries queries on the
+    # first square_n AutoAttack points at every AutoAttack ε (0: not run)
+    square_n: int = 0
+    square_queries: int = 1000
 
     def grid(self, data_name: str) -> list[float]:
         return list(self.eps) if self.eps is not None else default_grid(data_name)
@@ -114,11 +103,42 @@ class EvalSettings:
 
 @dataclass
 class Check:
-    """One gradient-masking check; ``passed`` False is shown as a warning."""
+    """One gradient-masking check; ``passed`` False is shown as a warning, None means the check
+    had no data ("not measured", never "ok")."""
 
     name: str
-    passed: bool
+    passed: bool | None
     detail: str
+
+    @property
+    def status(self) -> str:
+        return "not measured" if self.passed is None else "ok" if self.passed else "**FAILED**"
+
+    @property
+    def failed(self) -> bool:
+        return self.passed is False
+
+
+def masking_lines(evals: Sequence[tuple[str, Sequence[Check]]]) -> list[str]:
+    """The report's "Gradient-masking checks" section, one line per (label, check): the one
+    writer of these lines for ``gradreg eval`` and ``gradreg reproduce``."""
+    lines = ["## Gradient-masking checks", "",
+             "Each check reads ok, **FAILED** (a reason to distrust the row's robust numbers) or *not measured* "
+             "(the evaluation had no data for it: no ε curve of ≥ 2 radii, no gradient-free audit); *not measured* "
+             "is no evidence either way.", ""]
+    for label, checks in evals:
+        lines += [f"- {label}: {c.status} — {c.name} ({c.detail})" for c in checks]
+    return lines
+
+
+def masking_summary(checks: Sequence[Check]) -> str:
+    """A table cell: ``ok``, ``⚠ failed names`` or ``ok (n/m measured)`` when some had no data."""
+    failed = sorted({c.name for c in checks if c.failed})
+    if failed:
+        return "⚠ " + "; ".join(failed)
+    unmeasured = {c.name for c in checks if c.passed is None}
+    names = {c.name for c in checks}
+    return "ok" if not unmeasured else f"ok ({len(names) - len(unmeasured)} of {len(names)} measured)"
 
 
 @dataclass
@@ -359,11 +379,14 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: T
             pgd_flags = sharded_outcomes(model, xa, ya, settings.make_attack("pgd"), threat, [e],
                                          batch_size=settings.batch_size)[0][0]
         result.aa_flags[e] = aa_flags
-        entries.append({"eps": e, "accuracy": int(aa_flags.sum()) / n, "pgd": int(pgd_flags.sum()) / n, "n": n,
-                        "interval": stats.proportion(aa_flags).as_dict(),
-                        "pgd_interval": stats.proportion(pgd_flags).as_dict(),
-                        "paired": stats.compare(pgd_flags, aa_flags, a="PGD", b="AutoAttack").as_dict(),
-                        "pgd_bits": bits(pgd_flags), "run": run})
+        entry = {"eps": e, "accuracy": int(aa_flags.sum()) / n, "pgd": int(pgd_flags.sum()) / n, "n": n,
+                 "interval": stats.proportion(aa_flags).as_dict(),
+                 "pgd_interval": stats.proportion(pgd_flags).as_dict(),
+                 "paired": stats.compare(pgd_flags, aa_flags, a="PGD", b="AutoAttack").as_dict(),
+                 "pgd_bits": bits(pgd_flags), "run": run}
+        if settings.square_n > 0:
+            entry["square"] = run_square_audit(model, xa, ya, e, bundle, settings)
+        entries.append(entry)
     result.autoattack = entries
 
 
@@ -387,13 +410,25 @@ def masking_checks(ev: ModelEval, *, tolerance: float = 0.02,
       leaves room for smaller test sets while a masked model's rise is tens of points;
     - PGD with ε covering the whole input box must reach ≈ 0% (≤ ``tolerance``);
     - noise, single-step and transfer attacks must not beat white-box PGD;
-    - AutoAttack, when run, must not be far below PGD (≤ 5 points lower, our choice).
+    - AutoAttack, when run, must not be far below PGD (≤ 5 points lower, our choice);
+    - a gradient-free attack (Square, Andriushchenko et al. 2020) must not break points that
+      every gradient attack (PGD with its restarts, AutoAttack's gradient attacks) left
+      standing, on more than ``SQUARE_SHARE`` of the audited points: gradients that are zero
+      or useless near the data stop gradient attacks but not a query-based one.
+
+    A check without data (a curve of fewer than 2 radii, no Square audit where AutoAttack ran)
+    is reported as not measured (``passed=None``), never as ok.
     """
     tol = tolerance
     checks: list[Check] = []
     curves = {**ev.curves, **{f"raw {a} (every ε attacked afresh)": c for a, c in ev.raw_curves.items()}}
+    curves = {a: c for a, c in curves.items() if len(c) >= 2}  # a single radius cannot rise
     rises = [describe_rise(a, ev.eps, c, up) for a, c in curves.items() if (up := rising(ev.eps, c, tol))]
-    checks.append(Check("accuracy falls with ε", not rises, "rises: " + "; ".join(rises) if rises else "ok"))
+    if not curves:
+        checks.append(Check("accuracy falls with ε", None, "not measured: no accuracy curve over ≥ 2 radii"))
+    else:
+        checks.append(Check("accuracy falls with ε", not rises, "rises: " + "; ".join(rises) if rises else
+                            f"ok: {', '.join(curves)} over {len(ev.eps)} radii"))
     if ev.unbounded is not None:
         checks.append(Check("unbounded PGD reaches 0%", ev.unbounded <= tol,
                             f"PGD accuracy with ε covering the whole box: {100 * ev.unbounded:.1f}%"))
@@ -414,7 +449,45 @@ def masking_checks(ev: ModelEval, *, tolerance: float = 0.02,
         detail = "; ".join(far) if far else "ok: " + "; ".join(
             f"PGD {100 * a['pgd']:.1f}% vs AutoAttack {100 * a['accuracy']:.1f}% at ε={a['eps']:.4g}" for a in ev.autoattack)
         checks.append(Check("AutoAttack close to PGD", not far, detail))
+        checks.append(square_check(ev))
     return checks
+
+
+SQUARE_SHARE = 0.02  # Square may break at most 2 % of the audited points that gradient attacks left standing (our choice)
+
+
+def square_check(ev: ModelEval, *, share: float = SQUARE_SHARE) -> Check:
+    """The gradient-free audit (see :func:`masking_checks`) from the AutoAttack entries' ``square``
+    record: points Square broke that PGD and AutoAttack both left standing, over the audited
+    points; fires above ``share``. Not measured where no entry carries a Square audit."""
+    name = "gradient-free attack breaks no more than the gradient attacks"
+    audited = [a for a in ev.autoattack or [] if a.get("square")]
+    if not audited:
+        return Check(name, None, "not measured: no Square audit in this evaluation")
+    parts, fired = [], False
+    for a in audited:
+        sq = unbits(a["square"]["bits"])  # (m,) True: Square left the point standing
+        m = sq.numel()
+        aa = next(f for e, f in ev.aa_flags.items() if math.isclose(e, float(a["eps"]), rel_tol=1e-5))
+        gradient = unbits(a["pgd_bits"])[:m] & aa[:m]  # standing after every gradient attack
+        only_square = int((gradient & ~sq).sum())
+        fired |= only_square > share * m
+        parts.append(f"Square ({a['square']['n_queries']} queries) broke {only_square} of {m} points that PGD and "
+                     f"AutoAttack left standing at ε={a['eps']:.4g} (limit {share:.0%})")
+    return Check(name, not fired, "; ".join(parts))
+
+
+def run_square_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat_eps: float, bundle: DataBundle,
+                     settings: EvalSettings) -> dict[str, Any]:
+    """Square (AutoAttack's gradient-free attack, ``settings.square_queries`` queries) on the first
+    ``settings.square_n`` points at radius ``threat_eps``, true labels: the masking audit's record
+    ``{"n", "n_queries", "bits"}`` (bit i: point i left standing)."""
+    n = min(int(settings.square_n or 0), len(y))
+    attack = attacks.make("autoattack", version="custom", attacks=["square"], n_queries=int(settings.square_queries),
+                          seed=settings.seed, labels="true")
+    threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
+    flags = sharded_outcomes(model, x[:n], y[:n], attack, threat, [threat_eps], batch_size=settings.batch_size)[0][0]
+    return {"n": n, "n_queries": int(settings.square_queries), "bits": bits(flags)}
 
 
 def rising(eps: Sequence[float], curve: Sequence[float], tolerance: float) -> list[int]:

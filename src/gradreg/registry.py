@@ -3,15 +3,23 @@
 The CLI resolves names through these registries and the test-suite iterates over them, so
 registering a new member is all it takes to get it on the command line and under test.
 
-Third-party packages add members through entry points (see :mod:`gradreg.plugins`): a
-registry with an ``entry_point_group`` loads that group the first time it is asked for its
-names or for a name it does not hold.
+Third-party packages add members through entry points (see :mod:`gradreg.plugins` for the
+groups and what a plugin declares): a registry with an ``entry_point_group`` loads that group
+the first time it is asked for its names or for a name it does not hold. The loading is here,
+beside the registry it fills, so that this bottom module imports nothing of gradreg.
+
+Our choices: a plugin cannot replace a built-in member (same name: skipped with a warning),
+and a plugin that fails to import is reported as a warning, so one broken package does not
+stop every command.
 """
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar, cast
+from importlib import metadata
+from types import ModuleType
+from typing import Any, Generic, TypeVar, cast
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., object])
@@ -66,8 +74,6 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True  # first: a plugin that asks the registry must not recurse
-        from .plugins import load_group
-
         load_group(self)
 
     def get(self, name: str) -> Callable[..., T]:
@@ -99,3 +105,38 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class PluginWarning(UserWarning):
+    """A plugin entry point that could not be registered."""
+
+
+def _origin(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{dist.name} {dist.version}" if dist is not None else ep.value
+
+
+def load_group(registry: Registry[Any]) -> None:
+    """Register every entry point of ``registry.entry_point_group``."""
+    group = registry.entry_point_group
+    if group is None:
+        return
+    for ep in metadata.entry_points(group=group):
+        if ep.name in registry._factories:
+            if registry.origins.get(ep.name) is None:
+                warnings.warn(f"plugin {_origin(ep)}: {registry.kind} {ep.name!r} is built in; the plugin's is "
+                              "ignored", PluginWarning, stacklevel=2)
+            continue
+        try:
+            obj = ep.load()
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not break every command
+            warnings.warn(f"plugin {_origin(ep)}: cannot load {group} entry point {ep.name!r} = {ep.value!r} "
+                          f"({type(err).__name__}: {err})", PluginWarning, stacklevel=2)
+            continue
+        if isinstance(obj, ModuleType):
+            continue  # imported: its decorators registered its members
+        if not callable(obj):
+            warnings.warn(f"plugin {_origin(ep)}: {group} entry point {ep.name!r} is not a factory",
+                          PluginWarning, stacklevel=2)
+            continue
+        registry.register(ep.name, origin=_origin(ep))(obj)

@@ -95,9 +95,9 @@ class ThreatModel:
         x_adv = threat.project(x, x + delta)
     """
 
-    norm: str = "linf"
-    eps: float = 0.0
-    bounds: tuple[float, float] = (0.0, 1.0)
+    norm: str
+    eps: float
+    bounds: tuple[float, float]  # no default: the box comes from the data (its DataBundle / run)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "norm", canonical_norm(self.norm))
@@ -152,16 +152,7 @@ class ThreatModel:
         linf: sign(g); l2: g/‖g‖₂; l1: all mass on the largest |gᵢ| (ties split evenly).
         A zero gradient gives a zero direction.
         """
-        if self.norm == "linf":
-            return g.sign()
-        if self.norm == "l2":
-            n = flat_norm(g, "l2")
-            return g / _bcast(n.clamp_min(1e-12), g)
-        flat = g.flatten(1).abs()
-        top = flat.amax(dim=1, keepdim=True)
-        mask = (flat == top) & (top > 0)
-        d = mask.to(g.dtype) * g.flatten(1).sign() / mask.sum(dim=1, keepdim=True).clamp_min(1)
-        return d.view_as(g)
+        return steepest_direction(g, self.norm)
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None,
                      eps: float | torch.Tensor | None = None, *, sampler: Sampler | None = None) -> torch.Tensor:
@@ -238,4 +229,14 @@ def steepest_direction(g: torch.Tensor, norm: str) -> torch.Tensor:
     """The unit-``norm`` direction maximizing ⟨g, ·⟩ per sample (zero where g = 0): sign(g) for
     ℓ∞, g/‖g‖₂ for ℓ2, the largest entries for ℓ1. The one place gradreg computes it
     (:meth:`ThreatModel.normalize`)."""
-    return ThreatModel(norm=norm).normalize(g)
+    norm = canonical_norm(norm)
+    if norm == "linf":
+        return g.sign()
+    if norm == "l2":
+        n = flat_norm(g, "l2")
+        return g / _bcast(n.clamp_min(1e-12), g)
+    flat = g.flatten(1).abs()
+    top = flat.amax(dim=1, keepdim=True)
+    mask = (flat == top) & (top > 0)
+    d = mask.to(g.dtype) * g.flatten(1).sign() / mask.sum(dim=1, keepdim=True).clamp_min(1)
+    return d.view_as(g)

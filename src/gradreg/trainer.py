@@ -2,7 +2,8 @@
 in :mod:`gradreg.trainio`).
 
 The method only changes the :class:`~gradreg.objective.Objective`; the loop, optimizer,
-schedule, checkpointing, logging and evaluation are shared. State is checkpointed exactly
+schedule, checkpointing, logging, evaluation and the catastrophic-overfitting monitor
+(:mod:`gradreg.monitor`) are shared. State is checkpointed exactly
 (model, optimizer, penalty state, global RNG, position in the epoch); data order and
 augmentation are pure functions of (seed, epoch, step), so a resumed run repeats the
 uninterrupted one bit for bit on CPU. Batches are indexed from tensors in memory or streamed
@@ -28,6 +29,7 @@ from .config import TrainConfig
 from .data.augment import attach_standardization
 from .data.stream import ShardSampler, StreamingData, epoch_loader, open_training_data
 from .inference import accuracy
+from .monitor import OverfitMonitor, fixed_subset, training_threat, warning_line
 from .objective import Objective
 from .schedule import BatchNoise
 from .devices import resolve_device
@@ -210,6 +212,41 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
+        self.monitor = self._build_monitor()
+
+    def _build_monitor(self) -> OverfitMonitor | None:
+        """The catastrophic-overfitting monitor on its fixed held-out batch (:mod:`gradreg.monitor`):
+        a fixed subset of the validation split when there is one, else of the training split
+        ("train batch"); never the test split."""
+        cfg = self.cfg
+        if not cfg.monitor:
+            return None
+        if cfg.validation_fraction > 0:  # the bundle's test part *is* the validation split here
+            rows = fixed_subset(len(self.bundle.test_y), cfg.monitor_points)
+            x, y, source = self.bundle.test_x[rows], self.bundle.test_y[rows], "validation"
+        else:
+            rows = fixed_subset(self.n_train, cfg.monitor_points)
+            x, y = self._training_rows(rows)
+            source = "train batch"
+        threat = training_threat(list(self.objective.terms().values()), eps=cfg.monitor_eps, data_name=cfg.data,
+                                 bounds=self.bundle.bounds, dim=x[0].numel())
+        return OverfitMonitor(self.model, x.to(self.device), y.to(self.device), threat, source=source,
+                              drop=cfg.monitor_drop, keep_snapshot=cfg.on_overfit == "restore",
+                              batch_size=cfg.eval_batch_size)
+
+    def _training_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images ``(M, C, H, W)`` and main labels ``(M,)`` of ``rows``, held or streamed."""
+        if isinstance(self.bundle, StreamingData):
+            from torch.utils.data import DataLoader, Subset
+
+            loader = DataLoader(Subset(self.bundle.train, rows.tolist()), batch_size=len(rows))
+            return self.bundle.batch(next(iter(loader)))
+        return self.bundle.train_x[rows], self.bundle.train_y[rows]
+
+    @property
+    def monitor_ended(self) -> bool:
+        """Whether the monitor ended the run (``on_overfit`` stop or restore)."""
+        return self.monitor is not None and self.monitor.state.outcome is not None
 
     # ----- run directory --------------------------------------------------------------
     @property
@@ -223,7 +260,8 @@ class Trainer:
                          "penalty": repr(self.objective.penalties[self.cfg.method]),
                          "terms": {name: {"lam": self.objective.lams[name], "penalty": repr(pen)}
                                    for name, pen in self.objective.terms().items()},
-                         "data": self.bundle.summary(), "device": str(self.device), "world_size": self.world},
+                         "data": self.bundle.summary(), "device": str(self.device), "world_size": self.world,
+                         "monitor": None if self.monitor is None else self.monitor.describe()},
             "seed": self.cfg.seed,
             "versions": versions(),
             "git_commit": git_commit(),
@@ -240,6 +278,10 @@ class Trainer:
                   "optim": opt_tensors, "rng": rng}
         meta = {"state": vars(self.state), "optimizer": opt_rest, "history": self.history,
                 "config": self.cfg.to_dict()}
+        if self.monitor is not None:
+            meta["monitor"] = self.monitor.state_meta()
+            if self.monitor.snapshot is not None:  # on_overfit restore: the weights to roll back to
+                groups["monitor"] = self.monitor.snapshot
         self.out.mkdir(parents=True, exist_ok=True)
         checkpoint.save(self.out / checkpoint.CURRENT, groups, meta)
 
@@ -260,6 +302,8 @@ class Trainer:
             torch.cuda.set_rng_state(groups["rng"]["cuda"])
         self.state = RunState(**meta["state"])
         self.history = meta["history"]
+        if self.monitor is not None:  # a checkpoint from before the monitor leaves it fresh
+            self.monitor.load_meta(meta.get("monitor"), groups.get("monitor"))
         return True
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
@@ -346,7 +390,7 @@ class Trainer:
         board = TensorBoardLog(self.out / "tensorboard") if cfg.log == "tensorboard" and self.is_writer else None
         try:
             with interrupt_guard() as flag:
-                while self.state.epoch < cfg.epochs:
+                while self.state.epoch < cfg.epochs and not self.monitor_ended:
                     if stop_after_epoch is not None and self.state.epoch >= stop_after_epoch:
                         return {"stopped_after_epoch": self.state.epoch}
                     self._run_epoch(n, flag)
@@ -368,6 +412,8 @@ class Trainer:
         metrics = {**scores, "train_seconds": self.state.train_seconds,
                    "epochs": cfg.epochs, "steps": self.state.global_step, "skipped_steps": self.state.skipped_steps,
                    "method": cfg.method, "lam": self.lam, "data": cfg.data, "model": self.model_spec["name"]}
+        if self.monitor is not None:
+            metrics["monitor"] = self.monitor.summary()
         if self.is_writer:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
                       str(self.out / "model.safetensors"))
@@ -434,6 +480,8 @@ class Trainer:
                     seen += len(local)
                     bar.set_postfix(loss=f"{result[0]:.3f}", refresh=False)
                 bar.update(1)
+                if self.monitor is not None and cfg.monitor_every_steps and st.global_step % cfg.monitor_every_steps == 0:
+                    self._monitor_check(epoch)
                 if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 if flag["stop"]:
@@ -441,25 +489,57 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"interrupted at epoch {epoch + 1}, step {step + 1}; checkpoint saved in {self.out} "
                         "(continue with --resume)")
+                if self.monitor_ended:
+                    break
         finally:
             bar.close()
+        if self.monitor is not None and not cfg.monitor_every_steps:
+            self._monitor_check(epoch)
         test_acc = accuracy(self.model, self.test_x, self.test_y, batch_size=cfg.eval_batch_size)
         totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64,
                               device=self.device if self.device.type == "cuda" else "cpu")
         loss_sum, correct, seen = distributed.all_reduce_sum_(totals).tolist()
         row = {"epoch": epoch + 1, "step": st.global_step, "lr": learning_rate(cfg, st.global_step - 1, self.total_steps),
                "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
-               "test_accuracy": test_acc, "epoch_seconds": time.perf_counter() - started}
+               "test_accuracy": test_acc, "epoch_seconds": time.perf_counter() - started,
+               **({} if self.monitor is None else self.monitor.epoch_columns(epoch + 1))}
         self.history.append(row)
-        st.epoch += 1
-        st.step_in_epoch = 0
+        if st.step_in_epoch == self.steps_per_epoch:  # else the monitor ended the run mid-epoch
+            st.epoch += 1
+            st.step_in_epoch = 0
         if not cfg.quiet and self.is_writer:
+            watched = ("" if row.get("monitor_pgd_accuracy") is None else
+                       f", monitor FGSM {row['monitor_fgsm_accuracy']:.4f} / PGD {row['monitor_pgd_accuracy']:.4f}")
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
                      f"train acc {row['train_accuracy']:.4f}, "
-                     f"{'validation' if cfg.validation_fraction > 0 else 'test'} acc {test_acc:.4f}")
+                     f"{'validation' if cfg.validation_fraction > 0 else 'test'} acc {test_acc:.4f}{watched}")
         if self.is_writer:
             self.write_log()
         self.save_checkpoint()
+
+    def _monitor_check(self, epoch: int) -> None:
+        """One check of the monitor; hands its reading to the penalties that listen
+        (``on_monitor``) and acts on a flag as ``on_overfit`` says."""
+        assert self.monitor is not None
+        cfg, mon = self.cfg, self.monitor
+        result = mon.check(epoch=epoch + 1, step=self.state.global_step)
+        for pen in self.objective.terms().values():
+            hook = getattr(pen, "on_monitor", None)
+            if callable(hook):
+                hook(fgsm_accuracy=result.fgsm_accuracy, pgd_accuracy=result.pgd_accuracy,
+                     overfit=result.overfit, step=result.step)
+        if not result.overfit:
+            return
+        action = {"warn": "training continues (--on-overfit stop|restore ends it)",
+                  "stop": "training stops here",
+                  "restore": f"restoring the weights of step {mon.state.healthy_step} and stopping"}[cfg.on_overfit]
+        if self.is_writer:
+            self.log(warning_line(result, mon.state, mon, action))
+        if cfg.on_overfit == "restore":
+            mon.restore_snapshot()
+            mon.state.outcome = "restored"
+        elif cfg.on_overfit == "stop":
+            mon.state.outcome = "stopped"
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, stop_after_epoch: int | None = None,

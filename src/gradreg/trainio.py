@@ -14,9 +14,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import __version__, distributed
+from . import distributed
+from .version import __version__
 
-LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds")
+from .monitor import FIELDS as MONITOR_FIELDS
+
+# the monitor's columns are empty in the rows of a run (or of epochs) without checks
+LOG_FIELDS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "test_accuracy", "epoch_seconds", *MONITOR_FIELDS)
 
 
 def git_commit() -> str | None:

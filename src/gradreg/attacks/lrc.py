@@ -104,13 +104,20 @@ def lrc_transform(z: torch.Tensor, *, zeta_px: float, inter_channel: float = 0.5
 
 def mean_marginal_variance(x: torch.Tensor, *, chunk: int = 4096) -> float:
     """Mean over input coordinates of the unbiased per-coordinate variance of ``x`` ``(N, ...)``
-    (the mean diagonal of the data covariance), in float64, chunked over samples."""
+    over samples (the mean diagonal of ``np.cov`` of the flattened inputs), in float64, chunked
+    over samples so a large training set is never copied at once. The one such statistic: the
+    LRC's noise scale, noise augmentation's and SGR's data standardization all read it."""
     n = x.shape[0]
     if n < 2:
         return 0.0
     flat = x.flatten(1)
-    mean = torch.stack([flat[i:i + chunk].double().sum(dim=0) for i in range(0, n, chunk)]).sum(dim=0) / n  # (d,)
-    ssq = torch.stack([((flat[i:i + chunk].double() - mean) ** 2).sum(dim=0) for i in range(0, n, chunk)]).sum(dim=0)
+    total = torch.zeros(flat.shape[1], dtype=torch.float64, device=x.device)
+    for i in range(0, n, chunk):
+        total += flat[i:i + chunk].double().sum(dim=0)
+    mean = total / n  # (d,)
+    ssq = torch.zeros_like(mean)
+    for i in range(0, n, chunk):
+        ssq += (flat[i:i + chunk].double() - mean).pow(2).sum(dim=0)
     return float((ssq / (n - 1)).mean())
 
 

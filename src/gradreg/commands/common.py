@@ -149,7 +149,7 @@ def is_writer() -> bool:
 
 def warn_checks(ev: ModelEval) -> list[str]:
     """Failed masking checks as visible warnings on stderr; returns them for the report."""
-    lines = [f"WARNING [{ev.name}] gradient-masking check failed: {c.name}: {c.detail}" for c in ev.checks if not c.passed]
+    lines = [f"WARNING [{ev.name}] gradient-masking check failed: {c.name}: {c.detail}" for c in ev.checks if c.failed]
     if is_writer():
         for line in lines:
             print(line, file=sys.stderr)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..protocols import evaluate_model, standard_eps
+from ..protocols import evaluate_model, masking_lines, masking_summary, standard_eps
 from ..report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, write_csv, write_json
 from ..stats import Interval
 from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
@@ -90,8 +90,7 @@ def eval_table(results: list) -> tuple[list[str], list[list[str]], list[str], li
                   "rho", "checks"]
     rows, csv_rows = [], []
     for ev in results:
-        failed = [c.name for c in ev.checks if not c.passed]
-        checks = "ok" if not failed else "⚠ " + "; ".join(failed)
+        checks = masking_summary(ev.checks)
         aa_cells, aa_csv = [], []
         for entry in ev.autoattack or []:
             pgd_iv, aa_iv = (Interval(**entry["pgd_interval"]), Interval(**entry["interval"]))
@@ -151,10 +150,7 @@ def write_eval_report(out, results: list, *, data: str, settings_desc: str) -> N
         plot_curves(out / f"accuracy_{a}.png", curves, title=f"{LABELS.get(a, a)} accuracy vs ε ({data}), 95 % bands",
                     xlabel="ε (input units)", bands=bands, points=points)
         lines.append(f"![{a}](accuracy_{a}.png)")
-    lines += ["", "## Gradient-masking checks", ""]
-    for ev in results:
-        for c in ev.checks:
-            lines.append(f"- {ev.name}: {'ok' if c.passed else '**FAILED**'} — {c.name} ({c.detail})")
+    lines += ["", *masking_lines([(ev.name, ev.checks) for ev in results])]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     write_json(out / "results.json", {"data": data, "settings": settings_desc, "runs": [ev.to_dict() for ev in results]})
     print(f"report: {out / 'report.md'}")

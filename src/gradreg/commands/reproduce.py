@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from .. import experiments
-from ..reproduce import run_experiment
+from ..reproduce import report_only, run_experiment
 
 HELP = "reproduce a paper's table (experiments: " + ", ".join(experiments.names()) + ")"
 
@@ -13,7 +13,7 @@ HELP = "reproduce a paper's table (experiments: " + ", ".join(experiments.names(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help=f"one of: {', '.join(experiments.names())}")
     parser.add_argument("--budget", default="tiny", choices=experiments.BUDGETS,
-                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, 1.5 h (family-mnist10k) to "
+                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, about 2 h (family-mnist10k) to "
                              "several hours (sgr-mnist, 3 seeds; each TOML says); paper: GPU "
                              "(paper-cifar10: the CIFAR-10 budget of experiments that have one)")
     parser.add_argument("--out", required=True, help="folder for the runs and report.md (re-running reuses finished runs)")
@@ -22,9 +22,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
                         help="train every row once per seed and report mean ± spread with intervals "
                              "(default: the budget's seeds, else its seed)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild report.md, table.csv, results.json and the plots from the finished folder --out "
+                             "(its results.json) without training or attacking")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.report_only:
+        if args.rows or args.seeds:
+            raise ValueError("--report-only re-renders the stored rows and seeds: --rows and --seeds do not apply")
+        report_only(args.experiment, budget_name=args.budget, out=Path(args.out))
+        return 0
     run_experiment(args.experiment, budget_name=args.budget, out=Path(args.out), data_dir=args.data_dir, rows=args.rows,
                    seeds=args.seeds)
     return 0

@@ -59,7 +59,7 @@ from ..attacks.pgd_core import ce_loss, pgd
 from ..models.base import forward_all
 from ..modes import BNPolicy, check_policy, perturbed_policy, run_mode
 from ..threat import ThreatModel, canonical_norm
-from ..schedule import main_targets, total
+from ..cleanpass import main_targets, total
 from . import PENALTIES
 from .base import CleanPass, Penalty, Requirements, Term, split_targets
 from .inner import adversarial_batch, attack_labels, check_labels, resolve_eps
@@ -133,7 +133,7 @@ class AdversarialLoss(Penalty):
         # (multi-task steps are never fused, so the shared clean graph is kept for them).
         clean = ctx.losses()  # per head, mean CE on the clean pass
         aux = total(clean[1:]) if len(clean) > 1 else adv.new_zeros(())
-        return Term(self.adv_weight * adv + clean_w * (clean[0].detach() + aux), clean_coeff=clean_w)
+        return Term(self.adv_weight * adv + clean_w * (clean[0].detach() + aux))
 
 
 @PENALTIES.register("fgsm-at")

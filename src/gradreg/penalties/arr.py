@@ -121,8 +121,8 @@ class OutputConsistency(Penalty):
         x = x.detach()
         if self.inner == "ce":
             loss_fn = ce_loss(main_targets(y))
-        elif ctx is not None and ctx.may_reuse(model, self.bn_policy):
-            loss_fn = kl_loss(ctx.logits)  # the shared clean pass computed p(x) already
+        elif ctx is not None and (shared := ctx.logits_in(model, self.bn_policy)) is not None:
+            loss_fn = kl_loss(shared)  # the shared clean pass computed p(x) already
         else:
             with torch.no_grad(), run_mode(model, self.bn_policy):
                 loss_fn = kl_loss(model(x))  # p(x) in the attack's mode, as in TRADES

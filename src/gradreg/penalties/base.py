@@ -5,7 +5,9 @@ A penalty is an ``nn.Module`` with
 - ``requires``: one frozen :class:`Requirements` value per instance, what it needs from the
   clean pass (read by :mod:`gradreg.schedule`, which plans the step from it);
 - ``term(model, x, y, ctx) -> Term``: the computation, from the model, the batch and the
-  clean pass ``ctx`` (:class:`~gradreg.schedule.CleanPass`);
+  clean pass ``ctx`` (:class:`~gradreg.cleanpass.CleanPass`), which offers the results a
+  penalty may take from the shared pass (``ctx.logits_in(model, policy)``, …) and None where
+  the penalty must run its own pass;
 - ``setup(model, train_x, bounds)``: called once before training; allocates every piece of
   state (buffers, so ``state_dict()`` / ``load_state_dict()`` checkpoint it exactly) and takes
   the input bounds of the data set's threat model.
@@ -16,50 +18,14 @@ or writes how the step is scheduled (shared pass, fused mode, double-backward ke
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-from ..schedule import BatchNoise, CleanPass, main_targets, split_targets
+# the types shared with the scheduler live below both (gradreg.cleanpass); re-exported here
+from ..cleanpass import BatchNoise, CleanPass, Requirements, Term, main_targets, split_targets
 
 DEFAULT_BOUNDS = (0.0, 1.0)
 """The image box, used only when neither the constructor nor ``setup`` gives bounds (our choice)."""
-
-
-@dataclass(frozen=True)
-class Requirements:
-    """What a penalty needs from the clean pass; the scheduler plans the step from it.
-
-    - ``input_grad``: reads ``ctx.input_grad()`` / ``ctx.detached_input_grad()``;
-    - ``double_backward``: differentiates through an input gradient or a Jacobian product (not
-      possible under ``torch.compile``);
-    - ``clean_graph``: backpropagates through the shared clean pass (its logits or a
-      graph-keeping input gradient); a step in which no term does can be fused;
-    - ``clean_coeff``: the ``clean_coeff`` its terms carry (see :class:`Term`), declared so that
-      the step can plan the clean parameter gradient before any penalty runs;
-    - ``input_dependent``: False for penalties of the weights alone (weight decay, spectral norm).
-    """
-
-    input_grad: bool = False
-    double_backward: bool = False
-    clean_graph: bool = True  # conservative default
-    clean_coeff: float = 0.0
-    input_dependent: bool = True
-
-
-class Term(NamedTuple):
-    """A penalty's value and the multiple of the clean task gradient that belongs to it.
-
-    The penalty is ``value + clean_coeff·(L(x) − stop_grad(L(x)))`` with L(x) the mean main-task
-    cross-entropy of the clean pass: ``value`` carries the number and every other part of the
-    gradient; ``clean_coeff`` (−1/φ for DataGrad's finite difference, −1 for Lyu's one step) is
-    left to the step, which can then add all clean gradients at once, or skip ∇θL(x) altogether
-    when they cancel."""
-
-    value: torch.Tensor
-    clean_coeff: float = 0.0
 
 
 class Penalty(nn.Module):
@@ -111,7 +77,8 @@ class Penalty(nn.Module):
                                        index=None if ctx is None else ctx.index,
                                        noise=None if ctx is None else ctx.noise,
                                        fast=True if ctx is None else ctx.fast)
-        value, clean_coeff = self.term(model, x, y, ctx)
+        value = self.term(model, x, y, ctx).value
+        clean_coeff = self.requires.clean_coeff
         return value if clean_coeff == 0 else value + clean_coeff * ctx.clean_delta()
 
     def extra_repr(self) -> str:

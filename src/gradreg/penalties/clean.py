@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import PENALTIES
-from ..schedule import total
+from ..cleanpass import total
 from .base import CleanPass, Penalty, Requirements, Term
 
 _WEIGHTS_ONLY = Requirements(clean_graph=False, input_dependent=False)

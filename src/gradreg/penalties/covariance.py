@@ -34,8 +34,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
-
 # --------------------------------------------------------------------------- displacements
 def max_displacement_bin(h: int, w: int) -> int:
     """Largest rounded Euclidean displacement between two pixels of an h×w image."""
@@ -170,35 +168,6 @@ def load_sigma_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path}: needs a 'sigma' matrix or a 'cov_intra' function")
         return {k: v.double() for k, v in raw.items()}
     raise ValueError(f"sigma_file must be .npy or .safetensors, got {path.name!r}")
-
-
-def mean_pixel_variance(x: torch.Tensor, *, chunk: int = 4096) -> float:
-    """Mean over input coordinates of the unbiased per-coordinate variance over samples (the
-    mean diagonal of ``np.cov`` of the flattened inputs), in float64, chunked over samples so
-    a large training set is never copied at once."""
-    n = x.shape[0]
-    if n < 2:
-        return 0.0
-    flat = x.flatten(1)
-    total = torch.zeros(flat.shape[1], dtype=torch.float64, device=x.device)
-    for i in range(0, n, chunk):
-        total += flat[i:i + chunk].double().sum(dim=0)
-    mean = total / n
-    ssq = torch.zeros_like(mean)
-    for i in range(0, n, chunk):
-        ssq += (flat[i:i + chunk].double() - mean).pow(2).sum(dim=0)
-    return float((ssq / (n - 1)).mean())
-
-
-def average_over_ranks(estimates: list[torch.Tensor], count: int) -> list[torch.Tensor]:
-    """Under data parallelism every rank sees its own shard of the batch: replace each rank's
-    per-sample average by the average over the whole global batch (weighted by shard size), so
-    Σ and μ stay identical on every rank. A no-op in a single process."""
-    if not distributed.is_active():
-        return estimates
-    total = distributed.all_reduce_sum_(torch.tensor([float(count)], dtype=torch.float64,
-                                                     device=estimates[0].device))
-    return [distributed.all_reduce_sum_(t * count) / total.to(t.dtype) for t in estimates]
 
 
 # --------------------------------------------------------------------------- covariances

@@ -23,8 +23,8 @@ Two solvers:
   The perturbed pass runs in the mode of the clean pass without updating BatchNorm running
   statistics (:func:`gradreg.modes.frozen_stats`), so the difference compares one function at
   two inputs; a model with dropout draws other masks in the two passes (the difference is then
-  noisy — avoid dropout with ``fd``). The −L(x)/φ part is returned as the term's
-  ``clean_coeff`` (the step adds it, or fuses it with the task loss's).
+  noisy — avoid dropout with ``fd``). The −L(x)/φ part is declared as the penalty's
+  ``Requirements.clean_coeff`` (the step adds it, or fuses it with the task loss's).
 
 Multi-task (MT-DG): for a model with auxiliary heads and targets ``(N, T)``, one term per
 task, each on the gradient of that task's own loss, weighted by ``task_lams``.
@@ -96,7 +96,7 @@ class DataGrad(Penalty):
         self.task_lams = None if task_lams is None else tuple(float(v) for v in task_lams)
         self._rnorm = "sq" if self.squared else f"l{p}"
         # exact: double backprop through the clean pass; fd: a detached gradient and two passes
-        # whose clean half, −(λ₀/φ)·L(x), is the term's clean_coeff
+        # whose clean half, −(λ₀/φ)·L(x), is the penalty's clean_coeff
         main_lam = 1.0 if self.task_lams is None else self.task_lams[0]
         exact = solver == "exact"
         self.requires = Requirements(input_grad=True, double_backward=exact, clean_graph=exact,
@@ -125,7 +125,7 @@ class DataGrad(Penalty):
             if lam_t == 0:
                 continue
             total = total + lam_t * (self._exact(ctx, t) if self.solver == "exact" else self._fd(model, ctx, t))
-        return Term(total, self.requires.clean_coeff)
+        return Term(total)
 
     def _exact(self, ctx: CleanPass, t: int) -> torch.Tensor:
         g = ctx.input_grad(t)  # (N, C, H, W), differentiable in θ
@@ -133,7 +133,7 @@ class DataGrad(Penalty):
 
     def _fd(self, model: nn.Module, ctx: CleanPass, t: int) -> torch.Tensor:
         """R(g) in value; in gradient L_t(x + φd)/φ, and −L_t(x)/φ for an auxiliary task (the main
-        task's −L(x)/φ is the term's clean_coeff)."""
+        task's −L(x)/φ is the penalty's clean_coeff)."""
         g = ctx.detached_input_grad(t)  # (N, C, H, W)
         value = grad_norm(g, self._rnorm).mean()  # exact R(g), no graph
         d = self.direction(g)

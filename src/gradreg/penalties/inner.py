@@ -11,7 +11,7 @@ from torch import nn
 
 from ..attacks.pgd_core import ascent_step
 from ..modes import BNPolicy, perturbed_policy, run_mode
-from ..schedule import CleanPass
+from ..cleanpass import CleanPass
 from ..threat import ThreatModel, canonical_norm, parse_eps
 
 # Default radii for [0, 1] images of CIFAR scale (our choice; the usual ones), scaled by the
@@ -39,8 +39,9 @@ def attack_labels(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: Clean
     y_main = y if y.dim() == 1 else y[:, 0]
     if labels == "true":
         return y_main
-    if ctx.may_reuse(model, bn_policy):
-        return ctx.logits.detach().argmax(dim=1)
+    shared = ctx.logits_in(model, bn_policy)
+    if shared is not None:
+        return shared.detach().argmax(dim=1)
     with torch.no_grad(), run_mode(model, "frozen" if bn_policy == "train" else bn_policy):
         return model(x).argmax(dim=1)  # (N,)
 
@@ -58,8 +59,9 @@ def clean_logits(model: nn.Module, x: torch.Tensor, ctx: CleanPass, policy: BNPo
     shared clean pass when the reuse rule allows it, a pass under that policy otherwise (which
     never updates BatchNorm statistics unless ``policy="train"``)."""
     eff = perturbed_policy(model, policy)
-    if ctx.may_reuse(model, eff):
-        return ctx.logits
+    shared = ctx.logits_in(model, eff)
+    if shared is not None:
+        return shared
     with run_mode(model, eff):
         return model(x)
 
@@ -70,9 +72,9 @@ def one_step_from_clean_pass(ctx: CleanPass, model: nn.Module, threat: ThreatMod
     shared clean pass's input gradient, detached; None when that pass cannot stand in for the
     attack's own pass under ``bn_policy`` (then the caller runs the attack). Same numbers as
     ``pgd(..., steps=1, random_start=False)``: the gradient of Σᵢ CE(f(xᵢ), yᵢ) at x."""
-    if not ctx.has_input_grad or not ctx.may_reuse(model, bn_policy):
+    g = ctx.detached_input_grad_in(model, bn_policy)  # (N, ...)
+    if g is None:
         return None
-    g = ctx.detached_input_grad(0)  # (N, ...)
     x = ctx.x.detach()
     eps_t = threat.eps_tensor(x)  # (N,)
     step = (rel_stepsize * eps_t).view(-1, *([1] * (x.dim() - 1)))

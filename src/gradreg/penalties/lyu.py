@@ -67,7 +67,7 @@ class Lyu(Penalty):
             raise ValueError(f"lyu solver must be 'exact' or 'onestep', got {solver!r}")
         self.solver = solver
         self.clip = bounds is not None  # the paper's expansion is unconstrained (module doc)
-        # onestep: a detached gradient, and its −L(x) is the term's clean_coeff: with λ = 1 the
+        # onestep: a detached gradient, and its −L(x) is the penalty's clean_coeff: with λ = 1 the
         # step can then be exactly one forward/backward pass on x + r*
         exact = solver == "exact"
         self.requires = Requirements(input_grad=True, double_backward=exact, clean_graph=exact,
@@ -89,4 +89,4 @@ class Lyu(Penalty):
         with frozen_stats(model):
             loss_adv = F.cross_entropy(model(x_adv), target)
         loss_clean = F.cross_entropy(ctx.logits, target).detach()  # its gradient: clean_coeff = −1
-        return Term(loss_adv - loss_clean, -1.0)
+        return Term(loss_adv - loss_clean)  # clean_coeff −1: declared in requires

@@ -45,7 +45,7 @@ from torch.nn import functional as F
 from ..attacks.lrc import lrc_transform, mean_marginal_variance
 from ..models.base import forward_all
 from ..modes import BNPolicy, check_policy, perturbed_policy, run_mode
-from ..schedule import total
+from ..cleanpass import total
 from . import PENALTIES
 from .base import CleanPass, Penalty, Requirements, Term, split_targets
 

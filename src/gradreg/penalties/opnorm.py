@@ -15,8 +15,8 @@ fixed at x and the model in eval mode (``bn_policy``)::
 (p = q = 2: u ← Jv/‖Jv‖, v ← Jᵀu/‖Jᵀu‖; p = ∞: v = sign(·)). ψ_{p*} is the steepest-ascent
 direction of the ℓp ball and ψ_q that of the ℓ_{q*} ball, i.e. ``ThreatModel.normalize``; so
 p, q ∈ {l1, l2, linf} all come for free (ψ_∞ puts the unit mass on the largest entry).
-Jv uses the double-backward trick (Jv = ∂/∂w [Jᵀw]·v, one forward pass and one
-``create_graph`` backward shared by all iterations) and Jᵀu = ∇ₓ(f(x)·u). v is detached.
+The power method and the Jacobian products live in :mod:`gradreg.jacobian` (the norm analysis
+uses them too); ``power_method`` and ``PowerResult`` are re-exported here. v is detached.
 The penalty, λ outside:
 
 - ``form="sos"`` (default, the experiments' numerically stable form): ½·‖f(x + εv) − f(x)‖_q²
@@ -57,14 +57,12 @@ Example::
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
-from .. import distributed
 from ..attacks.pgd_core import pgd
-from ..autodiff import GradRequest, efficient_second_order
+from ..cleanpass import RANKS, Graph, Ranks
+from ..jacobian import PowerResult, power_method
 from ..models.base import unwrap
 from ..modes import BNPolicy, check_policy, perturbed_policy, run_mode
 from ..threat import ThreatModel, canonical_norm, dual_norm, flat_norm, same_layout
@@ -73,100 +71,9 @@ from . import PENALTIES
 from .base import CleanPass, Penalty, Requirements, Term
 from .inner import clean_logits, resolve_eps
 
+__all__ = ["OperatorNorm", "OperatorNormAT", "PowerResult", "SpectralNorm", "power_method", "spectral_layers"]
+
 FORMS = ("sos", "uJv")
-
-
-class PowerResult(NamedTuple):
-    sigma: torch.Tensor  # (N,) estimate of ‖J(x)‖_{p,q} = ‖J v‖_q
-    u: torch.Tensor  # (N, K) ψ_q(J v), ‖u‖_{q*} = 1
-    v: torch.Tensor  # (N, ...) like x, ‖v‖_p = 1
-
-
-class _Linearization:
-    """Products with the Jacobian J = ∂f/∂x ``(N, K, d)`` of the model's main head at x, from
-    one forward pass (its own, or the shared clean pass ``shared`` when that pass ran in the
-    power method's mode). Valid per sample when the samples do not interact (eval mode, or a
-    mode-invariant model). Every product is an input-gradient pass (no parameter gradients),
-    through convolutions whose double backward uses first-order kernels (gradreg.autodiff)."""
-
-    def __init__(self, model: nn.Module, x: torch.Tensor, shared: CleanPass | None = None,
-                 w0: torch.Tensor | None = None) -> None:
-        if shared is not None:
-            self.x, self.out, self.req = shared.x_in, shared.logits, shared.request  # (N, ...), (N, K)
-        else:
-            self.x = x.detach().requires_grad_(True)
-            self.req = GradRequest(root=self.x)
-            with efficient_second_order(model, self.req):
-                self.out = model(self.x)  # (N, K)
-        # the cotangent at which Jᵀw is built: its value only matters for jt_w0 (Jv does not depend on it)
-        w = torch.zeros_like(self.out) if w0 is None else w0.detach().to(self.out).clone()
-        self.w = w.requires_grad_(True)  # (N, K)
-        jt_w = None
-        if self.out.requires_grad:
-            with self.req.inputs_only():
-                (jt_w,) = torch.autograd.grad(self.out, self.x, self.w, create_graph=True, retain_graph=True,
-                                              allow_unused=True)
-        # Jᵀw is linear in w; differentiating it w.r.t. w along v gives Jv.
-        self.jt_w = jt_w if jt_w is not None and jt_w.requires_grad else None
-        self.jt_w0 = torch.zeros_like(self.x) if self.jt_w is None else self.jt_w.detach()  # Jᵀw0 (N, ...)
-
-    def jv(self, v: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, K)
-        if self.jt_w is None:
-            return torch.zeros_like(self.out)
-        with self.req.inputs_only():
-            (out,) = torch.autograd.grad(self.jt_w, self.w, v, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(self.out) if out is None else out.detach()
-
-    def jtu(self, u: torch.Tensor) -> torch.Tensor:  # (N, K) -> (N, ...)
-        if self.jt_w is None:
-            return torch.zeros_like(self.x)
-        with self.req.inputs_only():
-            (out,) = torch.autograd.grad(self.out, self.x, u, retain_graph=True)
-        return out.detach()
-
-
-def _fill_zero_rows(v: torch.Tensor, norm: str) -> torch.Tensor:
-    """Replace all-zero rows (no information, a fixed point of the iteration) by random ones."""
-    zero = flat_norm(v, "linf") == 0
-    if bool(zero.any()):
-        v = torch.where(zero.view(-1, *([1] * (v.dim() - 1))), steepest(torch.randn_like(v), norm), v)
-    return v
-
-
-def power_method(model: nn.Module, x: torch.Tensor, *, norm: str = "l2", out_norm: str = "l2",
-                 iterations: int = 10, v0: torch.Tensor | None = None, u0: torch.Tensor | None = None,
-                 bn_policy: BNPolicy = "eval", shared: CleanPass | None = None,
-                 final_product: bool = True) -> PowerResult:
-    """Per-sample (p, q) = (``norm``, ``out_norm``) power method for J(x) of the main head.
-
-    Starts from ``v0`` (like x; random when None) or, when given, from the output-space ``u0``
-    ``(N, K)``: then v = ψ_{p*}(Jᵀu0) is the first half-iteration and counts as one of the
-    ``iterations`` (≥ 1), and it costs no pass of its own. Runs the model under ``bn_policy``
-    and restores its modes; ``shared`` is a clean pass of x (with its input in the graph) to use
-    instead of a forward pass of its own, when it ran in that mode. Returns detached σ
-    ``(N,)``, u ``(N, K)`` and v (like x); with ``final_product=False`` the closing product Jv
-    is skipped and σ, u are NaN (for callers that need v alone, one pass cheaper)."""
-    norm, out_norm = canonical_norm(norm), canonical_norm(out_norm)
-    x = x.detach()
-    if u0 is not None:  # a zero row (e.g. kept from a model that ignored its input) restarts at random
-        u0 = _fill_zero_rows(steepest(u0.to(x), dual_norm(out_norm)), dual_norm(out_norm))
-    with torch.enable_grad(), run_mode(model, bn_policy):
-        lin = _Linearization(model, x, shared, w0=u0)
-        if u0 is None:
-            v = _fill_zero_rows(steepest(torch.randn_like(x) if v0 is None else v0.to(x), norm), norm)
-        else:
-            if iterations < 1:
-                raise ValueError(f"a start u0 needs iterations ≥ 1, got {iterations}")
-            v = steepest(lin.jt_w0, norm)  # ψ_{p*}(Jᵀu0)
-            iterations -= 1
-        for _ in range(iterations):
-            u = steepest(lin.jv(v), dual_norm(out_norm))  # ψ_q(Jv)
-            v = steepest(lin.jtu(u), norm)  # ψ_{p*}(Jᵀu)
-        if not final_product:
-            nan = torch.full((x.shape[0],), float("nan"), device=x.device, dtype=x.dtype)
-            return PowerResult(sigma=nan, u=torch.full_like(lin.out, float("nan")).detach(), v=v)
-        jv = lin.jv(v)
-    return PowerResult(sigma=flat_norm(jv, out_norm), u=steepest(jv, dual_norm(out_norm)), v=v)
 
 
 @PENALTIES.register("opnorm")
@@ -226,11 +133,11 @@ class OperatorNorm(Penalty):
         self.u_buf = steepest(u, dual_norm(self.out_norm)).to(train_x.device)
 
     def estimate(self, model: nn.Module, x: torch.Tensor, index: torch.Tensor | None = None, *,
-                 shared: CleanPass | None = None, final_product: bool = True,
-                 v0: torch.Tensor | None = None) -> PowerResult:
-        """The power method for this batch (warm-started from, and written back to, the buffer);
-        ``shared``, ``final_product`` and (without warm start) the random start ``v0`` as in
-        :func:`power_method`."""
+                 shared: Graph | None = None, final_product: bool = True,
+                 v0: torch.Tensor | None = None, ranks: Ranks = RANKS) -> PowerResult:
+        """The power method for this batch (warm-started from, and written back to, the buffer
+        on every rank of ``ranks``); ``shared``, ``final_product`` and (without warm start) the
+        random start ``v0`` as in :func:`~gradreg.jacobian.power_method`."""
         if not self.warm_start:
             return power_method(model, x, norm=self.norm, out_norm=self.out_norm, iterations=self.iterations,
                                 v0=v0, bn_policy=self.bn_policy, shared=shared, final_product=final_product)
@@ -246,7 +153,7 @@ class OperatorNorm(Penalty):
         # Under torch.distributed every rank keeps the whole buffer (our choice: an epoch's new
         # permutation sends each example to another rank) and writes every rank's rows, so
         # the buffers stay identical and rank 0's checkpoint holds them all.
-        all_idx, all_u = distributed.all_gather_rows(idx, res.u.to(buf))
+        all_idx, all_u = ranks.gather_rows(idx, res.u.to(buf))
         buf[all_idx] = all_u
         return res
 
@@ -254,11 +161,12 @@ class OperatorNorm(Penalty):
         eps = self.eps
         if self.form == "sos" and eps == 0:
             return Term(x.new_zeros(()))
-        shared = ctx if ctx.has_input_grad and ctx.may_reuse(model, self.bn_policy) else None
+        shared = ctx.graph_in(model, self.bn_policy)  # the power method on the clean pass when it may
         # the sos form needs v alone; uJv needs u = ψ_q(Jv) too
         # a cold start draws from the loop's rank-independent noise: the same v for any split
         v0 = None if self.warm_start else ctx.noise_like(torch.randn, x.detach())
-        res = self.estimate(model, x, ctx.index, shared=shared, final_product=self.form == "uJv", v0=v0)
+        res = self.estimate(model, x, ctx.index, shared=shared, final_product=self.form == "uJv", v0=v0,
+                            ranks=ctx.ranks)
         policy = perturbed_policy(model, self.perturbed_bn_policy)
         if self.form == "sos":
             clean = clean_logits(model, x, ctx, self.perturbed_bn_policy)  # (N, K)
@@ -268,8 +176,9 @@ class OperatorNorm(Penalty):
         # uJv = ⟨Jᵀu, v⟩; create_graph keeps it differentiable in θ
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if ctx.has_input_grad and ctx.may_reuse(model, policy):
-                x_in, out = ctx.x_in, ctx.logits
+            graph = ctx.graph_in(model, policy)
+            if graph is not None:
+                x_in, out = graph.x_in, graph.logits
             else:
                 x_in = x.detach().requires_grad_(True)
                 with run_mode(model, policy):

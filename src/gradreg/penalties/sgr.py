@@ -73,6 +73,8 @@ Warning — our choices, not the paper's:
 Example::
 
     pen = make("sgr", representation="covfun", source="fgsm", eps=8 / 255)
+    pen = SGR(estimator=SigmaEstimator(representation="covfun"),            # the same, as specs
+              perturbations=PerturbationSource(kind="fgsm", eps=8 / 255))
     pen.setup(model, train_x, bounds=(0.0, 1.0))
     loss = F.cross_entropy(model(x), y) + 0.1 * pen(model, x, y)
 """
@@ -80,18 +82,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import nn
 
+from ..attacks.lrc import mean_marginal_variance
 from ..attacks.pgd_core import ce_loss, pgd
 from ..modes import BNPolicy, check_policy
 from ..threat import ThreatModel, canonical_norm
 from . import PENALTIES
+from ..cleanpass import RANKS, Ranks
 from .base import CleanPass, Penalty, Requirements, Term
-from .covariance import (Covariance, CovFunCovariance, FullCovariance, IdentityCovariance, average_over_ranks,
-                         covfun_second_moment, load_sigma_file, mean_pixel_variance)
+from .covariance import (Covariance, CovFunCovariance, FullCovariance, IdentityCovariance, covfun_second_moment,
+                         load_sigma_file)
 from .inner import attack_labels, check_labels
 from .norms import safe_l2
 
@@ -100,7 +106,7 @@ SOURCES = ("grad", "sign", "fgsm", "pgd")
 STANDARDIZATIONS = ("data", "unit", "none")
 FULL_MAX_DIM = 1024  # ``auto`` keeps the full matrix up to this input dimension
 
-__all__ = ["GN", "SGR", "GradientQuadratic", "CovFunCovariance", "FullCovariance", "IdentityCovariance",
+__all__ = ["GN", "SGR", "GradientQuadratic", "PerturbationSource", "SigmaEstimator", "sgr_specs", "CovFunCovariance", "FullCovariance", "IdentityCovariance",
            "covfun_second_moment"]
 
 
@@ -148,11 +154,99 @@ class GN(GradientQuadratic):
         return "Σ=I"
 
 
+@dataclass(frozen=True)
+class PerturbationSource:
+    """Where the perturbations ξ that estimate Σ come from (the module doc's ``source``): the
+    clean pass's gradient (``grad``, ``sign``: free) or an attack (``fgsm``, ``pgd``: radius
+    ``eps`` in ``attack_norm``, under ``bn_policy``, ascending the ``labels``' loss)."""
+
+    kind: str = "fgsm"
+    eps: float = 0.1  # input units (our choice)
+    attack_norm: str = "linf"
+    pgd_steps: int = 10
+    pgd_rel_stepsize: float = 0.25
+    bn_policy: BNPolicy = "eval"
+    labels: str = "true"
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCES:
+            raise ValueError(f"sgr source must be one of {SOURCES}, got {self.kind!r}")
+        if not self.eps >= 0:
+            raise ValueError(f"sgr eps must be ≥ 0, got {self.eps!r}")
+        object.__setattr__(self, "eps", float(self.eps))
+        object.__setattr__(self, "attack_norm", canonical_norm(self.attack_norm))
+        object.__setattr__(self, "pgd_steps", int(self.pgd_steps))
+        object.__setattr__(self, "pgd_rel_stepsize", float(self.pgd_rel_stepsize))
+        check_policy(self.bn_policy)
+        check_labels(self.labels)
+
+    @property
+    def free(self) -> bool:
+        """Whether ξ is read off the clean pass's input gradient (no extra pass)."""
+        return self.kind in ("grad", "sign")
+
+
+@dataclass(frozen=True)
+class SigmaEstimator:
+    """How Σ (and μ) are kept: the representation, the EMA (``beta``, every ``update_every``
+    steps; None: 1 for a free source, 10 for an attack, our choice), the standardization, the
+    uncentred mean (``centred=False``), the displacement radius and an optional fixed Σ file."""
+
+    representation: str = "auto"
+    beta: float = 0.1
+    update_every: int | None = None
+    standardize: str = "data"
+    centred: bool = True
+    radius_pixels: int | None = None
+    sigma_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"sgr representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
+        if self.standardize not in STANDARDIZATIONS:
+            raise ValueError(f"sgr standardize must be one of {STANDARDIZATIONS}, got {self.standardize!r}")
+        if not 0 < self.beta <= 1:
+            raise ValueError(f"sgr beta must be in (0, 1], got {self.beta!r}")
+        if self.update_every is not None and self.update_every < 1:
+            raise ValueError(f"sgr update_every must be ≥ 1, got {self.update_every!r}")
+        if self.radius_pixels is not None and self.radius_pixels < 0:
+            raise ValueError(f"sgr radius_pixels must be ≥ 0, got {self.radius_pixels!r}")
+        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "centred", bool(self.centred))
+        if self.sigma_file is not None:
+            object.__setattr__(self, "sigma_file", str(self.sigma_file))
+
+    def for_source(self, source: PerturbationSource) -> SigmaEstimator:
+        """This estimator with ``update_every`` resolved for ``source``."""
+        if self.update_every is not None:
+            return self
+        return replace(self, update_every=1 if source.free else 10)
+
+
+_SOURCE_PARAMS = {"source": "kind"} | {f.name: f.name for f in fields(PerturbationSource) if f.name != "kind"}
+_ESTIMATOR_PARAMS = {f.name for f in fields(SigmaEstimator)}
+
+
+def sgr_specs(params: Mapping[str, Any]) -> tuple[SigmaEstimator, PerturbationSource]:
+    """The two specs from flat parameters (``make("sgr", source="pgd", eps=0.05)``, ``--set
+    penalty.eps=0.05``); ``source`` names the kind of source."""
+    unknown = sorted(set(params) - set(_SOURCE_PARAMS) - _ESTIMATOR_PARAMS)
+    if unknown:
+        raise TypeError(f"sgr got unexpected parameter(s) {', '.join(unknown)}")
+    source = PerturbationSource(**{_SOURCE_PARAMS[k]: v for k, v in params.items() if k in _SOURCE_PARAMS})
+    estimator = SigmaEstimator(**{k: v for k, v in params.items() if k in _ESTIMATOR_PARAMS})
+    return estimator.for_source(source), source
+
+
 @PENALTIES.register("sgr")
 class SGR(GradientQuadratic):
     """Structured gradient regularization (Roth et al. 2018): ½·gᵀΣg with Σ from adversarial perturbations.
 
-    Ω = ½·mean_i gᵢᵀ Σ gᵢ (+ mean_i gᵢᵀμ if uncentred), Σ estimated from perturbations."""
+    Ω = ½·mean_i gᵢᵀ Σ gᵢ (+ mean_i gᵢᵀμ if uncentred), Σ estimated from perturbations.
+    Configured by two specs, ``estimator`` (:class:`SigmaEstimator`) and ``perturbations``
+    (:class:`PerturbationSource`), or by their fields as flat keyword parameters (what the
+    command line's ``--set penalty.NAME=`` and the experiment files give; ``source`` is the
+    source's kind)."""
 
     default_lam = 0.1
     mean: torch.Tensor
@@ -160,57 +254,17 @@ class SGR(GradientQuadratic):
     step: torch.Tensor
     data_var: torch.Tensor
 
-    def __init__(
-        self,
-        *,
-        representation: str = "auto",
-        source: str = "fgsm",
-        eps: float = 0.1,
-        attack_norm: str = "linf",
-        bounds: tuple[float, float] | None = None,
-        pgd_steps: int = 10,
-        pgd_rel_stepsize: float = 0.25,
-        beta: float = 0.1,
-        update_every: int | None = None,
-        standardize: str = "data",
-        centred: bool = True,
-        radius_pixels: int | None = None,
-        sigma_file: str | Path | None = None,
-        bn_policy: BNPolicy = "eval",
-        labels: str = "true",
-    ) -> None:
+    def __init__(self, *, estimator: SigmaEstimator | None = None, perturbations: PerturbationSource | None = None,
+                 bounds: tuple[float, float] | None = None, **params: Any) -> None:
         super().__init__(None, bounds=bounds)
-        if representation not in REPRESENTATIONS:
-            raise ValueError(f"sgr representation must be one of {REPRESENTATIONS}, got {representation!r}")
-        if source not in SOURCES:
-            raise ValueError(f"sgr source must be one of {SOURCES}, got {source!r}")
-        if standardize not in STANDARDIZATIONS:
-            raise ValueError(f"sgr standardize must be one of {STANDARDIZATIONS}, got {standardize!r}")
-        check_policy(bn_policy)
-        if not 0 < beta <= 1:
-            raise ValueError(f"sgr beta must be in (0, 1], got {beta!r}")
-        if update_every is None:
-            update_every = 1 if source in ("grad", "sign") else 10
-        if update_every < 1:
-            raise ValueError(f"sgr update_every must be ≥ 1, got {update_every!r}")
-        if radius_pixels is not None and radius_pixels < 0:
-            raise ValueError(f"sgr radius_pixels must be ≥ 0, got {radius_pixels!r}")
-        if not eps >= 0:
-            raise ValueError(f"sgr eps must be ≥ 0, got {eps!r}")
-        self.representation = representation
-        self.source = source
-        self.eps = float(eps)
-        self.attack_norm = canonical_norm(attack_norm)
-        self.pgd_steps = int(pgd_steps)
-        self.pgd_rel_stepsize = float(pgd_rel_stepsize)
-        self.beta = float(beta)
-        self.update_every = int(update_every)
-        self.standardize = standardize
-        self.centred = bool(centred)
-        self.radius_pixels = radius_pixels
-        self.sigma_file = None if sigma_file is None else str(sigma_file)
-        self.bn_policy = check_policy(bn_policy)
-        self.labels = check_labels(labels)
+        if params and (estimator is not None or perturbations is not None):
+            raise TypeError("give sgr either its specs (estimator, perturbations) or flat parameters, not both")
+        if estimator is None and perturbations is None:
+            estimator, perturbations = sgr_specs(params)
+        perturbations = perturbations or PerturbationSource()
+        self.estimator = (estimator or SigmaEstimator()).for_source(perturbations)
+        self.perturbations = perturbations
+        sigma_file = self.estimator.sigma_file
         self._fixed = load_sigma_file(sigma_file) if sigma_file is not None else None
         # Placeholders until setup (or, standalone, the first batch) gives the input shape.
         self.register_buffer("mean", torch.zeros(0))  # (C, H, W): EMA of the mean perturbation μ
@@ -218,9 +272,22 @@ class SGR(GradientQuadratic):
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("data_var", torch.full((), float("nan")))  # mean per-pixel variance
 
+    # the specs' fields, read where the penalty's settings are asked for by name
+    @property
+    def source(self) -> str:
+        return self.perturbations.kind
+
+    @property
+    def eps(self) -> float:
+        return self.perturbations.eps
+
+    @property
+    def update_every(self) -> int:
+        assert self.estimator.update_every is not None  # resolved by for_source
+        return self.estimator.update_every
+
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
-                         if not k.startswith("_") and k not in ("training", "cov"))
+        return f"estimator={self.estimator!r}, perturbations={self.perturbations!r}"
 
     # ---- state
     @property
@@ -235,9 +302,9 @@ class SGR(GradientQuadratic):
         return (c, h, w)
 
     def resolved_representation(self, in_shape: tuple[int, int, int]) -> str:
-        if self.representation == "auto":
+        if self.estimator.representation == "auto":
             return "full" if math.prod(in_shape) <= FULL_MAX_DIM else "covfun"
-        return self.representation
+        return self.estimator.representation
 
     def allocate(self, in_shape: tuple[int, ...]) -> None:
         """Create the buffers for inputs of shape ``(C, H, W)``: Σ = I (or the fixed Σ), μ = 0."""
@@ -248,9 +315,9 @@ class SGR(GradientQuadratic):
         self.mean = torch.zeros(shape, device=device, dtype=dtype)
         rep = self.resolved_representation(shape)
         if rep == "full":
-            self.cov = FullCovariance(shape, radius_pixels=self.radius_pixels, device=device, dtype=dtype)
+            self.cov = FullCovariance(shape, radius_pixels=self.estimator.radius_pixels, device=device, dtype=dtype)
         elif rep == "covfun":
-            self.cov = CovFunCovariance(shape, radius_pixels=self.radius_pixels, device=device, dtype=dtype)
+            self.cov = CovFunCovariance(shape, radius_pixels=self.estimator.radius_pixels, device=device, dtype=dtype)
         if self._fixed is not None:
             assert self.cov is not None
             self.cov.set_fixed(self._fixed, shape)
@@ -270,16 +337,16 @@ class SGR(GradientQuadratic):
         per-pixel variance."""
         super().setup(model, train_x, bounds)
         self.allocate(tuple(train_x.shape[1:]))
-        self.data_var.fill_(mean_pixel_variance(train_x))
+        self.data_var.fill_(mean_marginal_variance(train_x))
 
     # ---- Σ
     def scale(self) -> torch.Tensor:
         """Factor s (0-dim float64 tensor) with mean diag(s·Σ) = target; 1 for ``none``."""
         assert self.cov is not None
         one = torch.ones((), dtype=torch.float64, device=self.data_var.device)
-        if self.standardize == "none":
+        if self.estimator.standardize == "none":
             return one
-        if self.standardize == "unit":
+        if self.estimator.standardize == "unit":
             target = one
         else:
             if torch.isnan(self.data_var):
@@ -290,34 +357,37 @@ class SGR(GradientQuadratic):
         return torch.where(md > 0, target / md.clamp_min(1e-300), torch.zeros_like(one))
 
     @torch.no_grad()
-    def update(self, xi: torch.Tensor) -> None:
-        """One EMA step of Σ (and μ) from perturbations ``(m, C, H, W)``."""
+    def update(self, xi: torch.Tensor, ranks: Ranks = RANKS) -> None:
+        """One EMA step of Σ (and μ) from perturbations ``(m, C, H, W)``, averaged over the
+        shards of every rank of ``ranks`` so each keeps the same Σ."""
         assert self.cov is not None
         xi = xi.detach()
         first = int(self.num_updates) == 0
-        *estimate, batch_mean = average_over_ranks([*self.cov.batch_estimate(xi), xi.mean(dim=0).to(self.mean)],
-                                                    xi.shape[0])
-        self.cov.ema(estimate, beta=self.beta, first=first)
-        self.mean.copy_(batch_mean if first else (1 - self.beta) * self.mean + self.beta * batch_mean)
+        *estimate, batch_mean = ranks.average([*self.cov.batch_estimate(xi), xi.mean(dim=0).to(self.mean)],
+                                              xi.shape[0])
+        beta = self.estimator.beta
+        self.cov.ema(estimate, beta=beta, first=first)
+        self.mean.copy_(batch_mean if first else (1 - beta) * self.mean + beta * batch_mean)
         self.num_updates += 1
 
-    def perturbations(self, model: nn.Module, ctx: CleanPass, g: torch.Tensor) -> torch.Tensor:
+    def draw_perturbations(self, model: nn.Module, ctx: CleanPass, g: torch.Tensor) -> torch.Tensor:
         """ξ for the EMA, detached ``(N, C, H, W)``; ``g`` is the clean input gradient."""
         g = g.detach()
-        if self.source == "grad":
-            return self.eps * g / safe_l2(g).clamp_min(1e-30).view(-1, *([1] * (g.dim() - 1)))
-        if self.source == "sign":
-            return self.eps * g.sign()
-        threat = ThreatModel(norm=self.attack_norm, eps=self.eps, bounds=self.bounds)
+        src = self.perturbations
+        if src.kind == "grad":
+            return src.eps * g / safe_l2(g).clamp_min(1e-30).view(-1, *([1] * (g.dim() - 1)))
+        if src.kind == "sign":
+            return src.eps * g.sign()
+        threat = ThreatModel(norm=src.attack_norm, eps=src.eps, bounds=self.bounds)
         x = ctx.x.detach()
-        target = attack_labels(model, x, ctx.y, ctx, labels=self.labels, bn_policy=self.bn_policy)  # (N,)
+        target = attack_labels(model, x, ctx.y, ctx, labels=src.labels, bn_policy=src.bn_policy)  # (N,)
         loss_fn = ce_loss(target)
-        if self.source == "fgsm":
+        if src.kind == "fgsm":
             x_adv = pgd(model, x, threat, loss_fn, steps=1, rel_stepsize=1.0, random_start=False,
-                        bn_policy=self.bn_policy)
+                        bn_policy=src.bn_policy)
         else:
-            x_adv = pgd(model, x, threat, loss_fn, steps=self.pgd_steps, rel_stepsize=self.pgd_rel_stepsize,
-                        random_start=True, sampler=ctx.sampler, bn_policy=self.bn_policy)
+            x_adv = pgd(model, x, threat, loss_fn, steps=src.pgd_steps, rel_stepsize=src.pgd_rel_stepsize,
+                        random_start=True, sampler=ctx.sampler, bn_policy=src.bn_policy)
         return (x_adv - x).detach()
 
     # ---- the penalty
@@ -327,19 +397,19 @@ class SGR(GradientQuadratic):
         s = self.scale().to(g.device, g.dtype)
         quad = self.cov.quadratic(g)  # (N,)
         value = 0.5 * s * quad.mean()
-        if not self.centred:
+        if not self.estimator.centred:
             value = value + s.sqrt() * (g * self.mean.to(g.dtype)).flatten(1).sum(dim=1).mean()
         return value
 
     def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         self._ensure_allocated(x)
-        if self.standardize == "data" and torch.isnan(self.data_var):
+        if self.estimator.standardize == "data" and torch.isnan(self.data_var):
             warnings.warn("sgr: setup(model, train_x) was not called; standardizing Σ with the first batch's "
                           "per-pixel variance instead", RuntimeWarning, stacklevel=2)
-            self.data_var.fill_(mean_pixel_variance(x.detach()))
+            self.data_var.fill_(mean_marginal_variance(x.detach()))
         g = ctx.input_grad(0)  # (N, C, H, W), differentiable; g = −∇ₓlog p_y
         if self.training and self.updates_enabled:
             if int(self.step) % self.update_every == 0:
-                self.update(self.perturbations(model, ctx, g))
+                self.update(self.draw_perturbations(model, ctx, g), ctx.ranks)
             self.step += 1
         return Term(self.omega(g))
