@@ -15,7 +15,7 @@ PENALTIES: Registry[Penalty] = Registry("method", entry_point_group="gradreg.pen
 
 # One module per family; importing registers its members.
 _FAMILIES = ("clean", "datagrad", "lyu", "sgr", "arr", "opnorm", "advtrain", "noise_aug", "singlestep", "gradalign",
-             "cure", "linearity", "jacobian")
+             "cure", "linearity", "jacreg")
 for _family in _FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")
 

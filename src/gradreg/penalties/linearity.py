@@ -34,8 +34,9 @@ Our choices (the papers leave them open or we could not check their numbers):
   compared with the *earlier* batches only (mean and variance over all of them, kept exactly
   by Welford's update in float64 buffers, so a checkpoint resumes the rule bitwise), and at
   least ``warmup`` = 2 earlier batches are needed before the jump can fire; the λ it sets is
-  used for the batch that set it. Under torch.distributed the rule reads the ranks' mean E
-  (every rank then takes the same decision). The state advances only while the model trains;
+  used for the batch that set it. Under torch.distributed the rule reads the global batch's
+  mean E (the ranks' means weighted by shard size, through ``ctx.ranks``), so every rank
+  takes the same decision. The state advances only while the model trains;
 - x_a, x_b are clipped to the input bounds (x_c, a convex combination, then is too); the
   random draws come from the loop's rank-independent batch noise;
 - ℓ is the main head's cross-entropy; gradients are per sample (of Σᵢ ℓᵢ); LLR's inner
@@ -51,7 +52,6 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -159,15 +159,6 @@ class ELLE(Penalty):
         return Term(self.error(model, x, y, ctx))
 
 
-def ranks_mean(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a scalar over the ranks of a torch.distributed job (itself outside one)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
-
-
 @PENALTIES.register("elle-a")
 class AdaptiveELLE(ELLE):
     """ELLE-A (Abad Rocamora et al. 2024): λ_t·E, λ_t jumps to lam_max when E > mean + 2 std of earlier E, ×0.99 otherwise."""
@@ -215,5 +206,9 @@ class AdaptiveELLE(ELLE):
 
     def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         err = self.error(model, x, y, ctx)
-        lam = self.update(float(ranks_mean(err.detach()))) if model.training else float(self.lam_now)
+        if not model.training:
+            return Term(float(self.lam_now) * err)
+        # the global batch's mean E: every rank takes the same decision
+        (global_err,) = ctx.ranks.average([err.detach().reshape(1)], len(x))
+        lam = self.update(float(global_err))
         return Term(lam * err)

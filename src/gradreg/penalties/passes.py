@@ -1,6 +1,7 @@
 """Passes the single-step, alignment, curvature and linearity members share: the per-sample
 loss and input gradient at a point, under a BatchNorm policy, and at the clean point read off
-the shared clean pass when the reuse rule allows it (:meth:`CleanPass.may_reuse`).
+the shared clean pass when it offers them (:meth:`CleanPass.graph_in`,
+:meth:`CleanPass.detached_input_grad_in`), a pass of their own otherwise.
 
 Conventions (our choice, as for GN and DataGrad): ℓ is the *main head's* cross-entropy; the
 input gradient of a batch is ∇ₓ Σᵢ ℓ(xᵢ, yᵢ), so row i is sample i's own gradient (not the
@@ -47,12 +48,19 @@ def loss_and_grad_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, poli
 def clean_loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass, *,
                         policy: BNPolicy, create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`loss_and_grad_at` at the clean ``x``: the shared clean pass when it has an input
-    gradient and computes what a pass under ``policy`` computes, a pass of its own otherwise."""
-    if ctx.has_input_grad and ctx.may_reuse(model, policy):
-        losses = F.cross_entropy(ctx.logits, main_targets(y), reduction="none")  # (N,)
-        if create_graph:
+    gradient and computes what a pass under ``policy`` computes (the pass offers it), a pass of
+    its own otherwise."""
+    if create_graph:
+        shared = ctx.graph_in(model, policy)
+        if shared is not None:
+            losses = F.cross_entropy(shared.logits, main_targets(y), reduction="none")  # (N,)
             return losses, ctx.input_grad(0)
-        return losses.detach(), ctx.detached_input_grad(0)
+    else:
+        g = ctx.detached_input_grad_in(model, policy)
+        logits = ctx.logits_in(model, policy)
+        if g is not None and logits is not None:
+            losses = F.cross_entropy(logits, main_targets(y), reduction="none")  # (N,)
+            return losses.detach(), g
     return loss_and_grad_at(model, x, y, policy=policy, create_graph=create_graph, fast=ctx.fast)
 
 

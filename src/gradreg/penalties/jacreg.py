@@ -13,13 +13,15 @@ K = 1); with K = C the directions are the one-hot basis vectors instead, and R i
 penalty is the batch mean of R; the objective adds λ·R to the clean loss, the paper's
 (λ_JR/2)·‖J‖²_F with λ = λ_JR/2.
 
-It reads the shared clean pass's logits and input leaf (``ctx.logits``, ``ctx.x_in``), so it
-adds K backward passes and no forward pass.
+It reads the shared clean pass's logits and input leaf (``ctx.graph_in``) when the pass offers
+them, so it adds K backward passes and no forward pass; otherwise (the plain composition) it
+runs a clean pass of its own.
 
 Our choices: ``default_lam`` 0.005 (λ_JR = 0.01, the order of the paper's MNIST runs, not
 tuned here); f is the main head; the directions come from the training loop's rank-independent
 batch noise (``ctx.noise_like``); the Jacobian is the one of the clean pass's mode (train mode
-while training, like the task loss).
+while training, like the task loss; BatchNorm policy ``frozen`` while training, ``eval``
+otherwise: a pass of its own never moves the running statistics).
 
 Example::
 
@@ -31,6 +33,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..cleanpass import Graph
+from ..modes import BNPolicy
 from . import PENALTIES
 from .base import CleanPass, Penalty, Requirements, Term
 
@@ -49,14 +53,28 @@ def projection_directions(ctx: CleanPass, logits: torch.Tensor, projections: int
     return dirs
 
 
-def frobenius_sq(ctx: CleanPass, logits: torch.Tensor, x_in: torch.Tensor, projections: int) -> torch.Tensor:
-    """Per-sample estimate of ‖J‖²_F ``(N,)`` from ``projections`` vector-Jacobian products."""
+def frobenius_sq(ctx: CleanPass, graph: Graph, projections: int) -> torch.Tensor:
+    """Per-sample estimate of ‖J‖²_F ``(N,)`` from ``projections`` vector-Jacobian products
+    through the forward pass ``graph`` (logits ``(N, C)`` of the input leaf ``(N, ...)``)."""
+    logits = graph.logits
     c = logits.shape[1]
     total = logits.new_zeros(logits.shape[0])
     for v in projection_directions(ctx, logits, projections):
-        (vj,) = torch.autograd.grad(logits, x_in, grad_outputs=v, create_graph=True)  # (N, ...) = vᵀJ per sample
+        with graph.request.inputs_only():  # an input-gradient pass, differentiated again in θ
+            (vj,) = torch.autograd.grad(logits, graph.x_in, grad_outputs=v, create_graph=True)  # (N, ...) = vᵀJ
         total = total + vj.flatten(1).pow(2).sum(dim=1)
     return total * (c / projections)
+
+
+def clean_graph(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Graph:
+    """The clean pass's graph when ``ctx`` offers it for the clean pass's mode, else a pass of
+    its own in that mode (``frozen`` while training: running statistics untouched)."""
+    policy: BNPolicy = "frozen" if model.training else "eval"
+    shared = ctx.graph_in(model, policy)
+    if shared is not None:
+        return shared
+    own = CleanPass.standalone(model, x, y, need_input_grad=True, index=ctx.index, noise=ctx.noise, fast=False)
+    return Graph(x_in=own.x_in, logits=own.logits, request=own.request)
 
 
 @PENALTIES.register("jacreg")
@@ -73,4 +91,4 @@ class JacobianReg(Penalty):
         self.projections = int(projections)
 
     def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
-        return Term(frobenius_sq(ctx, ctx.logits, ctx.x_in, self.projections).mean())
+        return Term(frobenius_sq(ctx, clean_graph(model, x, y, ctx), self.projections).mean())
