@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 import gradreg
 from gradreg import models, penalties
+from gradreg.cleanpass import Ranks
 from gradreg.config import TrainConfig
 from gradreg.objective import Objective
 from gradreg.penalties import CleanPass
@@ -216,6 +217,43 @@ def test_elle_a_value_is_lambda_times_elle_and_resumes_from_its_buffers() -> Non
     elle = float(penalties.make("elle", eps=EPS)(model, x, y, ctx=ctx()))
     a, b = float(pen(model, x, y, ctx=ctx())), float(clone(model, x, y, ctx=ctx()))
     assert a == b == pytest.approx(float(pen.lam_now) * elle, rel=1e-12)
+
+
+class OtherRank(Ranks):
+    """A group of two ranks, seen from one: the other holds ``rows`` examples whose mean ELLE
+    error is ``err`` (each step), and averages weight by shard size."""
+
+    def __init__(self, err: float, rows: int) -> None:
+        self.err, self.rows = err, rows
+        self.counts: list[int] = []  # the row counts this rank reported
+
+    def average(self, estimates: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+        self.counts.append(count)
+        return [(e * count + self.err * self.rows) / (count + self.rows) for e in estimates]
+
+
+def test_elle_a_decides_on_the_group_mean_error_through_ctx_ranks() -> None:
+    """The rule reads the global batch's mean E from ``ctx.ranks``, not this rank's own E: an
+    outlier on the other rank makes every rank jump to lam_max."""
+    model, (x, y) = smooth_mlp().train(), batch()
+    ctx = lambda: CleanPass(model, x, y, noise=noise(len(x)))  # noqa: E731
+    local = float(penalties.make("elle", eps=EPS)(model, x, y, ctx=ctx()).detach())  # this rank's E, every step
+    pen = penalties.make("elle-a", eps=EPS, lam_max=10.0, decay=0.5)
+    group = OtherRank(err=3 * local, rows=2)
+    steps = 3
+    for _ in range(steps):  # the other rank's error is normal (constant) here
+        c = ctx()
+        c.ranks = group
+        pen(model, x, y, ctx=c)
+    assert group.counts == [len(x)] * steps
+    want = (local * len(x) + 3 * local * 2) / (len(x) + 2)  # by hand: the shard-weighted mean
+    assert float(pen.err_mean) == pytest.approx(want, rel=1e-9)
+    assert float(pen.lam_now) == pytest.approx(10.0 * 0.5**steps, rel=1e-12)
+    group.err = 1000 * local  # an outlier on the other rank only: this rank's E is unchanged
+    c = ctx()
+    c.ranks = group
+    pen(model, x, y, ctx=c)
+    assert float(pen.lam_now) == 10.0
 
 
 def test_jacreg_with_k_equal_classes_is_the_exact_frobenius_norm() -> None:
