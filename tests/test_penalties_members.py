@@ -256,6 +256,12 @@ def test_elle_a_decides_on_the_group_mean_error_through_ctx_ranks() -> None:
     assert float(pen.lam_now) == 10.0
 
 
+def test_elle_a_keeps_the_papers_rule_and_ignores_the_monitor() -> None:
+    """Our choice, as its doc says: λ_t follows ELLE's own error; ELLE-A has no on_monitor hook,
+    so the trainer's monitor never changes it."""
+    assert not hasattr(penalties.make("elle-a", eps=EPS), "on_monitor")
+
+
 def test_jacreg_with_k_equal_classes_is_the_exact_frobenius_norm() -> None:
     model, (x, y) = smooth_mlp(), batch()
     jac = torch.func.vmap(torch.func.jacrev(lambda xi: model(xi[None])[0]))(x)  # (N, C, 1, 4, 4)

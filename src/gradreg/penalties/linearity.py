@@ -23,6 +23,11 @@
   exceeds the mean plus 2 standard deviations of all earlier batches' E, and decays by
   ``decay`` = 0.99 per step otherwise (SPEC §7). The term's value is λ_t·E (the objective's λ
   multiplies it, 1 by default).
+  λ_t follows the linearity error E itself, the paper's own catastrophic-overfitting signal
+  (the paper's rule). The training loop's monitor (:mod:`gradreg.monitor`: FGSM/PGD accuracy
+  on a held-out batch) offers its signal to every term through ``on_monitor``; ELLE-A does not
+  define that hook and does not use the monitor's signal (our choice: it keeps the paper's
+  rule, and a run with or without the monitor trains the same weights).
 
 Our choices (the papers leave them open or we could not check their numbers):
 
