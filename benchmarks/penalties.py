@@ -19,6 +19,11 @@ with a 50-iteration one, to show how converged the reference itself is).
 
     python benchmarks/penalties.py --rounds 15
     python benchmarks/penalties.py --rounds 30 --opnorm-epochs 0 --baseline /path/to/old/src
+    python benchmarks/penalties.py --members --rounds 10 --threads 1
+
+With ``--members`` the single-step, alignment, curvature, linearity and Jacobian members are
+each timed against a plain PyTorch implementation of the same method (written out in this file,
+no gradreg), the two steps adjacent in every round as for ``--baseline``.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from baseline import load_baseline, ratio_summary
 from gradreg import __version__, data, models, penalties
@@ -141,6 +147,8 @@ def main() -> None:
     ap.add_argument("--opnorm-iterations", type=int, default=1, help="power iterations per step in that check")
     ap.add_argument("--only-warm-start", action="store_true", help="run the warm-start accuracy check alone")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--members", action="store_true", help="time the single-step, alignment, curvature, "
+                    "linearity and Jacobian members against plain PyTorch implementations of the same methods")
     ap.add_argument("--baseline", metavar="SRC", help="also time this gradreg source tree (its src/ folder), "
                     "interleaved, and print current / baseline per method")
     args = ap.parse_args()
@@ -148,6 +156,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x_all, y_all, source = inputs(args.pool)
+    if args.members:
+        members_vs_plain(x_all, y_all, rounds=args.rounds, batch_size=args.batch_size, source=source)
+        return
     if args.baseline:
         compare(args.baseline, x_all, y_all, rounds=args.rounds, batch_size=args.batch_size, source=source)
         return
@@ -268,6 +279,159 @@ def warm_start_accuracy(x_all: torch.Tensor, y_all: torch.Tensor, *, batch_size:
         print(f"| {epoch} | {med:.2f}% / {p95:.2f}% | {100 * float(gap.median()):.2f}% / "
               f"{100 * float(gap.quantile(0.95)):.2f}% |")
         model.train()
+
+
+# --- the single-step, alignment, curvature, linearity and Jacobian members against plain PyTorch ---
+# (label, registry name, parameters, λ, target: gradreg step / plain step). ε = 0.1 on MNIST pixels.
+MEMBERS = [
+    ("fgsm-rs", "fgsm-rs", {"eps": 0.1}, 1.0, 1.0),
+    ("n-fgsm", "n-fgsm", {"eps": 0.1}, 1.0, 1.0),
+    ("gradalign", "gradalign", {"eps": 0.1, "align_lam": 0.2}, 1.0, 0.8),
+    ("cure", "cure", {"h": 1.5}, 4.0, 0.8),
+    ("llr (3 steps)", "llr", {"eps": 0.1, "steps": 3}, 1.0, 1.0),
+    ("elle", "elle", {"eps": 0.1}, 5000.0, 1.0),
+    ("elle-a", "elle-a", {"eps": 0.1}, 1.0, 1.0),
+    ("jacreg (K = 1)", "jacreg", {"projections": 1}, 0.005, 0.8),
+]
+
+
+def _ce(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(model(x), y, reduction=reduction)
+
+
+def _grad_at(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, create_graph: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample losses and ∇ₓΣℓ at x, the way a plain PyTorch loop writes it."""
+    xi = x.detach().clone().requires_grad_(True)
+    losses = _ce(model, xi, y, "none")
+    (g,) = torch.autograd.grad(losses.sum(), xi, create_graph=create_graph)
+    return losses, g
+
+
+def plain_loss(name: str, params: dict[str, Any], lam: float, state: dict[str, float]) -> Any:
+    """The same method written directly in PyTorch, without gradreg (one function per member):
+    the loss whose backward pass the step takes. Everything in the model's train mode."""
+    eps = params.get("eps", 0.1)
+
+    def fgsm_rs(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x0 = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        _, g = _grad_at(model, x0, y, create_graph=False)
+        x_adv = (x + (x0 + 1.25 * eps * g.sign() - x).clamp(-eps, eps)).clamp(0, 1)
+        return _ce(model, x_adv, y)
+
+    def n_fgsm(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x0 = (x + torch.empty_like(x).uniform_(-2 * eps, 2 * eps)).clamp(0, 1)
+        _, g = _grad_at(model, x0, y, create_graph=False)
+        return _ce(model, (x0 + eps * g.sign()).clamp(0, 1), y)
+
+    def gradalign(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, g1 = _grad_at(model, x, y, create_graph=True)
+        _, g2 = _grad_at(model, (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1), y, create_graph=True)
+        cos = F.cosine_similarity(g1.flatten(1), g2.flatten(1), dim=1)
+        x_adv = (x + eps * g1.detach().sign()).clamp(0, 1)
+        return _ce(model, x_adv, y) + params["align_lam"] * (1 - cos.mean())
+
+    def cure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses, g = _grad_at(model, x, y, create_graph=True)
+        s = g.detach().sign()
+        z = s / s.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        _, g_h = _grad_at(model, x + params["h"] * z, y, create_graph=True)
+        return losses.mean() + lam * (g_h - g).flatten(1).pow(2).sum(dim=1).mean()
+
+    def llr(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses, g = _grad_at(model, x, y, create_graph=True)
+        l0, g0 = losses.detach(), g.detach()
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+        for _ in range(params["steps"]):
+            d = delta.clone().requires_grad_(True)
+            gap = (_ce(model, x + d, y, "none") - l0 - (d * g0).flatten(1).sum(dim=1)).abs()
+            (gd,) = torch.autograd.grad(gap.sum(), d)
+            delta = (delta + 0.25 * eps * gd.sign()).clamp(-eps, eps)
+            delta = (x + delta).clamp(0, 1) - x
+        first = (delta * g).flatten(1).sum(dim=1)
+        gamma = (_ce(model, x + delta, y, "none") - losses - first).abs()
+        return losses.mean() + lam * (4.0 * gamma + 3.0 * first.abs()).mean()
+
+    def elle_error(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xa = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        xb = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+        a = torch.rand(len(x), device=x.device)
+        xc = a.view(-1, 1, 1, 1) * xa + (1 - a.view(-1, 1, 1, 1)) * xb
+        la, lb, lc = _ce(model, torch.cat([xa, xb, xc]), y.repeat(3), "none").view(3, -1)
+        return (lc - a * la - (1 - a) * lb).pow(2).mean()
+
+    def elle(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return _ce(model, x, y) + lam * elle_error(model, x, y)
+
+    def elle_a(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        err = elle_error(model, x, y)
+        e, n = float(err.detach()), state["n"]
+        std = (state["m2"] / (n - 1)) ** 0.5 if n > 1 else 0.0
+        state["lam"] = 5000.0 if n >= 2 and e > state["mean"] + 2 * std else state["lam"] * 0.99
+        d = e - state["mean"]
+        state["n"] = n + 1
+        state["mean"] += d / (n + 1)
+        state["m2"] += d * (e - state["mean"])
+        return _ce(model, x, y) + state["lam"] * err
+
+    def jacreg(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xi = x.clone().requires_grad_(True)
+        logits = model(xi)
+        v = torch.randn_like(logits)
+        v = v / v.norm(dim=1, keepdim=True)
+        (vj,) = torch.autograd.grad(logits, xi, grad_outputs=v, create_graph=True)
+        frob = logits.shape[1] * vj.flatten(1).pow(2).sum(dim=1).mean()
+        return F.cross_entropy(logits, y) + lam * frob
+
+    fns = {"fgsm-rs": fgsm_rs, "n-fgsm": n_fgsm, "gradalign": gradalign, "cure": cure, "llr": llr, "elle": elle,
+           "elle-a": elle_a, "jacreg": jacreg}
+    return fns[name]
+
+
+def members_vs_plain(x_all: torch.Tensor, y_all: torch.Tensor, *, rounds: int, batch_size: int, source: str) -> None:
+    """Each member's gradreg step against the same method in plain PyTorch, in one process, the
+    two steps adjacent (order alternating per round); the ratio is the median of per-round ratios."""
+    setups: dict[tuple[str, str], tuple[torch.nn.Module, Any, torch.optim.Optimizer]] = {}
+    for label, name, params, lam, _ in MEMBERS:
+        setups[(label, "gradreg")] = build(sys.modules["gradreg"], name, params, lam, x_all)
+        torch.manual_seed(0)
+        model = models.make("cw")
+        setups[(label, "plain")] = (model, plain_loss(name, params, lam, {"lam": 5000.0, "n": 0, "mean": 0.0, "m2": 0.0}),
+                                    torch.optim.Adam(model.parameters(), lr=1e-3))
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
+    steps_per_pool = len(x_all) // batch_size
+    for r in range(rounds + 2):  # two warm-up rounds
+        i = r % steps_per_pool
+        idx = torch.arange(i * batch_size, (i + 1) * batch_size)
+        x, y = x_all[idx], y_all[idx]
+        order = ("plain", "gradreg") if r % 2 == 0 else ("gradreg", "plain")
+        for label, *_ in MEMBERS:
+            for side in order:
+                model, obj, opt = setups[(label, side)]
+                if side == "gradreg":
+                    t = step(model, obj, opt, x, y, idx)
+                else:
+                    model.train()
+                    t0 = time.perf_counter()
+                    opt.zero_grad(set_to_none=True)
+                    obj(model, x, y).backward()
+                    opt.step()
+                    t = time.perf_counter() - t0
+                if r >= 2:
+                    times[(label, side)].append(t)
+    print(f"# members vs plain PyTorch: gradreg {__version__}, torch {torch.__version__}, Python "
+          f"{platform.python_version()}")
+    print(f"# machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+          f"inputs: {source}; batch {batch_size}; {rounds} timed rounds, gradreg's and the plain step adjacent "
+          "(order alternating per round)")
+    print("\n| method | plain PyTorch step (ms) | gradreg step (ms) | gradreg / plain: median of per-round ratios "
+          "[IQR] | target |\n|---|---|---|---|---|")
+    for label, *_, target in MEMBERS:
+        p, g = times[(label, "plain")], times[(label, "gradreg")]
+        ratios = sorted(b / a for a, b in zip(p, g))
+        ok = "✓" if statistics.median(ratios) <= target else "✗"
+        print(f"| {label} | {1000 * statistics.median(p):.1f} | {1000 * statistics.median(g):.1f} | "
+              f"{ratio_summary(p, g)} | ≤ {target}× {ok} |")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ class Registry(Generic[T]):
         self._factories: dict[str, Callable[..., T]] = {}
         self._docs: dict[str, str] = {}
         self.origins: dict[str, str] = {}  # name → distribution, for members added by plugins
+        self.aliases: dict[str, str] = {}  # alias → the name it builds
         self._plugins_loaded = entry_point_group is None
 
     def register(self, name: str, *, doc: str | None = None, origin: str | None = None) -> Callable[[F], F]:
@@ -57,6 +58,16 @@ class Registry(Generic[T]):
             return factory
 
         return decorator
+
+    def register_alias(self, alias: str, target: str, *, doc: str) -> None:
+        """Register ``alias`` as a second name of the member ``target`` (already registered): it
+        builds exactly what ``target`` builds; ``doc`` (one line) says what it is an alias of,
+        and ``describe`` shows it."""
+        if alias in self._factories:
+            raise ValueError(f"{self.kind} {alias!r} is registered twice")
+        self._factories[alias] = self.get(target)
+        self._docs[alias] = doc.strip().splitlines()[0]
+        self.aliases[alias] = target
 
     def load_plugins(self) -> None:
         """Register this registry's entry-point members (once)."""

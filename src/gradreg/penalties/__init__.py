@@ -14,9 +14,14 @@ from .base import CleanPass, Penalty, Requirements, Term, main_targets, split_ta
 PENALTIES: Registry[Penalty] = Registry("method", entry_point_group="gradreg.penalties")
 
 # One module per family; importing registers its members.
-_FAMILIES = ("clean", "datagrad", "lyu", "sgr", "arr", "opnorm", "advtrain", "noise_aug")
+_FAMILIES = ("clean", "datagrad", "lyu", "sgr", "arr", "opnorm", "advtrain", "noise_aug", "singlestep", "gradalign",
+             "cure", "linearity", "jacreg")
 for _family in _FAMILIES:
     importlib.import_module(f"{__name__}.{_family}")
+
+# Ross & Doshi-Velez's input gradient regularization is GN (SPEC §7): a second name, not a second implementation.
+PENALTIES.register_alias("igr", "gn", doc="Input gradient regularization (Ross & Doshi-Velez 2018): an alias of gn, "
+                         "½‖∇ₓL‖₂² (their λ‖∇ₓL‖₂² with λ halved)")
 
 
 def make(name: str, **params: object) -> Penalty:
