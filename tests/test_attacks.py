@@ -583,7 +583,8 @@ def test_attack_command_json(fake_run, digits, tmp_path, capsys) -> None:  # typ
     table = capsys.readouterr().out
     assert "fgsm" in table and "clean accuracy" in table
     res = json.loads(out.read_text())
-    assert set(res) == {"clean_accuracy", "results", "record"}
+    assert set(res) == {"clean_accuracy", "clean", "n", "results", "record"}
+    assert res["n"] == 80 and res["record"]["attack"]  # the attack's package and version are recorded
     x, y = digits.test_x[:80], digits.test_y[:80]
     assert res["clean_accuracy"] == pytest.approx(_acc(fake_run.model, x, y))
     assert [r["eps"] for r in res["results"]] == pytest.approx([0.0, 8 / 255, 0.1])
