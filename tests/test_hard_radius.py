@@ -93,7 +93,7 @@ def test_tiny_hard_radius_family_end_to_end(tmp_path: Path) -> None:
     assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "results.json").read_text())
     assert list(result["rows"]) == ROWS
-    assert result["display_columns"] == ["test", "PGD", "PGD ε=0.3", "AA ε=0.3"]
+    assert result["display_columns"] == ["test", "PGD", "PGD ε=0.3", "AA ε=0.3", "worst ε=0.3"]
     for name, row in result["rows"].items():
         assert row["eval"]["eps"] == [0.1, 0.2, 0.3], name  # the curve along the radius
     for r in exp.rows:  # one widening round on a one-point grid looks both ways (down only if it is inadmissible)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -75,10 +76,19 @@ class Listener(penalties.Penalty):
         READINGS.append(reading)
 
 
-for _name, _factory, _registry in (("monitor-trap", TrapNet, models.MODELS), ("monitor-bn", SmallBN, models.MODELS),
-                                   ("monitor-listener", Listener, penalties.PENALTIES)):
-    if _name not in _registry:
-        _registry.register(_name)(_factory)  # type: ignore[attr-defined]
+@pytest.fixture(autouse=True, scope="module")
+def _test_members() -> Iterator[None]:
+    """The planted model, a BatchNorm model and the listener, registered for this module's tests
+    only: registered at import they would join every table-driven test collected after it."""
+    added = []
+    for name, factory, registry in (("monitor-trap", TrapNet, models.MODELS), ("monitor-bn", SmallBN, models.MODELS),
+                                    ("monitor-listener", Listener, penalties.PENALTIES)):
+        if name not in registry:
+            registry.register(name)(factory)  # type: ignore[attr-defined]
+            added.append((registry, name))
+    yield
+    for registry, name in added:
+        registry.unregister(name)  # type: ignore[attr-defined]
 
 
 def _cfg(tmp_path: Path, name: str, **kw: Any) -> TrainConfig:

@@ -108,7 +108,7 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
     (tmp_path / "frontier.png").unlink()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(protocols, "evaluate_model", no_attack)
-        mp.setattr("gradreg.reproduce.train", no_attack)
+        mp.setattr("gradreg.runner.train", no_attack)  # nothing is trained again
         assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path), "--report-only"]) == 0
     assert (tmp_path / "table.csv").read_text() == table and (tmp_path / "frontier.png").is_file()
     rendered = json.loads((tmp_path / "results.json").read_text())

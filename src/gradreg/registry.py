@@ -69,6 +69,13 @@ class Registry(Generic[T]):
         self._docs[alias] = doc.strip().splitlines()[0]
         self.aliases[alias] = target
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (a member registered for a while, e.g. by a test or a notebook cell);
+        unknown names are ignored."""
+        self._factories.pop(name, None)
+        self._docs.pop(name, None)
+        self.aliases.pop(name, None)
+
     def load_plugins(self) -> None:
         """Register this registry's entry-point members (once)."""
         if self._plugins_loaded:

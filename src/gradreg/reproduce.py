@@ -404,9 +404,18 @@ def display_columns(exp: experiments.Experiment) -> list[tuple[str, int | None]]
     return cols[:at] + extra + cols[at:]
 
 
-# rows whose robustness rests on a penalty of the input gradient (or of a one-step expansion of
-# the loss): the ones a gradient-free audit must check for masked gradients (our list)
-GRADIENT_PENALTY_METHODS = frozenset({"datagrad", "lyu", "gn", "sgr", "opnorm", "arr", "trades"})
+# rows whose robustness rests on a penalty of the input gradient, the Jacobian, the curvature or
+# the local linearity of the loss (or an added term of that kind): the ones a gradient-free audit
+# must check for masked gradients (our list)
+GRADIENT_PENALTY_METHODS = frozenset({"datagrad", "lyu", "gn", "igr", "sgr", "opnorm", "arr", "trades", "gradalign",
+                                      "cure", "llr", "elle", "elle-a", "jacreg"})
+
+
+def audited(row: experiments.Row) -> bool:
+    """Whether the row's objective holds a gradient penalty (its method or an added term)."""
+    added = row.train.get("add", [])  # [{method = ..., ...}] or "NAME:key=value" strings
+    names = [t.get("method") if isinstance(t, dict) else str(t).partition(":")[0] for t in added]
+    return row.method in GRADIENT_PENALTY_METHODS or any(n in GRADIENT_PENALTY_METHODS for n in names)
 
 
 def eval_settings(exp: experiments.Experiment, budget: dict[str, Any]) -> EvalSettings:
@@ -566,7 +575,7 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
             log(f"[{i}/{len(chosen)}] evaluating {row.name}, seed {seed}")
             if aa is not None:
                 settings.aa_cache = str(out / "autoattack" / f"s{seed}")
-            row_settings = replace(settings, square_n=square_n if row.method in GRADIENT_PENALTY_METHODS else 0)
+            row_settings = replace(settings, square_n=square_n if audited(row) else 0)
             ev, reused = cached_evaluation(loaded.model, bundle, row_settings, name=row.name, progress=False,
                                            cache=out / "evaluations" / f"s{seed}" / f"{row.slug}.json")
             reuse.evaluations += 1
