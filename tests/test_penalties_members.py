@@ -256,10 +256,20 @@ def test_elle_a_decides_on_the_group_mean_error_through_ctx_ranks() -> None:
     assert float(pen.lam_now) == 10.0
 
 
-def test_elle_a_keeps_the_papers_rule_and_ignores_the_monitor() -> None:
-    """Our choice, as its doc says: λ_t follows ELLE's own error; ELLE-A has no on_monitor hook,
-    so the trainer's monitor never changes it."""
-    assert not hasattr(penalties.make("elle-a", eps=EPS), "on_monitor")
+def test_elle_a_reads_the_monitor_only_when_asked() -> None:
+    """By default λ_t follows ELLE's own error alone (the paper's rule); with monitor_jump a
+    flagged check raises λ_t to lam_max, and an unflagged one changes nothing."""
+    plain = penalties.make("elle-a", eps=EPS, lam_max=50.0)
+    plain.lam_now.fill_(3.0)
+    plain.on_monitor(fgsm_accuracy=0.9, pgd_accuracy=0.0, overfit=True, step=10)
+    assert float(plain.lam_now) == 3.0
+    asked = penalties.make("elle-a", eps=EPS, lam_max=50.0, monitor_jump=True)
+    asked.lam_now.fill_(3.0)
+    asked.on_monitor(fgsm_accuracy=0.9, pgd_accuracy=0.5, overfit=False, step=10)
+    assert float(asked.lam_now) == 3.0
+    asked.on_monitor(fgsm_accuracy=0.9, pgd_accuracy=0.0, overfit=True, step=20)
+    assert float(asked.lam_now) == 50.0
+    assert asked.update(0.0) == pytest.approx(50.0 * asked.decay)  # then decays as after a jump of E
 
 
 def test_jacreg_with_k_equal_classes_is_the_exact_frobenius_norm() -> None:

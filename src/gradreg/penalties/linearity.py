@@ -25,9 +25,11 @@
   multiplies it, 1 by default).
   λ_t follows the linearity error E itself, the paper's own catastrophic-overfitting signal
   (the paper's rule). The training loop's monitor (:mod:`gradreg.monitor`: FGSM/PGD accuracy
-  on a held-out batch) offers its signal to every term through ``on_monitor``; ELLE-A does not
-  define that hook and does not use the monitor's signal (our choice: it keeps the paper's
-  rule, and a run with or without the monitor trains the same weights).
+  on a held-out batch) hands its reading to every term through ``on_monitor``. By default
+  ELLE-A leaves λ_t to the paper's rule (our choice: a run with or without the monitor then
+  trains the same weights); with ``monitor_jump = true`` a check that the monitor flags as
+  catastrophic overfitting also raises λ_t to ``lam_max``, as a jump of E would (our
+  extension: the same reaction to the monitor's signal).
 
 Our choices (the papers leave them open or we could not check their numbers):
 
@@ -175,7 +177,7 @@ class AdaptiveELLE(ELLE):
     err_m2: torch.Tensor
 
     def __init__(self, *, lam_max: float = 5000.0, lam_min: float = 0.0, decay: float = 0.99, warmup: int = 2,
-                 **params: object) -> None:
+                 monitor_jump: bool = False, **params: object) -> None:
         super().__init__(**params)  # type: ignore[arg-type]
         if not 0 < decay <= 1:
             raise ValueError(f"elle-a decay must be in (0, 1], got {decay!r}")
@@ -185,6 +187,7 @@ class AdaptiveELLE(ELLE):
         self.lam_min = float(lam_min)
         self.decay = float(decay)
         self.warmup = int(warmup)
+        self.monitor_jump = bool(monitor_jump)
         # λ_t and Welford's running count, mean and sum of squared deviations of the earlier E
         self.register_buffer("lam_now", torch.tensor(self.lam_max, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -208,6 +211,12 @@ class AdaptiveELLE(ELLE):
         self.err_mean.fill_(new_mean)
         self.err_m2.fill_(float(self.err_m2) + d * (err - new_mean))
         return lam
+
+    def on_monitor(self, *, fgsm_accuracy: float, pgd_accuracy: float, overfit: bool, step: int) -> None:
+        """The monitor's check (the same reading on every rank): with ``monitor_jump``, a flagged
+        check raises λ_t to ``lam_max``; the rule then decays it as after a jump of E."""
+        if self.monitor_jump and overfit:
+            self.lam_now.fill_(self.lam_max)
 
     def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
         err = self.error(model, x, y, ctx)
