@@ -32,14 +32,14 @@ ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
 # everything in it (``penalties/``); ``gradreg`` is the package's own ``__init__`` (the API facade).
 LAYERS: list[tuple[str, list[str]]] = [
     ("values", ["threat", "modes", "registry", "config", "stats", "version"]),
-    ("runtime", ["distributed", "devices", "autodiff"]),
+    ("runtime", ["distributed", "devices", "autodiff", "progress"]),
     ("models, data", ["models/", "data/", "loading", "inference"]),
     ("attacks", ["attacks/", "judge"]),
     ("clean pass", ["cleanpass", "jacobian"]),
     ("penalties", ["penalties/"]),
     ("scheduling", ["schedule", "objective"]),
     ("training", ["trainer", "trainio", "monitor", "checkpoint", "lock"]),
-    ("evaluation", ["protocols", "report", "runs", "analysis"]),
+    ("evaluation", ["protocols/", "report", "runs", "analysis"]),
     ("orchestration", ["reproduce", "sweep", "widen", "runner", "experiments/", "frontier", "cost", "api", "plugins", "gradreg"]),
     ("CLI", ["cli", "__main__", "commands/"]),
 ]

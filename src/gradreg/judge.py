@@ -34,7 +34,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from .attacks.deepfool import DeepFool
 from .devices import comm_device, model_device
 from .inference import predict
 from .modes import run_mode
+from .progress import progress_bar
 from .threat import ThreatModel, parse_eps
 
 OnViolation = Literal["raise", "warn"]
@@ -83,13 +83,6 @@ class AttackReport:
                 for e, a in zip(self.eps, self.robust_accuracy)]
 
 
-def _progress(total: int, desc: str, progress: bool | None):
-    from tqdm.auto import tqdm
-
-    disable = not (sys.stderr.isatty() if progress is None else progress)
-    return tqdm(total=total, desc=desc, unit="img", disable=disable, leave=False)
-
-
 def _fraction(flags: torch.Tensor) -> float:
     """Fraction of True entries, as an exact count / n (no float32 rounding)."""
     return int(flags.sum()) / flags.numel() if flags.numel() else float("nan")
@@ -100,7 +93,7 @@ def clean_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_s
     """Per-example outcomes ``(N,)`` bool on the CPU: ``x[i]`` classified as ``y[i]`` (eval mode)."""
     dev = torch.device(device) if device is not None else model_device(model)
     out = torch.zeros(len(y), dtype=torch.bool)
-    with run_mode(model, "eval"), _progress(len(y), "clean", progress) as bar:
+    with run_mode(model, "eval"), progress_bar(total=len(y), desc="clean", show=progress, unit="img") as bar:
         for i in range(0, len(y), batch_size):
             xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
             out[i:i + batch_size] = (predict(model, xb) == yb).cpu()
@@ -138,7 +131,7 @@ def evaluate_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: 
     max_dist = [0.0] * k
     violations = [0] * k
     threats = [threat.with_eps(e) for e in eps_values]
-    with _progress(n, attack.name, progress) as bar:
+    with progress_bar(total=n, desc=attack.name, show=progress, unit="img") as bar:
         for i in range(0, n, batch_size):
             xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
             # a transfer attack cannot know what fools the judged model: no carry-over there
@@ -238,7 +231,7 @@ def deepfool_rho(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, bounds: 
     threat = ThreatModel(norm, 0.0, bounds)
     dev = torch.device(device) if device is not None else model_device(model)
     ratios = []
-    with _progress(len(y), "deepfool", progress) as bar:
+    with progress_bar(total=len(y), desc="deepfool", show=progress, unit="img") as bar:
         for i in range(0, len(y), batch_size):
             xb, yb = x[i:i + batch_size].to(dev), y[i:i + batch_size].to(dev)
             r = attack.minimal(model, xb, yb, threat) - xb

@@ -5,7 +5,6 @@ import csv
 import platform
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from . import distributed
+from .progress import progress_bar
 from .version import __version__
 
 from .monitor import FIELDS as MONITOR_FIELDS
@@ -131,7 +131,5 @@ def interrupt_guard() -> Iterator[dict[str, bool]]:
 
 
 def progress(*, total: int, initial: int, desc: str, disable: bool) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
-                disable=disable or not sys.stderr.isatty())
+    """The training loop's epoch bar: :func:`gradreg.progress.progress_bar`, hidden when ``disable``."""
+    return progress_bar(total=total, initial=initial, desc=desc, show=False if disable else None)
