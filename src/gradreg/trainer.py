@@ -33,8 +33,9 @@ from .monitor import OverfitMonitor, fixed_subset, training_threat, warning_line
 from .objective import Objective
 from .schedule import BatchNoise
 from .devices import resolve_device
-from .trainio import (LOG_FIELDS, TensorBoardLog, check_tensorboard, git_commit, interrupt_guard, load_weights, progress,
-                      versions, write_log)
+from .progress import progress_bar
+from .trainio import (LOG_FIELDS, TensorBoardLog, check_tensorboard, git_commit, interrupt_guard, load_weights, versions,
+                      write_log)
 
 __all__ = ["LOG_FIELDS", "NonFiniteError", "Trainer", "TrainingInterrupted", "git_commit", "load_weights", "train"]
 
@@ -471,8 +472,8 @@ class Trainer:
         order = epoch_order(cfg.seed, epoch, n).to(self.device)
         loss_sum = correct = seen = 0.0
         started = time.perf_counter()
-        bar = progress(total=self.steps_per_epoch, initial=st.step_in_epoch,
-                        desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=cfg.quiet or not self.is_writer)
+        bar = progress_bar(total=self.steps_per_epoch, initial=st.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           show=False if cfg.quiet or not self.is_writer else None)
         batches = (self._stream_batches if self.train_x is None else self._memory_batches)(order, st.step_in_epoch)
         try:
             for step, local, rows, global_size, xy in batches:

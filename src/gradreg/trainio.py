@@ -1,4 +1,4 @@
-"""The training loop's I/O, beside the loop (:mod:`gradreg.trainer`): weights from files, run metadata, the CSV log, the progress bar and the signal guard."""
+"""The training loop's I/O, beside the loop (:mod:`gradreg.trainer`): weights from files, run metadata, the CSV log and the signal guard."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from . import distributed
-from .progress import progress_bar
 from .version import __version__
 
 from .monitor import FIELDS as MONITOR_FIELDS
@@ -128,8 +127,3 @@ def interrupt_guard() -> Iterator[dict[str, bool]]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def progress(*, total: int, initial: int, desc: str, disable: bool) -> Any:
-    """The training loop's epoch bar: :func:`gradreg.progress.progress_bar`, hidden when ``disable``."""
-    return progress_bar(total=total, initial=initial, desc=desc, show=False if disable else None)
