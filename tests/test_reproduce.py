@@ -239,3 +239,22 @@ def test_step_cost_comes_from_interleaved_rounds_and_never_shows_more_work_as_ch
                                                                         "PGD-AT": noisy})
         cheap = step_costs(exp, rows, budget, Path("/tmp/unused"), None, rounds=2)
     assert cheap["PGD-AT"] == shown and cheap["clean"].measured is None
+
+
+def test_lrc_command_and_experiment_share_one_default_noise_scale() -> None:
+    """``gradreg lrc`` without --scale, an ``[lrc]`` table without ``scale`` and the shipped
+    lrc-cifar10 experiment all use the one constant gradreg.attacks.lrc.DEFAULT_LRC_SCALE."""
+    import argparse
+    from dataclasses import replace
+
+    from gradreg.attacks.lrc import DEFAULT_LRC_SCALE
+    from gradreg.commands import lrc as lrc_command
+    from gradreg.reproduce import LRCSettings
+
+    parser = argparse.ArgumentParser()
+    lrc_command.add_arguments(parser)
+    cli_default = parser.get_default("scale")
+    exp = experiments.load("lrc-cifar10")
+    bare = replace(exp, lrc={k: v for k, v in exp.lrc.items() if k != "scale"})
+    assert cli_default == LRCSettings.declared(bare, {}).scale == DEFAULT_LRC_SCALE
+    assert LRCSettings.declared(exp, {}).scale == DEFAULT_LRC_SCALE  # the experiment states the default

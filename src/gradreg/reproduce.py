@@ -9,7 +9,9 @@ experiment file, worst-of-``samples``:
 - ``LRC ζ=Z``: ξ ~ N(0, Σ_LRC) with decay length Z pixels (:mod:`gradreg.attacks.lrc`), unit
   marginal variance times s, where ``[lrc] scale = "unit"`` gives s = 1 (SPEC §3) and
   ``"data"`` gives s = σ_data, the square root of the training inputs' mean per-pixel variance
-  (Σ_LRC standardized to the data's marginal variance, as SGR standardizes its Σ; our reading);
+  (Σ_LRC standardized to the data's marginal variance, as SGR standardizes its Σ; our reading).
+  An absent ``scale`` is ``gradreg.attacks.lrc.DEFAULT_LRC_SCALE`` ("data"), the default of
+  ``gradreg lrc`` too;
 - ``LRC Σ=data``: ξ ~ N(0, Σ_data), the empirical covariance of the training inputs used as
   Σ_LRC (our reading of the paper's "data covariance as Σ_LRC"; same mean noise power ε²·σ²_data
   as the data-scaled ζ columns).
@@ -60,6 +62,7 @@ from .protocols import (
     transfer_flags,
     unbits,
 )
+from .attacks.lrc import DEFAULT_LRC_SCALE, LRC_SCALES
 from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
 from .stats import Comparison, Interval, adjust_family, compare, from_count, mean_score, over_seeds
@@ -79,7 +82,6 @@ DATA_LABELS = {"mnist10k": "MNIST-10k (8,000 train / 2,000 test from the MNIST t
 
 LRC_DATA_COLUMN = "LRC Σ=data"
 _LRC_ZETA_COLUMN = re.compile(r"^LRC ζ=([0-9.]+)$")
-LRC_SCALES = ("unit", "data")
 
 TRAIN_KEYS = {"data", "data_dir", "model", "epochs", "batch_size", "lr", "optimizer", "schedule", "momentum",
               "weight_decay", "augment", "seed", "model_params", "lr_milestones", "lr_gamma", "device"}
@@ -119,7 +121,7 @@ class LRCSettings:
         lrc = exp.lrc
         if "eps" not in lrc:
             raise ValueError(f"experiment {exp.name!r} has LRC columns but no [lrc] eps")
-        scale = str(lrc.get("scale", "unit"))
+        scale = str(lrc.get("scale", DEFAULT_LRC_SCALE))
         if scale not in LRC_SCALES:
             raise ValueError(f"experiment {exp.name!r}: [lrc] scale must be one of {LRC_SCALES}, got {scale!r}")
         samples = int(budget.get("lrc_samples", lrc.get("samples", 100)))
