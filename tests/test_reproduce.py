@@ -258,3 +258,26 @@ def test_lrc_command_and_experiment_share_one_default_noise_scale() -> None:
     bare = replace(exp, lrc={k: v for k, v in exp.lrc.items() if k != "scale"})
     assert cli_default == LRCSettings.declared(bare, {}).scale == DEFAULT_LRC_SCALE
     assert LRCSettings.declared(exp, {}).scale == DEFAULT_LRC_SCALE  # the experiment states the default
+
+
+def test_every_budget_row_builds_its_objective_and_paper_rows_say_where_they_depart() -> None:
+    """Every row of every budget builds its objective without data, so a λ a penalty refuses
+    (DataGrad's fd solver above φ) is caught here; rows of the operator-norm experiment each
+    carry a note; its attack columns are in ℓ2, the norm all its rows train in."""
+    from gradreg.objective import Objective
+    for name in experiments.names():
+        base = experiments.load(name)
+        for budget in base.budgets:
+            exp = base.for_budget(budget)
+            for row in exp.rows:
+                pen = penalties.make(row.method, **row.penalty)
+                lam = pen.default_lam if row.lam is None else row.lam
+                weight = pen.task_weight if row.task_weight is None else row.task_weight
+                Objective([(row.method, pen, lam)], task_weight=weight)
+                for value in row.lams or ():
+                    Objective([(row.method, pen, value)], task_weight=weight)
+    exp = experiments.load("opnorm-cifar10")
+    assert exp.norm == "l2" and all(r.note for r in exp.rows)
+    assert {r.penalty.get("norm") for r in exp.rows if r.penalty} == {"l2"}
+    at = next(r for r in exp.rows if r.name == "adversarial training")
+    assert at.method == "pgd-at" and at.penalty["adv_weight"] == 0.5  # the paper's clean + PGD mixture
