@@ -281,3 +281,21 @@ def test_every_budget_row_builds_its_objective_and_paper_rows_say_where_they_dep
     assert {r.penalty.get("norm") for r in exp.rows if r.penalty} == {"l2"}
     at = next(r for r in exp.rows if r.name == "adversarial training")
     assert at.method == "pgd-at" and at.penalty["adv_weight"] == 0.5  # the paper's clean + PGD mixture
+
+
+def test_sgr_budgets_train_with_the_papers_preprocessing() -> None:
+    """The SGR paper pads, crops (CIFAR: flips, mid-range padding) and standardizes each image
+    (SPEC §6): the budgets that claim it reach the training config; the tiny ones do not."""
+    from gradreg.reproduce import row_config
+    want = {("sgr-mnist", "cpu"): ("crop", "zero"), ("sgr-mnist", "paper"): ("crop", "zero"),
+            ("sgr-cifar10", "paper"): ("crop-flip", "mid")}
+    for name in ("sgr-mnist", "sgr-cifar10"):
+        base = experiments.load(name)
+        for budget, settings in base.budgets.items():
+            exp = base.for_budget(budget)
+            cfg = row_config(exp, exp.rows[0], settings, Path("/nonexistent"), None, seed=0)
+            if (name, budget) in want:
+                assert cfg.augment and (cfg.augment_kind, cfg.augment_pad) == want[(name, budget)]
+                assert cfg.standardize == "per-image"
+            else:
+                assert not cfg.augment and cfg.standardize == "none"

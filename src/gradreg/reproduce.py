@@ -84,7 +84,8 @@ LRC_DATA_COLUMN = "LRC Σ=data"
 _LRC_ZETA_COLUMN = re.compile(r"^LRC ζ=([0-9.]+)$")
 
 TRAIN_KEYS = {"data", "data_dir", "model", "epochs", "batch_size", "lr", "optimizer", "schedule", "momentum",
-              "weight_decay", "augment", "seed", "model_params", "lr_milestones", "lr_gamma", "device"}
+              "weight_decay", "augment", "seed", "model_params", "lr_milestones", "lr_gamma", "device",
+              "augment_kind", "augment_pad", "standardize"}  # the SGR paper's preprocessing, per budget
 
 
 @dataclass
