@@ -75,7 +75,9 @@ from .widen import LamScore, decide, hard_limits
 # a column name → which attack's grid average it shows (transfer columns are "←ROW")
 # T-PGD: the multi-target reading, the one that puts the SGR paper's T-PGD below its PGD (see
 # gradreg.attacks.gradient)
-ATTACK_COLUMNS = {"rand": "uniform", "PGD": "pgd", "T-PGD": "tpgd-all", "FGSM": "fgsm"}
+# T-PGD rand: the seed spec's targeted PGD towards one random class ≠ label (gradreg.attacks.gradient
+# "tpgd"), reported beside the all-targets reading
+ATTACK_COLUMNS = {"rand": "uniform", "PGD": "pgd", "T-PGD": "tpgd-all", "T-PGD rand": "tpgd", "FGSM": "fgsm"}
 DATA_LABELS = {"mnist10k": "MNIST-10k (8,000 train / 2,000 test from the MNIST test set)",
                "digits": "scikit-learn digits (8×8)", "mnist": "MNIST", "cifar10": "CIFAR-10",
                "fashion-mnist": "Fashion-MNIST", "cifar100": "CIFAR-100"}
@@ -426,7 +428,7 @@ def eval_settings(exp: experiments.Experiment, budget: dict[str, Any]) -> EvalSe
     raw PGD ε curve (every radius attacked afresh, the masking check "accuracy falls with ε")
     even when the experiment has no PGD column; ``square_n`` and ``square_queries`` set the
     gradient-free audit, which :func:`_run_experiment` runs on the gradient-penalty rows."""
-    attacks = tuple(a for a in ("pgd", "tpgd-all", "uniform", "fgsm") if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns))
+    attacks = tuple(a for a in ("pgd", "tpgd-all", "tpgd", "uniform", "fgsm") if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns))
     curve = [float(e) for e in budget.get("curve_eps", [])]
     if curve and "pgd" not in attacks:
         attacks = ("pgd", *attacks)
