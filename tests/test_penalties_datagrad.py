@@ -175,3 +175,25 @@ def test_invalid_arguments() -> None:
         make("datagrad", solver="newton")
     with pytest.raises(TypeError):
         DataGrad(1)  # type: ignore[misc]  # hyper-parameters are keyword-only
+
+
+def test_fd_refuses_negative_clean_weight_unless_asked() -> None:
+    """λ > φ weighs the clean loss by 1 − λ/φ < 0 (module doc): refused with a one-line
+    ConfigError; λ = φ (clean weight 0) passes; allow_negative_clean=True builds it, and its
+    gradient is still (1 − λ/φ)·∇L(x) + (λ/φ)·∇L(x + φ·sign g), computed here by hand."""
+    from gradreg.config import ConfigError
+    model = tiny_model()
+    x, y = batch()
+    phi = 0.05
+    with pytest.raises(ConfigError, match=r"λ = 0.1 .*φ = fd_step = 0.05.*allow_negative_clean") as err:
+        Objective([("dg", DataGrad(p=1, solver="fd", fd_step=phi), 2 * phi)])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError):  # a task weight w₀ = ½ halves the allowed λ
+        Objective([("dg", DataGrad(p=1, solver="fd", fd_step=phi), 0.75 * phi)], task_weight=0.5)
+    Objective([("dg", DataGrad(p=1, solver="fd", fd_step=phi), phi)])  # clean weight exactly 0
+    Objective([("dg", DataGrad(p=1, solver="exact"), 10.0)])  # the exact solver has no clean weight
+    out = Objective([("dg", DataGrad(p=1, solver="fd", fd_step=phi, allow_negative_clean=True), 2 * phi)])(model, x, y)
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    mix = -1.0 * F.cross_entropy(model(x), y) + 2.0 * F.cross_entropy(model(x + phi * g.sign()), y)
+    torch.testing.assert_close(param_grads(out.loss, model), param_grads(mix, model), rtol=1e-10, atol=1e-12)

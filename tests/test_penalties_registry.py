@@ -149,7 +149,8 @@ def _small_cnn() -> nn.Module:
 
 # every member with its defaults, plus the variants that take other paths through the objective
 COMPOSITION_CASES = [(name, {}) for name in NAMES] + [
-    ("datagrad", {"solver": "fd", "fd_step": 0.05}), ("datagrad", {"p": 2, "solver": "fd"}),
+    # λ ∈ {1, 0.3} > φ = 0.05: a negative clean weight, asked for, so the composition covers it
+    ("datagrad", {"solver": "fd", "fd_step": 0.05, "allow_negative_clean": True}), ("datagrad", {"p": 2, "solver": "fd"}),
     ("lyu", {"solver": "onestep"}), ("lyu", {"norm": "l2", "solver": "onestep"}),
     ("arr", {"attack": "pgd", "steps": 2}), ("opnorm", {"form": "uJv"}), ("opnorm", {"warm_start": True}),
     # adversarial training as the SGR paper defines it: a clean/adversarial mixture, predicted labels
@@ -197,11 +198,11 @@ def test_plain_composition_is_what_a_user_loop_computes() -> None:
     model = _small_cnn().train()
     x, y = _batch()
     x = x.double()
-    pen = penalties.make("datagrad", solver="fd", fd_step=0.05)
+    pen = penalties.make("datagrad", solver="fd", fd_step=0.5)
     torch.manual_seed(1)
     plain = F.cross_entropy(model(x), y) + 0.3 * pen(model, x, y)
     want = torch.autograd.grad(plain, list(model.parameters()))
-    loss, got = _objective_grads("datagrad", {"solver": "fd", "fd_step": 0.05}, 0.3, fast_paths=False,
+    loss, got = _objective_grads("datagrad", {"solver": "fd", "fd_step": 0.5}, 0.3, fast_paths=False,
                                  model=model, x=x, y=y)
     assert loss.item() == pytest.approx(plain.item(), rel=1e-12)
     for w, g in zip(want, got):

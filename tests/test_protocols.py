@@ -179,7 +179,7 @@ def test_eval_transfer_lrc_analyze_commands_write_reports(two_runs: list[Path], 
     tr = json.loads((tmp_path / "tr" / "results.json").read_text())
     assert set(tr["matrix"]) == {"clean", "gn"} and (tmp_path / "tr" / "transfer.png").is_file()
     assert main(["lrc", *runs, "--out", str(tmp_path / "lrc"), "--n-test", "40", "--samples", "5",
-                 "--zeta", "1", "4", "--eps", "0", "0.3"]) == 0
+                 "--zeta", "1", "4", "--eps", "0", "0.3", "--scale", "unit"]) == 0
     assert (tmp_path / "lrc" / "lrc_eps1.png").is_file()
     unit = json.loads((tmp_path / "lrc" / "results.json").read_text())
     assert main(["lrc", runs[0], "--out", str(tmp_path / "lrc-data"), "--n-test", "40", "--samples", "5",

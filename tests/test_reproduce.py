@@ -239,3 +239,63 @@ def test_step_cost_comes_from_interleaved_rounds_and_never_shows_more_work_as_ch
                                                                         "PGD-AT": noisy})
         cheap = step_costs(exp, rows, budget, Path("/tmp/unused"), None, rounds=2)
     assert cheap["PGD-AT"] == shown and cheap["clean"].measured is None
+
+
+def test_lrc_command_and_experiment_share_one_default_noise_scale() -> None:
+    """``gradreg lrc`` without --scale, an ``[lrc]`` table without ``scale`` and the shipped
+    lrc-cifar10 experiment all use the one constant gradreg.attacks.lrc.DEFAULT_LRC_SCALE."""
+    import argparse
+    from dataclasses import replace
+
+    from gradreg.attacks.lrc import DEFAULT_LRC_SCALE
+    from gradreg.commands import lrc as lrc_command
+    from gradreg.reproduce import LRCSettings
+
+    parser = argparse.ArgumentParser()
+    lrc_command.add_arguments(parser)
+    cli_default = parser.get_default("scale")
+    exp = experiments.load("lrc-cifar10")
+    bare = replace(exp, lrc={k: v for k, v in exp.lrc.items() if k != "scale"})
+    assert cli_default == LRCSettings.declared(bare, {}).scale == DEFAULT_LRC_SCALE
+    assert LRCSettings.declared(exp, {}).scale == DEFAULT_LRC_SCALE  # the experiment states the default
+
+
+def test_every_budget_row_builds_its_objective_and_paper_rows_say_where_they_depart() -> None:
+    """Every row of every budget builds its objective without data, so a λ a penalty refuses
+    (DataGrad's fd solver above φ) is caught here; rows of the operator-norm experiment each
+    carry a note; its attack columns are in ℓ2, the norm all its rows train in."""
+    from gradreg.objective import Objective
+    for name in experiments.names():
+        base = experiments.load(name)
+        for budget in base.budgets:
+            exp = base.for_budget(budget)
+            for row in exp.rows:
+                pen = penalties.make(row.method, **row.penalty)
+                lam = pen.default_lam if row.lam is None else row.lam
+                weight = pen.task_weight if row.task_weight is None else row.task_weight
+                Objective([(row.method, pen, lam)], task_weight=weight)
+                for value in row.lams or ():
+                    Objective([(row.method, pen, value)], task_weight=weight)
+    exp = experiments.load("opnorm-cifar10")
+    assert exp.norm == "l2" and all(r.note for r in exp.rows)
+    assert {r.penalty.get("norm") for r in exp.rows if r.penalty} == {"l2"}
+    at = next(r for r in exp.rows if r.name == "adversarial training")
+    assert at.method == "pgd-at" and at.penalty["adv_weight"] == 0.5  # the paper's clean + PGD mixture
+
+
+def test_sgr_budgets_train_with_the_papers_preprocessing() -> None:
+    """The SGR paper pads, crops (CIFAR: flips, mid-range padding) and standardizes each image
+    (SPEC §6): the budgets that claim it reach the training config; the tiny ones do not."""
+    from gradreg.reproduce import row_config
+    want = {("sgr-mnist", "cpu"): ("crop", "zero"), ("sgr-mnist", "paper"): ("crop", "zero"),
+            ("sgr-cifar10", "paper"): ("crop-flip", "mid")}
+    for name in ("sgr-mnist", "sgr-cifar10"):
+        base = experiments.load(name)
+        for budget, settings in base.budgets.items():
+            exp = base.for_budget(budget)
+            cfg = row_config(exp, exp.rows[0], settings, Path("/nonexistent"), None, seed=0)
+            if (name, budget) in want:
+                assert cfg.augment and (cfg.augment_kind, cfg.augment_pad) == want[(name, budget)]
+                assert cfg.standardize == "per-image"
+            else:
+                assert not cfg.augment and cfg.standardize == "none"

@@ -31,6 +31,11 @@ class Objective(nn.Module):
         names = [name for name, _, _ in terms]
         if len(set(names)) != len(names):
             raise ValueError(f"penalty names must be unique, got {names}")
+        for _, pen, lam in terms:
+            # a penalty may refuse a λ that makes its objective ill-posed (DataGrad's fd solver: λ > φ)
+            check = getattr(pen, "check_lam", None)
+            if check is not None:
+                check(float(lam), task_weight=float(task_weight))
         self.penalties = nn.ModuleDict({name: pen for name, pen, _ in terms})
         self.lams = {name: float(lam) for name, _, lam in terms}
         self.task_weight = float(task_weight)

@@ -9,7 +9,9 @@ experiment file, worst-of-``samples``:
 - ``LRC ζ=Z``: ξ ~ N(0, Σ_LRC) with decay length Z pixels (:mod:`gradreg.attacks.lrc`), unit
   marginal variance times s, where ``[lrc] scale = "unit"`` gives s = 1 (SPEC §3) and
   ``"data"`` gives s = σ_data, the square root of the training inputs' mean per-pixel variance
-  (Σ_LRC standardized to the data's marginal variance, as SGR standardizes its Σ; our reading);
+  (Σ_LRC standardized to the data's marginal variance, as SGR standardizes its Σ; our reading).
+  An absent ``scale`` is ``gradreg.attacks.lrc.DEFAULT_LRC_SCALE`` ("data"), the default of
+  ``gradreg lrc`` too;
 - ``LRC Σ=data``: ξ ~ N(0, Σ_data), the empirical covariance of the training inputs used as
   Σ_LRC (our reading of the paper's "data covariance as Σ_LRC"; same mean noise power ε²·σ²_data
   as the data-scaled ζ columns).
@@ -60,6 +62,7 @@ from .protocols import (
     transfer_flags,
     unbits,
 )
+from .attacks.lrc import DEFAULT_LRC_SCALE, LRC_SCALES
 from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
 from .runs import load_run
 from .stats import Comparison, Interval, adjust_family, compare, from_count, mean_score, over_seeds
@@ -72,17 +75,19 @@ from .widen import LamScore, decide, hard_limits
 # a column name → which attack's grid average it shows (transfer columns are "←ROW")
 # T-PGD: the multi-target reading, the one that puts the SGR paper's T-PGD below its PGD (see
 # gradreg.attacks.gradient)
-ATTACK_COLUMNS = {"rand": "uniform", "PGD": "pgd", "T-PGD": "tpgd-all", "FGSM": "fgsm"}
+# T-PGD rand: the seed spec's targeted PGD towards one random class ≠ label (gradreg.attacks.gradient
+# "tpgd"), reported beside the all-targets reading
+ATTACK_COLUMNS = {"rand": "uniform", "PGD": "pgd", "T-PGD": "tpgd-all", "T-PGD rand": "tpgd", "FGSM": "fgsm"}
 DATA_LABELS = {"mnist10k": "MNIST-10k (8,000 train / 2,000 test from the MNIST test set)",
                "digits": "scikit-learn digits (8×8)", "mnist": "MNIST", "cifar10": "CIFAR-10",
                "fashion-mnist": "Fashion-MNIST", "cifar100": "CIFAR-100"}
 
 LRC_DATA_COLUMN = "LRC Σ=data"
 _LRC_ZETA_COLUMN = re.compile(r"^LRC ζ=([0-9.]+)$")
-LRC_SCALES = ("unit", "data")
 
 TRAIN_KEYS = {"data", "data_dir", "model", "epochs", "batch_size", "lr", "optimizer", "schedule", "momentum",
-              "weight_decay", "augment", "seed", "model_params", "lr_milestones", "lr_gamma", "device"}
+              "weight_decay", "augment", "seed", "model_params", "lr_milestones", "lr_gamma", "device",
+              "augment_kind", "augment_pad", "standardize"}  # the SGR paper's preprocessing, per budget
 
 
 @dataclass
@@ -119,7 +124,7 @@ class LRCSettings:
         lrc = exp.lrc
         if "eps" not in lrc:
             raise ValueError(f"experiment {exp.name!r} has LRC columns but no [lrc] eps")
-        scale = str(lrc.get("scale", "unit"))
+        scale = str(lrc.get("scale", DEFAULT_LRC_SCALE))
         if scale not in LRC_SCALES:
             raise ValueError(f"experiment {exp.name!r}: [lrc] scale must be one of {LRC_SCALES}, got {scale!r}")
         samples = int(budget.get("lrc_samples", lrc.get("samples", 100)))
@@ -423,7 +428,7 @@ def eval_settings(exp: experiments.Experiment, budget: dict[str, Any]) -> EvalSe
     raw PGD ε curve (every radius attacked afresh, the masking check "accuracy falls with ε")
     even when the experiment has no PGD column; ``square_n`` and ``square_queries`` set the
     gradient-free audit, which :func:`_run_experiment` runs on the gradient-penalty rows."""
-    attacks = tuple(a for a in ("pgd", "tpgd-all", "uniform", "fgsm") if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns))
+    attacks = tuple(a for a in ("pgd", "tpgd-all", "tpgd", "uniform", "fgsm") if any(ATTACK_COLUMNS.get(c) == a for c in exp.columns))
     curve = [float(e) for e in budget.get("curve_eps", [])]
     if curve and "pgd" not in attacks:
         attacks = ("pgd", *attacks)

@@ -102,6 +102,15 @@ def lrc_transform(z: torch.Tensor, *, zeta_px: float, inter_channel: float = 0.5
     return xi.view(n, c, h, w)
 
 
+# The LRC noise scale s (x + ε·s·ξ) that ``gradreg lrc`` and an experiment's ``[lrc]`` table use when
+# none is given: "data", s = σ_data (the square root of the training inputs' mean per-pixel
+# variance), so LRC noise has the data's power whatever the data set; "unit" is s = 1 (SPEC §3).
+# Our reading: the SGR paper does not say how it scales the noise. One constant, so the command
+# and the lrc-cifar10 experiment cannot drift apart.
+LRC_SCALES = ("unit", "data")
+DEFAULT_LRC_SCALE = "data"
+
+
 def mean_marginal_variance(x: torch.Tensor, *, chunk: int = 4096) -> float:
     """Mean over input coordinates of the unbiased per-coordinate variance of ``x`` ``(N, ...)``
     over samples (the mean diagonal of ``np.cov`` of the flattened inputs), in float64, chunked

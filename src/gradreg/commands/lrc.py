@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..attacks.lrc import DEFAULT_LRC_SCALE, LRC_SCALES
 from ..protocols import EvalSettings, lrc_curves, lrc_data_std
 from ..report import markdown_table, plot_curves, write_csv, write_json
 from ..threat import parse_eps
@@ -16,9 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zeta", nargs="+", type=float, default=[1, 2, 4, 8, 16], help="decay lengths ζ in pixels")
     parser.add_argument("--eps", nargs="+", default=["0", "0.1", "0.2", "0.3"], help="noise strengths ε")
     parser.add_argument("--samples", type=int, default=100, help="worst-of-k copies (default 100)")
-    parser.add_argument("--scale", choices=("unit", "data"), default="unit",
-                        help="noise scale s in x + ε·s·ξ: 1 (default), or the square root of the training "
-                             "inputs' mean per-pixel variance (the lrc-cifar10 experiment's protocol)")
+    parser.add_argument("--scale", choices=LRC_SCALES, default=DEFAULT_LRC_SCALE,
+                        help=f"noise scale s in x + ε·s·ξ: 'data' is the square root of the training inputs' mean "
+                             f"per-pixel variance, 'unit' is 1 (default {DEFAULT_LRC_SCALE!r}, the same as the "
+                             f"lrc-cifar10 experiment's)")
     parser.add_argument("--n-test", type=int)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)

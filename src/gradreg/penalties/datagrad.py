@@ -41,6 +41,9 @@ Warning — our choices, not the paper's:
     (1 − λ/φ)·L(x) + (λ/φ)·L(x + φd) = ½·L(x) + ½·L(x + φd), Goodfellow's FGSM mix with α = ½ and,
     for ℓ1, an ℓ∞ step of 0.1. (A φ much smaller than λ would weight the clean gradient by
     1 − λ/φ < 0: with λ = 0.05 and φ = 0.01 by −4, pushing the clean loss *up*.)
+  * Such a λ is refused: :meth:`DataGrad.check_lam` (called by :class:`gradreg.objective.Objective`)
+    raises a one-line ``ConfigError`` when the clean weight w₀ − λ·λ₀/φ is negative, unless the
+    penalty is built with ``allow_negative_clean=True`` (our choice; the paper does not discuss it).
 
 Example::
 
@@ -55,6 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..config import ConfigError
 from ..models.base import forward_all
 from ..modes import frozen_stats
 from ..threat import same_layout
@@ -77,7 +81,7 @@ class DataGrad(Penalty):
     default_lam = 0.05
 
     def __init__(self, *, p: int = 1, squared: bool = False, solver: str = "exact", fd_step: float | None = None,
-                 task_lams: Sequence[float] | None = None) -> None:
+                 task_lams: Sequence[float] | None = None, allow_negative_clean: bool = False) -> None:
         super().__init__()
         if p not in (1, 2):
             raise ValueError(f"datagrad p must be 1 or 2, got {p!r}")
@@ -94,6 +98,7 @@ class DataGrad(Penalty):
         self.solver = solver
         self.fd_step = float(fd_step)
         self.task_lams = None if task_lams is None else tuple(float(v) for v in task_lams)
+        self.allow_negative_clean = bool(allow_negative_clean)
         self._rnorm = "sq" if self.squared else f"l{p}"
         # exact: double backprop through the clean pass; fd: a detached gradient and two passes
         # whose clean half, −(λ₀/φ)·L(x), is the penalty's clean_coeff
@@ -101,6 +106,18 @@ class DataGrad(Penalty):
         exact = solver == "exact"
         self.requires = Requirements(input_grad=True, double_backward=exact, clean_graph=exact,
                                      clean_coeff=0.0 if exact else -main_lam / self.fd_step)
+
+    def check_lam(self, lam: float, *, task_weight: float = 1.0) -> None:
+        """Refuse a global λ whose finite-difference objective weighs the clean loss negatively:
+        w₀·L(x) − (λ·λ₀/φ)·L(x) + (λ·λ₀/φ)·L(x + φd) has clean weight w₀ − λ·λ₀/φ (λ₀ the main
+        task's ``task_lams`` entry). The exact solver has no such weight and is never refused."""
+        if self.solver != "fd" or self.allow_negative_clean:
+            return
+        clean_weight = task_weight + lam * self.requires.clean_coeff  # clean_coeff = −λ₀/φ
+        if clean_weight < -1e-12:
+            raise ConfigError(f"datagrad solver='fd': λ = {lam:g} with φ = fd_step = {self.fd_step:g} weighs the "
+                              f"clean loss by {clean_weight:g} < 0; use λ ≤ φ, a larger fd_step, or "
+                              f"allow_negative_clean=true")
 
     def direction(self, g: torch.Tensor) -> torch.Tensor:
         """d = ∇_g R(g), per sample, detached: sign(g), g/‖g‖₂ (0 at g = 0) or g."""
