@@ -271,13 +271,7 @@ def build_model(spec: str, params: Mapping[str, Any] | None = None, *, in_shape:
     for name, value in (("in_shape", in_shape), ("num_classes", num_classes)):
         if value is not None and name not in kwargs and _accepts(factory, name):
             kwargs[name] = value
-    try:
-        model = factory(**kwargs)
-    except TypeError as err:
-        raise LoadError(f"cannot build {spec} with {kwargs or 'no parameters'}: {err}") from None
-    if not isinstance(model, nn.Module):
-        raise LoadError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
-    return model
+    return _call_factory(factory, spec, kwargs)
 
 
 # Models handed to gradreg.train as Python objects (an nn.Module or a factory), by the spec
