@@ -102,3 +102,14 @@ def test_tiny_hard_radius_family_end_to_end(tmp_path: Path) -> None:
             assert len(choice["grid"]) in (2, 3) and choice["stop"] in ("interior", "plateau", "clean-model", "limit", "max-widen")
             assert [c[0] for c in choice["curve"]] == choice["grid"]
     print(f"tiny hard-radius family: {time.perf_counter() - started:.0f} s")
+
+
+def test_square_audit_reaches_rows_whose_penalty_is_an_added_term() -> None:
+    """The gradient-free audit is for every row with a gradient, curvature, linearity or Jacobian
+    penalty, including one added with ``add`` (ELLE-A on FGSM-AT), and not for plain adversarial
+    training."""
+    from gradreg.reproduce import audited
+
+    rows = {r.name: r for r in experiments.load(NAME).rows}
+    assert audited(rows["ELLE-A"]) and audited(rows["GradAlign"]) and audited(rows["Jacobian regularization"])
+    assert not audited(rows["FGSM-AT"]) and not audited(rows["PGD-AT (Madry)"]) and not audited(rows["clean"])

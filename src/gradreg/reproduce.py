@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import experiments
-from .config import TrainConfig, apply_overrides
+from .config import TrainConfig, apply_overrides, parse_term
 from .data import DataBundle
 from .data import load as load_data
 from . import stats
@@ -419,7 +419,7 @@ GRADIENT_PENALTY_METHODS = frozenset({"datagrad", "lyu", "gn", "igr", "sgr", "op
 def audited(row: experiments.Row) -> bool:
     """Whether the row's objective holds a gradient penalty (its method or an added term)."""
     added = row.train.get("add", [])  # [{method = ..., ...}] or "NAME:key=value" strings
-    names = [t.get("method") if isinstance(t, dict) else str(t).partition(":")[0] for t in added]
+    names = [(parse_term(t) if isinstance(t, str) else t)["method"] for t in added]
     return row.method in GRADIENT_PENALTY_METHODS or any(n in GRADIENT_PENALTY_METHODS for n in names)
 
 
