@@ -35,6 +35,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -97,6 +98,19 @@ def step(model: torch.nn.Module, obj: Any, opt: torch.optim.Optimizer, x: torch.
     return time.perf_counter() - t0
 
 
+def interleaved_rounds(x_all: torch.Tensor, y_all: torch.Tensor, *, rounds: int, batch_size: int,
+                       sides: tuple[str, str]) -> Iterator[tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor, tuple[str, str]]]:
+    """(timed, idx, x, y, order) per round: two warm-up rounds (not timed) then ``rounds``; the
+    batches walk the pool; the two sides' order alternates per round, so a background load
+    slows both steps of a pair alike."""
+    steps_per_pool = len(x_all) // batch_size
+    for r in range(rounds + 2):
+        i = r % steps_per_pool
+        idx = torch.arange(i * batch_size, (i + 1) * batch_size)
+        order = sides if r % 2 == 0 else (sides[1], sides[0])
+        yield r >= 2, idx, x_all[idx], y_all[idx], order
+
+
 def compare(baseline_src: str, x_all: torch.Tensor, y_all: torch.Tensor, *, rounds: int, batch_size: int,
             source: str) -> None:
     """Every method of this tree against the same method of ``baseline_src``, interleaved."""
@@ -105,16 +119,12 @@ def compare(baseline_src: str, x_all: torch.Tensor, y_all: torch.Tensor, *, roun
     setups = {(label, side): build(pkg, name, params, lam, x_all)
               for label, name, params, lam in METHODS for side, pkg in pkgs.items()}
     times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
-    steps_per_pool = len(x_all) // batch_size
-    for r in range(rounds + 2):  # two warm-up rounds
-        i = r % steps_per_pool
-        idx = torch.arange(i * batch_size, (i + 1) * batch_size)
-        x, y = x_all[idx], y_all[idx]
-        order = ("baseline", "current") if r % 2 == 0 else ("current", "baseline")
+    for timed, idx, x, y, order in interleaved_rounds(x_all, y_all, rounds=rounds, batch_size=batch_size,
+                                                      sides=("baseline", "current")):
         for label, *_ in METHODS:
             for side in order:
                 t = step(*setups[(label, side)], x, y, idx)
-                if r >= 2:
+                if timed:
                     times[(label, side)].append(t)
     print(f"# penalties, current vs baseline: gradreg {__version__} ({Path(sys.modules['gradreg'].__file__ or '').parent}) "
           f"vs {Path(base.__file__ or '').parent}; torch {torch.__version__}, Python {platform.python_version()}")
@@ -399,12 +409,8 @@ def members_vs_plain(x_all: torch.Tensor, y_all: torch.Tensor, *, rounds: int, b
         setups[(label, "plain")] = (model, plain_loss(name, params, lam, {"lam": 5000.0, "n": 0, "mean": 0.0, "m2": 0.0}),
                                     torch.optim.Adam(model.parameters(), lr=1e-3))
     times: dict[tuple[str, str], list[float]] = {key: [] for key in setups}
-    steps_per_pool = len(x_all) // batch_size
-    for r in range(rounds + 2):  # two warm-up rounds
-        i = r % steps_per_pool
-        idx = torch.arange(i * batch_size, (i + 1) * batch_size)
-        x, y = x_all[idx], y_all[idx]
-        order = ("plain", "gradreg") if r % 2 == 0 else ("gradreg", "plain")
+    for timed, idx, x, y, order in interleaved_rounds(x_all, y_all, rounds=rounds, batch_size=batch_size,
+                                                      sides=("plain", "gradreg")):
         for label, *_ in MEMBERS:
             for side in order:
                 model, obj, opt = setups[(label, side)]
@@ -417,7 +423,7 @@ def members_vs_plain(x_all: torch.Tensor, y_all: torch.Tensor, *, rounds: int, b
                     obj(model, x, y).backward()
                     opt.step()
                     t = time.perf_counter() - t0
-                if r >= 2:
+                if timed:
                     times[(label, side)].append(t)
     print(f"# members vs plain PyTorch: gradreg {__version__}, torch {torch.__version__}, Python "
           f"{platform.python_version()}")
