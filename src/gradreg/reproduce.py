@@ -242,6 +242,10 @@ def sweep_base(exp: experiments.Experiment, row: experiments.Row, budget: dict[s
                                                                    DEFAULT_VALIDATION_FRACTION)),
                            "validation_eps": float(exp.autoattack_eps), "validation_norm": exp.norm,
                            "validation_pgd_steps": int(budget.get("sweep_pgd_steps", budget.get("pgd_steps", 20)))})
+    if budget.get("sweep_epochs") is not None:
+        # brief sweeps (our choice, a cut stated by each budget that takes it): λ is ranked after
+        # fewer epochs than the table's trainings, with the learning-rate schedule compressed to them
+        apply_overrides(base, {"epochs": int(budget["sweep_epochs"])})
     return base.validate()
 
 
@@ -487,9 +491,11 @@ def plan_trainings(exp: experiments.Experiment, chosen: list[experiments.Row], b
                    data_dir: str | None, seed_list: list[int], naming_default: int | None) -> dict[tuple[str, int], TrainConfig]:
     """Every (row, seed) training of the table, plus the transfer sources' twins (a single seed
     needs its twins trained; with several seeds they exist): independent of each other."""
+    # seed-major: a wave cut short (or a scheduler that runs in order) finishes whole seeds first,
+    # so a later ``--seeds`` with fewer seeds reuses everything done
     planned = {(row.name, seed): row_config(exp, row, budget, out, data_dir, seed=seed,
                                             run_name=run_name(row, seed, default_seed=naming_default))
-               for row in chosen for seed in seed_list}
+               for seed in seed_list for row in chosen}
     for source in [s for s in exp.transfer_sources if any(r.name == s for r in chosen)]:
         row = next(r for r in chosen if r.name == source)
         for twin in twin_seeds(seed_list):

@@ -27,6 +27,8 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   budget's ``sweep_points = N`` keeps N evenly spaced points of every grid (1: the middle one);
   ``sweep_pgd_steps``, ``sweep_validation_fraction``, ``sweep_rule`` and
   ``sweep_tolerance_points`` set the sweep's validation PGD and its selection rule.
+  ``sweep_epochs`` trains the sweep points for fewer epochs than the table's rows (brief sweeps,
+  a cut the budget states).
 - ``widen = true`` lets a sweep whose choice sits at an end of its grid add λ beyond that end, at
   most ``max_widen`` (3) rounds, until the choice is interior or a hard limit stops it
   (:mod:`gradreg.widen`; a row's ``lam_max`` states a limit of its own);
