@@ -343,3 +343,22 @@ def test_streamed_training_data_gives_the_same_held_out_batch(tmp_path: Path) ->
     assert held.monitor is not None and streamed.monitor is not None
     assert torch.equal(held.monitor.x, streamed.monitor.x) and torch.equal(held.monitor.y, streamed.monitor.y)
     assert held.fit()["monitor"] == streamed.fit()["monitor"]
+
+
+def test_run_record_reads_flags_and_the_last_checks_gap() -> None:
+    """The report's record: the drop rule's flags from metrics.json, the last check's FGSM/PGD from
+    the log (rows without a check are skipped), and the gap sign above GAP only."""
+    from gradreg.monitor import GAP, run_record
+
+    metrics = {"monitor": {"eps": 0.3, "norm": "linf", "points": 256, "overfit": [{"step": 9}],
+                           "best_pgd_accuracy": 0.5, "outcome": "completed"}}
+    log = [{"monitor_fgsm_accuracy": "0.6", "monitor_pgd_accuracy": "0.5"},
+           {"monitor_fgsm_accuracy": "0.9", "monitor_pgd_accuracy": "0.1"},
+           {"monitor_fgsm_accuracy": "", "monitor_pgd_accuracy": ""}]
+    rec = run_record(metrics, log)
+    assert rec is not None
+    assert rec["flags"] == 1 and rec["last_fgsm_accuracy"] == 0.9 and rec["last_pgd_accuracy"] == 0.1
+    assert abs(rec["gap"] - 0.8) < 1e-12 and rec["gap_flag"]
+    log[1]["monitor_fgsm_accuracy"] = str(0.1 + GAP - 0.01)  # just under the sign
+    assert not run_record(metrics, log)["gap_flag"]  # type: ignore[index]
+    assert run_record({}, log) is None  # a run without the monitor has no record

@@ -37,7 +37,9 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
     report = (tmp_path / "report.md").read_text()
     assert list(result["rows"]) == ROWS == [r.name for r in exp.rows]
     assert result["display_columns"] == ["test", "PGD ε=0.1", "AA ε=0.1", "worst ε=0.1"]
-    assert "| method | test | PGD ε=0.1 | AA ε=0.1 | worst ε=0.1 | step ×clean | train min | checks |" in report
+    assert ("| method | test | PGD ε=0.1 | AA ε=0.1 | worst ε=0.1 | step ×clean | train min | overfit | checks |"
+            in report)
+    assert "## Catastrophic-overfitting monitor" in report
     assert "PGD-5, 2 random starts and AutoAttack" in report
     for name, row in result["rows"].items():
         for col in ("test", "PGD ε=0.1", "AA ε=0.1", "worst ε=0.1"):
@@ -48,6 +50,9 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
         # the worst case over the attacks run is never above any single attack's accuracy
         assert row["intervals"]["worst ε=0.1"]["value"] <= min(row["intervals"][c]["value"]
                                                                for c in ("PGD ε=0.1", "AA ε=0.1")) + 1e-12, name
+        # every training ran the monitor; its record is the run's own log (independent of the report)
+        (mon,) = row["monitor_per_seed"]
+        assert mon["flags"] == 0 and mon["points"] == 256, name
         ev = row["evals"][0]
         assert len(ev["raw_curves"]["pgd"]) == 3  # the budget's curve_eps: "accuracy falls with ε" has data
         checks = {c["name"]: c["passed"] for c in ev["checks"]}

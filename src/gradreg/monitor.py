@@ -225,3 +225,27 @@ def warning_line(result: Check, state: MonitorState, monitor: OverfitMonitor, ac
             f"FGSM {result.fgsm_accuracy:.3f}, {th.norm} ε = {th.eps:g}, {len(monitor.y)} {monitor.source} points; "
             f"{action}")
 
+
+
+GAP = 0.20
+"""FGSM accuracy more than this above PGD-10 accuracy at the last check: the second sign the
+report shows (our choice, the drop rule's threshold). The drop rule needs a healthy check to
+fall from; a model that overfits to FGSM from its first epoch never has one, but it still ends
+with FGSM far above PGD."""
+
+
+def run_record(metrics: dict[str, Any], log_rows: Sequence[dict[str, str]]) -> dict[str, Any] | None:
+    """What a finished run's monitor saw, for reports: the drop rule's flags (``metrics.json``)
+    and the last check's FGSM and PGD-10 accuracy (the per-epoch log's monitor columns), with
+    the gap sign. None when the run had no monitor."""
+    summary = metrics.get("monitor")
+    if not summary:
+        return None
+    last = next((r for r in reversed(log_rows) if r.get("monitor_pgd_accuracy") not in (None, "")), None)
+    fgsm = float(last["monitor_fgsm_accuracy"]) if last else None
+    pgd = float(last["monitor_pgd_accuracy"]) if last else None
+    return {"eps": summary.get("eps"), "norm": summary.get("norm"), "points": summary.get("points"),
+            "flags": len(summary.get("overfit") or []), "outcome": summary.get("outcome", "completed"),
+            "best_pgd_accuracy": summary.get("best_pgd_accuracy"), "last_fgsm_accuracy": fgsm,
+            "last_pgd_accuracy": pgd, "gap": None if fgsm is None or pgd is None else fgsm - pgd,
+            "gap_flag": fgsm is not None and pgd is not None and fgsm - pgd > GAP}

@@ -24,6 +24,7 @@ robustness-per-compute frontier (:mod:`gradreg.frontier`), the norms each traine
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -46,6 +47,7 @@ from . import stats
 from .analysis import norm_stats, norms_markdown, plot_norm_distributions
 from .cost import StepCost, floor_at_clean, interleaved_costs, relative_cost, training_step
 from .frontier import FrontierPoint, plot_frontier
+from .monitor import GAP, run_record
 from .protocols import (
     EvalSettings,
     ModelEval,
@@ -102,6 +104,7 @@ class RowResult:
     transfer: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # source row → per seed (K, n) bool
     lrc: list[dict[str, float]] = field(default_factory=list)  # per seed: LRC column → accuracy at the ε
     step_cost: StepCost | None = None
+    monitor: list[dict[str, Any] | None] = field(default_factory=list)  # per seed: gradreg.monitor.run_record
 
     @property
     def eval(self) -> ModelEval:
@@ -596,6 +599,7 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
             res.evals.append(ev)
             res.train_seconds.append(float(loaded.metrics.get("train_seconds", float("nan"))))
             res.test_accuracy.append(float(loaded.metrics.get("test_accuracy", ev.clean)))
+            res.monitor.append(monitor_record(loaded.path, loaded.metrics))
             if lrc is not None:
                 res.lrc.append(lrc_cells(loaded.model, bundle, lrc_cols, lrc, settings))
         results[row.name] = res
@@ -639,6 +643,54 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
                            elapsed=time.perf_counter() - started, lrc=lrc, seeds=seed_list, twins=twins,
                            provenance=provenance, tuning=tuning, norms=norms, reuse=reuse)
     return summary
+
+
+def monitor_record(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The catastrophic-overfitting monitor's record of a finished run (gradreg.monitor.run_record)."""
+    try:
+        with open(run_dir / "log.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        rows = []
+    return run_record(metrics, rows)
+
+
+def monitor_cell(res: RowResult) -> str:
+    """The table's overfitting cell: seeds the drop rule flagged, and seeds whose last check had
+    FGSM far above PGD (the gap sign), out of the seeds the monitor watched; "–" if none was."""
+    recs = [r for r in res.monitor if r]
+    if not recs:
+        return "–"
+    flagged = sum(1 for r in recs if r["flags"])
+    gap = sum(1 for r in recs if r["gap_flag"])
+    return f"{flagged}/{len(recs)}" + (f", gap {gap}/{len(recs)}" if gap else "")
+
+
+def monitor_lines(results: dict[str, RowResult], seeds: list[int]) -> list[str]:
+    """The report's section on the catastrophic-overfitting monitor (what each training's
+    monitor saw, per row over its seeds)."""
+    rows = []
+    for name, res in results.items():
+        recs = [r for r in res.monitor if r]
+        if not recs:
+            continue
+        def mean(key: str) -> str:
+            vals = [r[key] for r in recs if r.get(key) is not None]
+            return f"{100 * sum(vals) / len(vals):.1f}" if vals else "–"
+        rows.append([name, monitor_cell(res), mean("best_pgd_accuracy"), mean("last_fgsm_accuracy"),
+                     mean("last_pgd_accuracy"), ", ".join(sorted({r["outcome"] for r in recs}))])
+    if not rows:
+        return ["## Catastrophic-overfitting monitor", "", "Not measured: no run of this report had the monitor on.", ""]
+    first = next(r for res in results.values() for r in res.monitor if r)
+    return ["## Catastrophic-overfitting monitor", "",
+            f"Every training ran the monitor (gradreg.monitor): FGSM and PGD-10 accuracy at {first['norm']} "
+            f"ε = {first['eps']:g} on a fixed held-out batch of {first['points']} points after every epoch. "
+            "'flagged' counts the seeds in which the drop rule fired (PGD accuracy more than 20 points below its best "
+            "earlier check while FGSM held: Wong et al. 2020's early-stopping rule); 'gap' the seeds whose last check had "
+            f"FGSM accuracy more than {100 * GAP:.0f} points above PGD accuracy (our second sign: a model that overfits "
+            "to FGSM from its first epoch has no healthy check to fall from). Accuracies in %, means over seeds; "
+            "the batch is small (an interval on 256 points is about ±6 points), so these are alarms, not estimates.", "",
+            markdown_table(["method", "flagged", "best PGD", "last FGSM", "last PGD", "outcome"], rows), ""]
 
 
 def row_norms(models: dict[str, torch.nn.Module], bundle: DataBundle, *, norm: str, n: int, iterations: int,
@@ -853,7 +905,8 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     seeds = seeds or [int(budget.get("seed", 0))]
     columns = display_columns(exp)
     names_cols = [c for c, _ in columns]
-    header = ["method", *names_cols, "step ×clean", "train min", "checks"]
+    watched = any(r for res in results.values() for r in res.monitor)
+    header = ["method", *names_cols, "step ×clean", "train min", *(["overfit"] if watched else []), "checks"]
     rows, raw_rows = [], []
     lams = {n: c.lam for n, c in (tuning or {}).items()}
     aliases = alias_groups([r for r in exp.rows if r.name in results], lams)
@@ -875,6 +928,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         label = name + (f" (≡ {', '.join(aliases[name])})" if name in aliases else "")
         rows.append([label, *cells, res.step_cost.text() if res.step_cost else "–",
                      f"{minutes:.1f}" if math.isfinite(minutes) else "–",
+                     *([monitor_cell(res)] if watched else []),
                      masking_summary([c for ev in res.evals for c in ev.checks])])
         raw: list[object] = [name]
         for col in names_cols:
@@ -893,7 +947,9 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         + (f"; the paper's numbers (in parentheses) are on {exp.paper_data}, so they are a reference, not a like-for-like "
            "comparison" if exp.paper_data and data not in exp.paper_data.lower() else "") + ".",
         "",
-        describe_columns(exp, settings, grid, lrc, data_label, seeds=seeds), "",
+        describe_columns(exp, settings, grid, lrc, data_label, seeds=seeds)
+        + (" 'overfit': the seeds in which the catastrophic-overfitting monitor fired, and those ending with FGSM "
+           "far above PGD ('gap'), out of the seeds trained (section below)." if watched else ""), "",
         table, "",
         f"Budget: {json.dumps(budget)}. " + (
             f"This invocation took {elapsed / 60:.1f} min on "
@@ -934,6 +990,8 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
         if exp.reading:
             reading = honest_reading(exp.reading, shown, aa_col, aliases)
             lines += ["## Honest reading", "", reading["sentence"], "", *[f"- {v}" for v in reading["rows"]], ""]
+    if watched:
+        lines += monitor_lines(shown, seeds)
     if norms:
         plot_norm_distributions(norms, str(out / "norms.png"), title=f"what each method regularizes ({data}, as trained)")
         lines += ["## What each method regularizes", "",
@@ -1022,6 +1080,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
                             "step_cost": r.step_cost.as_dict() if r.step_cost else None,
                             "test_accuracy_per_seed": r.test_accuracy,
                             "lrc_per_seed": r.lrc,
+                            "monitor_per_seed": r.monitor,
                             "transfer_outcomes": {s: [[bits(row) for row in f] for f in fs] for s, fs in r.transfer.items()},
                             "eval": r.eval.to_dict(), "evals": [ev.to_dict() for ev in r.evals]}
                         for n, r in results.items()},
@@ -1286,7 +1345,8 @@ def report_only(name: str, *, budget_name: str, out: Path, log: Callable[[str], 
             row_name, method, evals, [float(v) for v in r.get("train_seconds_per_seed", [r.get("train_seconds", math.nan)])],
             [float(v) for v in r.get("test_accuracy_per_seed", [ev.clean for ev in evals])], transfer=transfer,
             lrc=r.get("lrc_per_seed") or [],
-            step_cost=StepCost.from_dict(r["step_cost"]) if r.get("step_cost") else None)
+            step_cost=StepCost.from_dict(r["step_cost"]) if r.get("step_cost") else None,
+            monitor=r.get("monitor_per_seed") or [])
     tuning = {n: LamChoice(c["lam"], c["source"], c["detail"], tuple(c.get("grid") or ()), c.get("record"))
               for n, c in (stored.get("lam") or {}).items()}
     lrc = None
