@@ -119,6 +119,7 @@ def test_tiny_family_benchmark_end_to_end(tmp_path: Path) -> None:
     rendered = json.loads((tmp_path / "results.json").read_text())
     assert rendered["table_markdown"] == again["table_markdown"] and rendered["reading"] == again["reading"]
     assert rendered["differences"] == again["differences"]
+    assert rendered["lam"] == again["lam"]  # the sweeps' stop reasons and validation curves survive re-rendering
     assert "Re-rendered from the stored per-example outcomes" in (tmp_path / "report.md").read_text()
     assert main(["reproduce", NAME, "--budget", "tiny", "--out", str(tmp_path / "empty"), "--report-only"]) != 0
     with pytest.raises(FileNotFoundError, match="finished output folder"):
@@ -241,6 +242,18 @@ def test_the_lambda_table_flags_a_choice_at_the_end_of_its_grid() -> None:
     assert "2 of 3 swept rows chose an end of their grid (GN, ARR)" in text
     quiet = "\n".join(tuning_lines({"SGR": inner}, {"SGR": "sgr"}))
     assert "end of their grid" not in quiet
+
+
+def test_the_lambda_table_shows_each_sweeps_validation_curve(tmp_path: Path) -> None:
+    from gradreg.reproduce import LamChoice, tuning_lines
+
+    curve = ((0.1, 0.98, 0.40), (1.0, 0.97, 0.55), (10.0, 0.90, 0.50))  # (λ, clean, PGD)
+    choice = LamChoice(1.0, "sweep", "rule", (0.1, 1.0, 10.0), "sweeps/sgr", curve=curve)
+    text = "\n".join(tuning_lines({"SGR": choice}, {"SGR": "sgr"}, tmp_path))
+    assert "| 0.1: 40.0/98.0, **1: 55.0/97.0**, 10: 50.0/90.0 |" in text
+    assert (tmp_path / "lambda.png").is_file() and "![validation accuracy against λ](lambda.png)" in text
+    assert "lambda.png" not in "\n".join(tuning_lines({"SGR": LamChoice(1.0, "declared", "no grid")}, {"SGR": "sgr"},
+                                                       tmp_path / "none"))
 
 
 class _Quantized(torch.nn.Module):

@@ -102,6 +102,39 @@ def plot_curves(path: Path, curves: Mapping[str, tuple[Sequence[float], Sequence
     return path
 
 
+def plot_lambda_curves(path: Path, curves: Mapping[str, Sequence[tuple[float, float, float]]],
+                       chosen: Mapping[str, float | None], *, title: str) -> Path:
+    """One small panel per row: validation PGD accuracy (solid) and clean accuracy (dashed)
+    against λ on a log axis, the chosen λ ringed. ``curves[name]`` is ``(λ, clean, PGD)``
+    fractions sorted by λ."""
+    plt = _pyplot()
+    names = [n for n, c in curves.items() if c]
+    cols = min(4, max(1, len(names)))
+    nrows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.4 * nrows), dpi=110, squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        lams = [c[0] for c in curves[name]]
+        ax.plot(lams, [100 * c[2] for c in curves[name]], marker="o", markersize=3, label="PGD")
+        ax.plot(lams, [100 * c[1] for c in curves[name]], linestyle="--", color="grey", label="clean")
+        pick = chosen.get(name)
+        for lam, _, pgd in curves[name]:
+            if pick is not None and math.isclose(lam, pick, rel_tol=1e-9):
+                ax.plot([lam], [100 * pgd], marker="o", markersize=9, fillstyle="none", color="black")
+        if min(lams) > 0:
+            ax.set_xscale("log")
+        ax.set_title(name, fontsize=8)
+        ax.set_ylim(-2, 102)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_matrix(path: Path, matrix: Sequence[Sequence[float]], *, rows: Sequence[str], cols: Sequence[str],
                 title: str, xlabel: str, ylabel: str) -> Path:
     """A heat map with the value (in %) written in every cell."""

@@ -65,7 +65,8 @@ from .protocols import (
     unbits,
 )
 from .attacks.lrc import DEFAULT_LRC_SCALE, LRC_SCALES
-from .report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_matrix, write_csv, write_json
+from .report import (fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_lambda_curves, plot_matrix,
+                     write_csv, write_json)
 from .runs import load_run
 from .stats import Comparison, Interval, adjust_family, compare, from_count, mean_score, over_seeds
 from .threat import parse_eps
@@ -975,7 +976,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
     if row_notes:  # which variant each row runs (e.g. which adversarial training)
         lines += ["Rows:", "", *row_notes, ""]
     if tuning:
-        lines += tuning_lines(tuning, {n: r.method for n, r in results.items()})
+        lines += tuning_lines(tuning, {n: r.method for n, r in results.items()}, out)
     frontier: dict[str, Any] = {}
     reading: dict[str, Any] = {}
     if exp.autoattack_eps is not None:
@@ -1125,8 +1126,18 @@ def _curve_band(res: RowResult, attack: str) -> tuple[list[float], list[float]]:
     return [iv.lo for iv in ivs], [iv.hi for iv in ivs]
 
 
-def tuning_lines(tuning: dict[str, LamChoice], methods: dict[str, str]) -> list[str]:
-    """The report's section that says which λ every row used and where it came from."""
+def curve_text(choice: LamChoice) -> str:
+    """The validation curve of a sweep, "λ: PGD/clean" in %, the chosen λ in bold."""
+    parts = []
+    for lam, clean, pgd in choice.curve:
+        text = f"{lam:g}: {100 * pgd:.1f}/{100 * clean:.1f}"
+        parts.append(f"**{text}**" if choice.lam is not None and math.isclose(lam, choice.lam, rel_tol=1e-9) else text)
+    return ", ".join(parts) or "–"
+
+
+def tuning_lines(tuning: dict[str, LamChoice], methods: dict[str, str], out: Path | None = None) -> list[str]:
+    """The report's section that says which λ every row used and where it came from, with each
+    sweep's validation curve (a table cell and, given ``out``, the panels of ``lambda.png``)."""
     rows, edges = [], []
     for name, c in tuning.items():
         if name not in methods:
@@ -1138,11 +1149,18 @@ def tuning_lines(tuning: dict[str, LamChoice], methods: dict[str, str]) -> list[
         if edge:
             lam += f" ({edge} end)"
             edges.append(name)
-        rows.append([name, methods[name], lam, grid, where])
+        rows.append([name, methods[name], lam, grid, curve_text(c), where])
     lines = ["## λ of every row", "",
              "λ of a row with a grid is `gradreg sweep`'s choice on a validation split carved from the training data "
-             "(the test split is never used), at the budget's seed; the other rows keep the λ of their protocol.", "",
-             markdown_table(["row", "method", "λ", "grid", "from"], rows), ""]
+             "(the test split is never used), at the budget's seed; the other rows keep the λ of their protocol. "
+             "'validation PGD/clean by λ': the sweep's curve, validation PGD accuracy at the training ε and clean "
+             "accuracy in %, the chosen λ in bold.", "",
+             markdown_table(["row", "method", "λ", "grid", "validation PGD/clean by λ", "from"], rows), ""]
+    curves = {n: c.curve for n, c in tuning.items() if n in methods and len(c.curve) > 1}
+    if out is not None and curves:
+        plot_lambda_curves(out / "lambda.png", curves, {n: tuning[n].lam for n in curves},
+                           title="validation accuracy against λ (solid: PGD at the training ε; dashed: clean; ringed: chosen)")
+        lines += ["![validation accuracy against λ](lambda.png)", ""]
     if edges:
         lines += [f"{len(edges)} of {sum(1 for c in tuning.values() if len(c.grid) > 1)} swept rows chose an end of "
                   f"their grid ({', '.join(edges)}): the rule's best λ may lie outside the grid, so these rows may be "
@@ -1347,7 +1365,8 @@ def report_only(name: str, *, budget_name: str, out: Path, log: Callable[[str], 
             lrc=r.get("lrc_per_seed") or [],
             step_cost=StepCost.from_dict(r["step_cost"]) if r.get("step_cost") else None,
             monitor=r.get("monitor_per_seed") or [])
-    tuning = {n: LamChoice(c["lam"], c["source"], c["detail"], tuple(c.get("grid") or ()), c.get("record"))
+    tuning = {n: LamChoice(c["lam"], c["source"], c["detail"], tuple(c.get("grid") or ()), c.get("record"),
+                           c.get("stop", ""), tuple(tuple(p) for p in c.get("curve") or ()))
               for n, c in (stored.get("lam") or {}).items()}
     lrc = None
     if stored.get("lrc"):
