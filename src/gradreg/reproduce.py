@@ -341,6 +341,24 @@ def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict
     raise AssertionError("unreachable: the last round has no rounds left to widen")
 
 
+def borrowed_lams(rows: list[experiments.Row], tuning: dict[str, LamChoice]) -> dict[str, LamChoice]:
+    """The λ of every row with ``lam_from``: its lender's tuned λ (the lender's grid and record
+    shown beside it); rows whose lender is still undecided are left out."""
+    choices = {}
+    for row in rows:
+        if not row.lam_from:
+            continue
+        lender = tuning.get(row.lam_from)
+        if lender is None or not lender.grid:
+            if lender is not None:
+                raise ValueError(f"row {row.name!r} takes its λ from {row.lam_from!r}, which has no λ grid")
+            continue
+        choices[row.name] = LamChoice(lender.lam, f"from {row.lam_from}",
+                                      f"the λ tuned for {row.lam_from}: no sweep of its own (a cut the budget states)",
+                                      lender.grid, lender.record)
+    return choices
+
+
 def tune_rows(exp: experiments.Experiment, rows: list[experiments.Row], budget: dict[str, Any], out: Path,
               data_dir: str | None, log: Callable[[str], None], reuse: Reuse | None = None, *,
               runner: Runner | None = None) -> dict[str, LamChoice]:
@@ -561,10 +579,13 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     reuse = Reuse()
-    tuning = tune_rows(exp, chosen, budget, out, data_dir, log, reuse, runner=runner) if any(r.lams for r in chosen) else {}
+    lenders = [r for r in exp.rows if r.name in {c.lam_from for c in chosen} and r not in chosen]
+    tuned = [*chosen, *lenders]  # a row with lam_from needs its lender tuned, even when not chosen
+    tuning = tune_rows(exp, tuned, budget, out, data_dir, log, reuse, runner=runner) if any(r.lams for r in tuned) else {}
+    tuning.update(borrowed_lams(chosen, tuning))
     if runner.print_only:  # rows whose λ is still being tuned cannot be planned yet
-        chosen = [r for r in chosen if r.name in tuning or not r.lams]
-    chosen = [r.at(tuning[r.name].lam) if r.lams else r for r in chosen]  # every row at its tuned λ
+        chosen = [r for r in chosen if (r.name in tuning or not r.lams) and (not r.lam_from or r.lam_from in tuning)]
+    chosen = [r.at(tuning[r.name].lam) if r.lams or r.lam_from else r for r in chosen]  # every row at its tuned λ
     planned = plan_trainings(exp, chosen, budget, out, data_dir, seed_list, naming_default)
     for cfg in planned.values():
         reuse.training(Path(cfg.out), done=is_trained(cfg))

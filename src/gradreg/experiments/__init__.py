@@ -32,6 +32,7 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
 - ``widen = true`` lets a sweep whose choice sits at an end of its grid add λ beyond that end, at
   most ``max_widen`` (3) rounds, until the choice is interior or a hard limit stops it
   (:mod:`gradreg.widen`; a row's ``lam_max`` states a limit of its own);
+  a row's ``lam_from = "NAME"`` trains at the λ tuned for row NAME instead of a sweep of its own;
   ``sweep_margin_points`` (1 with widening, else 0) is the validation PGD accuracy difference a
   larger λ must exceed to be preferred, ``sweep_seeds`` the training seeds each λ is validated
   with (their mean is compared).
@@ -71,6 +72,7 @@ class Row:
     lams: list[float] = field(default_factory=list)  # the λ grid tuned on a validation split (empty: λ as declared)
     lam_max: float | None = None  # a stated largest λ that widening the grid may reach (gradreg.widen)
     lam_key: str = "lam"  # what ``lams`` sets: the objective's λ, or a "penalty.KEY" (a term's own weight)
+    lam_from: str = ""  # another row's name: train at the λ tuned for it, without a sweep of its own (a stated cut)
 
     @property
     def tuned_value(self) -> float | None:
@@ -148,6 +150,11 @@ def load(name: str) -> Experiment:
     rows += [Row(**r) for r in raw.get("rows", [])]  # the file's own rows, after the reused ones
     if len({r.name for r in rows}) != len(rows):
         raise ValueError(f"experiment {name!r}: row names must be unique, got {[r.name for r in rows]}")
+    by_name = {r.name: r for r in rows}
+    for r in rows:
+        if r.lam_from and (r.lams or r.lam_from not in by_name or not by_name[r.lam_from].lams):
+            raise ValueError(f"experiment {name!r}: row {r.name!r} takes lam_from {r.lam_from!r}, which must be "
+                             "another row with a λ grid (and the row itself has none)")
     missing = [s for s in raw.get("transfer_sources", []) if s not in {r.name for r in rows}]
     if missing:
         raise ValueError(f"experiment {name!r}: transfer sources {missing} are not rows")
