@@ -113,3 +113,39 @@ def test_square_audit_reaches_rows_whose_penalty_is_an_added_term() -> None:
     rows = {r.name: r for r in experiments.load(NAME).rows}
     assert audited(rows["ELLE-A"]) and audited(rows["GradAlign"]) and audited(rows["Jacobian regularization"])
     assert not audited(rows["FGSM-AT"]) and not audited(rows["PGD-AT (Madry)"]) and not audited(rows["clean"])
+
+
+def test_a_row_with_lam_from_trains_at_its_lenders_tuned_lam() -> None:
+    """The cold operator norm has no sweep of its own: it takes the warm row's tuned λ, shown with
+    the lender's grid; an undecided lender leaves it out; a lender without a grid is refused."""
+    from gradreg.reproduce import LamChoice, borrowed_lams
+
+    rows = {r.name: r for r in experiments.load(NAME).rows}
+    cold, warm = rows["operator norm (cold)"], rows["operator norm (warm, ours)"]
+    assert cold.lam_from == warm.name and not cold.lams and warm.lams
+    tuned = {warm.name: LamChoice(3.0, "sweep", "rule", (0.3, 1.0, 3.0, 10.0), "sweeps/warm")}
+    got = borrowed_lams([cold, warm], tuned)[cold.name]
+    assert got.lam == 3.0 and got.source == f"from {warm.name}" and got.grid == (0.3, 1.0, 3.0, 10.0)
+    assert borrowed_lams([cold], {}) == {}
+    with pytest.raises(ValueError, match="no λ grid"):
+        borrowed_lams([cold], {warm.name: LamChoice(1.0, "declared", "no grid")})
+
+
+def test_lam_from_must_name_a_row_with_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib import resources
+
+    text = resources.files("gradreg.experiments").joinpath(f"{NAME}.toml").read_text()
+    bad = text.replace('lam_from = "operator norm (warm, ours)"', 'lam_from = "clean"')
+    assert bad != text
+    monkeypatch.setattr(experiments, "names", lambda: [NAME])
+    real = experiments.resources.files
+
+    class _Files:
+        def joinpath(self, name: str) -> Path:
+            p = tmp_path / name
+            p.write_text(bad)
+            return p
+
+    monkeypatch.setattr(experiments.resources, "files", lambda pkg: _Files() if pkg == experiments.__name__ else real(pkg))
+    with pytest.raises(ValueError, match="lam_from 'clean'"):
+        experiments.load(NAME)
