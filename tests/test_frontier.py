@@ -39,3 +39,31 @@ def test_frontier_plot_and_checks(tmp_path: Path) -> None:
         FrontierPoint("x", 0.5, (0.5, 0.5), 0.0, (0.0, 0.0), 0.9, (0.9, 0.9))
     with pytest.raises(ValueError, match="no frontier points"):
         plot_frontier([], tmp_path / "none.png")
+
+
+def test_labels_of_a_crowded_frontier_do_not_overlap() -> None:
+    """Sixteen points packed into a corner (as a family table's cheap rows are): no two labels'
+    boxes overlap, and none covers another point's marker."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    from gradreg.frontier import place_labels
+
+    xs = [1.0 + 0.05 * (i % 4) for i in range(16)]
+    ys = [50.0 + 1.5 * (i // 4) + 0.3 * (i % 4) for i in range(16)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, ys, "o")
+    ax.set_xlim(0.5, 2.0)
+    ax.set_ylim(30, 80)
+    boxes = place_labels(ax, xs, ys, [f"method number {i}" for i in range(16)])
+    centers = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    plt.close(fig)
+    assert len(boxes) == 16
+    for a in range(16):
+        for b in range(a + 1, 16):
+            assert not boxes[a].overlaps(boxes[b]), (a, b)
+        for c, (cx, cy) in enumerate(centers):
+            assert not boxes[a].overlaps(Bbox.from_extents(cx - 4, cy - 4, cx + 4, cy + 4)), (a, c)

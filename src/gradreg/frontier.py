@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,43 @@ def _errors(values: Sequence[float], intervals: Sequence[tuple[float, float]]) -
     return [[v - lo for v, (lo, _) in zip(values, intervals)], [hi - v for v, (_, hi) in zip(values, intervals)]]
 
 
+def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Sequence[str], *,
+                 fontsize: float = 7, order: Sequence[int] | None = None) -> list[Any]:
+    """Label every point without two labels overlapping each other or another point's marker
+    (greedy, our choice: each label, in ``order``, takes the first free spot on rings of 8
+    directions at growing distance, inside the axes; a label that finds none goes to its last
+    spot with a leader line). Call it once the axes' scales and limits are final. Returns the
+    labels' bounding boxes in display coordinates."""
+    from matplotlib.transforms import Bbox
+
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    centers = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
+    taken = [Bbox.from_extents(cx - 4, cy - 4, cx + 4, cy + 4) for cx, cy in centers]  # the markers
+    frame = ax.get_window_extent(renderer)
+    placed: list[Any] = []
+    for i in order if order is not None else range(len(names)):
+        text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset pixels", xytext=(6, 6), fontsize=fontsize)
+        box = text.get_window_extent(renderer)
+        w, h = box.width, box.height
+        spots = [(dx * r + (0 if dx >= 0 else -w) + (-w / 2 if dx == 0 else 0),
+                  dy * r + (0 if dy >= 0 else -h) + (-h / 2 if dy == 0 else 0))
+                 for r in (6, 14, 26, 40, 56) for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+        cx, cy = centers[i]
+        boxes = [Bbox.from_extents(cx + ox, cy + oy, cx + ox + w, cy + oy + h) for ox, oy in spots]
+        free = [k for k, b in enumerate(boxes)
+                if frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
+                and not any(b.overlaps(t) for t in taken)]
+        k = free[0] if free else len(spots) - 1
+        text.set_position(spots[k])
+        if not free:  # crowded: the farthest spot, tied to its point by a thin line
+            ax.annotate("", (xs[i], ys[i]), xytext=spots[k], textcoords="offset pixels",
+                        arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+        taken.append(boxes[k])
+        placed.append(boxes[k])
+    return placed
+
+
 def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: str = "",
                   robust_label: str = "AutoAttack accuracy (%)") -> list[str]:
     """Two panels: robust accuracy (``autoattack``: AutoAttack's, or the per-point worst case
@@ -76,6 +114,7 @@ def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: s
     plt = _pyplot()
     fig, (ax_cost, ax_clean) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
     aa = [p.autoattack * 100 for p in points]
+    labelled: list[tuple[Any, list[float]]] = []
     aa_err = [[e * 100 for e in side] for side in _errors([p.autoattack for p in points],
                                                             [p.autoattack_interval for p in points])]
     for ax, xs, x_err in ((ax_cost, [p.cost_ratio for p in points], _errors([p.cost_ratio for p in points],
@@ -87,8 +126,8 @@ def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: s
         for p, x, y in zip(points, xs, aa):
             on = p.name in front
             ax.plot([x], [y], "o", color="C3" if on else "C0", mfc="C3" if on else "white", ms=6)
-            ax.annotate(p.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_ylabel(robust_label)
+        labelled.append((ax, xs))
     ordered = sorted((p for p in points if p.name in front), key=lambda p: p.cost_ratio)
     # the front as a staircase: robustness attainable at or below each cost
     ax_cost.step([p.cost_ratio for p in ordered], [p.autoattack * 100 for p in ordered], where="post", color="C3",
@@ -100,6 +139,10 @@ def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    # labels last, once scales and layout are final; the front's first, then by robustness
+    order = sorted(range(len(points)), key=lambda i: (points[i].name not in front, -points[i].autoattack))
+    for ax, xs in labelled:
+        place_labels(ax, xs, aa, [p.name for p in points], order=order)
     fig.savefig(path)
     plt.close(fig)
     return [p.name for p in ordered]
