@@ -118,7 +118,8 @@ def test_square_audit_reaches_rows_whose_penalty_is_an_added_term() -> None:
 def test_a_row_with_lam_from_trains_at_its_lenders_tuned_lam() -> None:
     """The cold operator norm has no sweep of its own: it takes the warm row's tuned λ, shown with
     the lender's grid; an undecided lender leaves it out; a lender without a grid is refused."""
-    from gradreg.reproduce import LamChoice, borrowed_lams
+    from gradreg.reproduce import borrowed_lams
+    from gradreg.tables import LamChoice
 
     rows = {r.name: r for r in experiments.load(NAME).rows}
     cold, warm = rows["operator norm (cold)"], rows["operator norm (warm, ours)"]

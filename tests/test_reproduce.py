@@ -10,7 +10,7 @@ import torch
 from gradreg import experiments, penalties
 from gradreg.cli import main
 from gradreg.penalties import noise_aug  # noqa: F401  (registers "lrc-aug" until penalties/__init__ imports it)
-from gradreg.reproduce import LRC_DATA_COLUMN, lrc_column
+from gradreg.tables import LRC_DATA_COLUMN, lrc_column
 
 
 def test_experiments_load_and_name_registered_methods() -> None:
@@ -162,7 +162,7 @@ def test_seeds_twin_transfer_intervals_and_autoattack_column(fast_sgr_mnist: Non
 
 
 def test_report_wording_follows_the_paired_test() -> None:
-    from gradreg.reproduce import difference_lines
+    from gradreg.tables import difference_lines
 
     n = 200
     same = torch.zeros(n, dtype=torch.float64)
@@ -249,7 +249,7 @@ def test_lrc_command_and_experiment_share_one_default_noise_scale() -> None:
 
     from gradreg.attacks.lrc import DEFAULT_LRC_SCALE
     from gradreg.commands import lrc as lrc_command
-    from gradreg.reproduce import LRCSettings
+    from gradreg.tables import LRCSettings
 
     parser = argparse.ArgumentParser()
     lrc_command.add_arguments(parser)
