@@ -51,19 +51,20 @@ def monitor_cell(res: RowResult) -> str:
     return f"{flagged}/{len(recs)}" + (f", gap {gap}/{len(recs)}" if gap else "")
 
 
-def monitor_lines(results: dict[str, RowResult], seeds: list[int]) -> list[str]:
+def monitor_lines(results: dict[str, RowResult]) -> list[str]:
     """The report's section on the catastrophic-overfitting monitor (what each training's
     monitor saw, per row over its seeds)."""
+    def mean(recs: list[dict[str, Any]], key: str) -> str:
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        return f"{100 * sum(vals) / len(vals):.1f}" if vals else "–"
+
     rows = []
     for name, res in results.items():
         recs = [r for r in res.monitor if r]
         if not recs:
             continue
-        def mean(key: str) -> str:
-            vals = [r[key] for r in recs if r.get(key) is not None]
-            return f"{100 * sum(vals) / len(vals):.1f}" if vals else "–"
-        rows.append([name, monitor_cell(res), mean("best_pgd_accuracy"), mean("last_fgsm_accuracy"),
-                     mean("last_pgd_accuracy"), ", ".join(sorted({r["outcome"] for r in recs}))])
+        rows.append([name, monitor_cell(res), mean(recs, "best_pgd_accuracy"), mean(recs, "last_fgsm_accuracy"),
+                     mean(recs, "last_pgd_accuracy"), ", ".join(sorted({r["outcome"] for r in recs}))])
     if not rows:
         return ["## Catastrophic-overfitting monitor", "", "Not measured: no run of this report had the monitor on.", ""]
     first = next(r for res in results.values() for r in res.monitor if r)
@@ -238,7 +239,7 @@ def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str
             reading = honest_reading(exp.reading, shown, aa_col, aliases)
             lines += ["## Honest reading", "", reading["sentence"], "", *[f"- {v}" for v in reading["rows"]], ""]
     if watched:
-        lines += monitor_lines(shown, seeds)
+        lines += monitor_lines(shown)
     if norms:
         plot_norm_distributions(norms, str(out / "norms.png"), title=f"what each method regularizes ({data}, as trained)")
         lines += ["## What each method regularizes", "",
