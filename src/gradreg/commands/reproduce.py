@@ -14,8 +14,8 @@ HELP = "reproduce a paper's table (experiments: " + ", ".join(experiments.names(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help=f"one of: {', '.join(experiments.names())}")
     parser.add_argument("--budget", default="tiny", choices=experiments.BUDGETS,
-                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, about 2 h (family-mnist10k) to "
-                             "several hours (sgr-mnist, 3 seeds; each TOML says); paper: GPU "
+                        help="tiny: digits, minutes; cpu: MNIST-10k on 2 cores, up to about 2 h "
+                             "(each TOML says what it measured); paper: GPU "
                              "(paper-cifar10: the CIFAR-10 budget of experiments that have one)")
     parser.add_argument("--out", required=True, help="folder for the runs and report.md (re-running reuses finished runs)")
     parser.add_argument("--data-dir", help="data directory for the budget's data set")
