@@ -12,6 +12,11 @@ from torch.nn import functional as F
 
 from gradreg import data, models
 
+# Under pytest-xdist (``-n N``) each worker process gets one torch thread, so that N workers do
+# not oversubscribe the cores (tests that measure threading set their own count).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digits() -> data.DataBundle:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,10 @@ def test_lrc_columns_parse_and_the_experiment_declares_them() -> None:
     exp = experiments.load("lrc-cifar10")
     assert [r.name for r in exp.rows] == ["clean", "GN", "SGR", "LRC-augmented"]
     sgr = {r.name: r for r in experiments.load("sgr-cifar10").rows}
-    assert all(r == sgr[r.name] for r in exp.rows[:3])  # the same rows as sgr-cifar10 (rows_from)
+    # the same rows as sgr-cifar10 (rows_from), GN's and SGR's λ grids added by [tune]
+    assert all(replace(r, lams=[]) == sgr[r.name] for r in exp.rows[:3])
+    assert exp.tune["attack"] == "lrc" and exp.tune["lrc_zeta"] == 8
+    assert {r.name: r.lams for r in exp.rows if r.lams} == {"GN": [0.1, 1.0, 10.0], "SGR": [0.1, 1.0, 10.0]}
     assert exp.lrc["eps"] == 0.3 and exp.budget("tiny")["data"] == "digits"
     assert exp.budget("paper")["data"] == "cifar10"
     assert [lrc_column(c) for c in exp.columns[2:]] == [1.0, 2.0, 4.0, 8.0, 16.0]
@@ -108,6 +112,32 @@ def test_tiny_lrc_cifar10_reproduction(tmp_path: Path) -> None:
         assert number in report, number
     assert "beside our column **LRC Σ=data**" in report and "worst-of-10" in report
     assert (tmp_path / "lrc.png").is_file()
+    # GN's and SGR's λ were tuned on validation LRC noise at ζ = 8 (the paper's protocol), each
+    # choice one of its grid's points, and the sweep's record says what it scored
+    for slug in ("gn", "sgr"):
+        record = json.loads((tmp_path / "sweeps" / slug / "sweep.json").read_text())
+        base = record["spec"]["base"]
+        assert base["validation_attack"] == "lrc" and base["validation_lrc_zeta_px"] == 8.0
+        assert base["validation_eps"] == 0.3 and base["validation_lrc_samples"] == 10
+        scores = [r["pgd_accuracy"] for r in [record["reference"], *record["rows"]]]  # the validation LRC accuracies
+        assert len(scores) == 3 and all(0 <= v <= 1 for v in scores), scores  # the clean reference, λ = 0.1 and 10
+        assert "LRC noise draws, ζ = 8 px" in (tmp_path / "sweeps" / slug / "sweep.md").read_text()
+        name = "GN" if slug == "gn" else "SGR"
+        if record["chosen"] is not None:
+            assert result["lam"][name]["source"] == "sweep" and result["lam"][name]["lam"] == record["chosen"]["lam"]
+        else:  # the rule picked none: the row keeps its declared λ and says so
+            assert result["lam"][name]["source"].startswith("declared") and result["lam"][name]["lam"] == 1.0
+
+
+def test_tune_lams_must_name_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A [tune] grid for a row the experiment does not have is refused when the file loads."""
+    real = experiments.resources.files(experiments.__name__)
+    text = real.joinpath("lrc-cifar10.toml").read_text().replace('"SGR" = [0.1', '"SRG" = [0.1')
+    (tmp_path / "lrc-cifar10.toml").write_text(text)
+    (tmp_path / "sgr-cifar10.toml").write_text(real.joinpath("sgr-cifar10.toml").read_text())
+    monkeypatch.setattr(experiments.resources, "files", lambda _name: tmp_path)
+    with pytest.raises(ValueError, match=r"\[tune\] lams names rows it does not have: \['SRG'\]"):
+        experiments.load("lrc-cifar10")
 
 
 FAST = {"data": "digits", "model": "cw", "epochs": 1, "batch_size": 64, "lr": 1e-3, "n_test": 20, "pgd_steps": 2,
@@ -281,6 +311,10 @@ def test_every_budget_row_builds_its_objective_and_paper_rows_say_where_they_dep
     assert {r.penalty.get("norm") for r in exp.rows if r.penalty} == {"l2"}
     at = next(r for r in exp.rows if r.name == "adversarial training")
     assert at.method == "pgd-at" and at.penalty["adv_weight"] == 0.5  # the paper's clean + PGD mixture
+    # the paper's λ (Table 1 of its ICLR-2020 version): 3e-4 global, 2e-2 data-dependent, whose
+    # (λ/2)-forms are the penalties' own (gradreg.penalties.opnorm)
+    lams = {r.name: r.lam for r in exp.rows}
+    assert lams["global spectral norm"] == 3e-4 and lams["data-dependent operator norm"] == 2e-2
 
 
 def test_sgr_budgets_train_with_the_papers_preprocessing() -> None:

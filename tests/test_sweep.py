@@ -402,3 +402,34 @@ def test_run_names_of_an_earlier_version_are_kept() -> None:
     assert config_hash(TrainConfig(method="gn", lam=1.0, data="digits", epochs=2)) == "060be398"
     assert config_hash(TrainConfig()) == "50c81835"
     assert config_hash(TrainConfig(monitor=False)) != "50c81835"  # off is not the default: a new name
+
+
+def test_validation_scored_by_lrc_noise_matches_the_lrc_columns(tmp_path: Path) -> None:
+    """``validation_attack = "lrc"`` scores the validation split under worst-of-k LRC noise (the
+    SGR paper tunes λ at ζ = 8): at strength 0 it is the clean validation accuracy, and at 0.3 it
+    equals what the evaluation layer's LRC columns (gradreg.protocols.lrc, σ_data from the
+    training rows) compute on the same split and model."""
+    from gradreg.protocols import EvalSettings
+    from gradreg.protocols.lrc import lrc_curves, lrc_data_std
+    from gradreg.runs import load_run
+
+    def run(eps: float, name: str) -> dict:
+        cfg = TrainConfig(data="digits", model="mlp", epochs=1, quiet=True, out=str(tmp_path / name), seed=3,
+                          validation_fraction=0.2, validation_eps=eps, validation_attack="lrc",
+                          validation_lrc_zeta_px=8.0, validation_lrc_samples=5)
+        return train(cfg, log=lambda s: None)
+
+    zero = run(0.0, "zero")
+    assert "validation_pgd_accuracy" not in zero and zero["validation_attack"] == "lrc"
+    assert zero["validation_lrc_accuracy"] == zero["validation_accuracy"]
+    noisy = run(0.3, "noisy")
+    assert noisy["validation_lrc_zeta_px"] == 8.0
+    split = carve_validation(data.load("digits"), fraction=0.2)
+    model = load_run(tmp_path / "noisy").model
+    settings = EvalSettings(labels="true", seed=3, n_test=None, batch_size=500)  # the draws depend on the batching
+    want = lrc_curves(model, split, zetas=[8.0], eps=[0.3], samples=5, settings=settings,
+                      marginal_std=lrc_data_std(split))[8.0][0]
+    assert noisy["validation_lrc_accuracy"] == pytest.approx(want, abs=1e-12)
+    assert noisy["validation_lrc_accuracy"] < noisy["validation_accuracy"]  # the noise breaks some points
+    with pytest.raises(ConfigError, match="validation_attack must be one of pgd, lrc"):
+        TrainConfig(validation_attack="square").validate()

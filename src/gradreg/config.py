@@ -12,6 +12,17 @@ from typing import Any, get_type_hints
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
+# the metrics.json key of a tuning run's validation robust accuracy, per validation attack
+VALIDATION_SCORE_KEYS = {"pgd": "validation_pgd_accuracy", "lrc": "validation_lrc_accuracy"}
+
+
+def validation_score(metrics: dict[str, Any]) -> float | None:
+    """A finished tuning run's validation robust accuracy (under PGD or LRC noise, whichever it
+    was scored with), or None when ``metrics`` has none (the run has not finished)."""
+    for key in VALIDATION_SCORE_KEYS.values():
+        if key in metrics:
+            return float(metrics[key])
+    return None
 NONFINITE = ("stop", "skip")
 AMP = ("none", "bf16")
 DATA_LOADERS = ("auto", "memory", "stream")
@@ -53,6 +64,13 @@ class TrainConfig:
     validation_eps: float | None = None  # with validation_fraction > 0: also its PGD accuracy at this ε (input units)
     validation_norm: str = "linf"
     validation_pgd_steps: int = 20
+    # what the validation split is attacked with: "pgd" (at validation_eps, validation_norm), or
+    # "lrc": worst-of-validation_lrc_samples long-range-correlated noise of strength validation_eps
+    # and decay length validation_lrc_zeta_px (the SGR paper tunes λ this way, at ζ = 8)
+    validation_attack: str = "pgd"
+    validation_lrc_zeta_px: float = 8.0
+    validation_lrc_samples: int = 100
+    validation_lrc_scale: str = "data"  # "data": noise standardized to the training inputs' per-pixel variance; "unit"
     # model
     model: str = "auto"
     model_params: dict[str, Any] = field(default_factory=dict)
@@ -123,6 +141,12 @@ class TrainConfig:
         need(self.validation_eps is None or self.validation_eps >= 0, f"validation_eps must be ≥ 0, got {self.validation_eps}")
         need(self.validation_norm in ("linf", "l2"), f"validation_norm must be linf or l2, got {self.validation_norm!r}")
         need(self.validation_pgd_steps >= 1, f"validation_pgd_steps must be ≥ 1, got {self.validation_pgd_steps}")
+        need(self.validation_attack in VALIDATION_SCORE_KEYS,
+             f"validation_attack must be one of {', '.join(VALIDATION_SCORE_KEYS)}, got {self.validation_attack!r}")
+        need(self.validation_lrc_zeta_px > 0, f"validation_lrc_zeta_px must be > 0, got {self.validation_lrc_zeta_px}")
+        need(self.validation_lrc_samples >= 1, f"validation_lrc_samples must be ≥ 1, got {self.validation_lrc_samples}")
+        need(self.validation_lrc_scale in ("data", "unit"),
+             f"validation_lrc_scale must be data or unit, got {self.validation_lrc_scale!r}")
         need(self.task_weight is None or self.task_weight >= 0, f"task_weight must be ≥ 0, got {self.task_weight}")
         need(self.data_loader in DATA_LOADERS, f"data_loader must be one of {', '.join(DATA_LOADERS)}, got {self.data_loader!r}")
         need(self.num_workers >= 0, f"num_workers must be ≥ 0, got {self.num_workers}")

@@ -3,7 +3,8 @@
 Read top to bottom, this module is the run in the order it happens:
 
 1. **A row's training** — :func:`row_config` turns an experiment row and a budget into a
-   :class:`~gradreg.config.TrainConfig`; :func:`run_name` names its folder.
+   :class:`~gradreg.config.TrainConfig`; :func:`row_folder` names its folder (a sweep point's
+   folder is :func:`gradreg.sweep.run_name`'s: method, λ and a hash of its whole configuration).
 2. **λ** — rows with a ``lams`` grid are tuned on a validation split of the training data:
    :func:`sweep_base` is the sweep's training, :func:`tuning_state` reads how far a row's
    sweep (and its widening, :mod:`gradreg.widen`) has come from its run folders alone, and
@@ -106,7 +107,7 @@ def row_config(exp: experiments.Experiment, row: experiments.Row, budget: dict[s
     return cfg.validate()
 
 
-def run_name(row: experiments.Row, seed: int, *, default_seed: int | None) -> str:
+def row_folder(row: experiments.Row, seed: int, *, default_seed: int | None) -> str:
     """Run folder of a row at a seed: the row's slug for the budget's own seed when no seeds are
     asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise; a tuned row's folder
     also names its λ (``slug-lamΛ``), so a run trained at another λ is never reused."""
@@ -145,14 +146,21 @@ def sweep_settings(budget: dict[str, Any]) -> dict[str, Any]:
 
 def sweep_base(exp: experiments.Experiment, row: experiments.Row, budget: dict[str, Any], out: Path,
                data_dir: str | None) -> TrainConfig:
-    """A tuned row's training config on the validation split, scored by PGD at the training ε."""
-    if exp.autoattack_eps is None:
-        raise ValueError(f"experiment {exp.name!r}: tuning λ of {row.name!r} needs the training ε (autoattack_eps)")
+    """A tuned row's training config on the validation split, scored by PGD at the training ε, or
+    (``[tune] attack = "lrc"``) by worst-of-k LRC noise at the ``[lrc]`` strength and ``lrc_zeta``."""
     base = row_config(exp, row, budget, out / "sweeps", data_dir)
-    apply_overrides(base, {"validation_fraction": float(budget.get("sweep_validation_fraction",
-                                                                   DEFAULT_VALIDATION_FRACTION)),
-                           "validation_eps": float(exp.autoattack_eps), "validation_norm": exp.norm,
-                           "validation_pgd_steps": int(budget.get("sweep_pgd_steps", budget.get("pgd_steps", 20)))})
+    fraction = float(budget.get("sweep_validation_fraction", DEFAULT_VALIDATION_FRACTION))
+    if exp.tune.get("attack", "pgd") == "lrc":
+        lrc = LRCSettings.declared(exp, budget)  # the LRC columns' strength, worst-of-k and scale
+        apply_overrides(base, {"validation_fraction": fraction, "validation_eps": lrc.eps, "validation_attack": "lrc",
+                               "validation_lrc_zeta_px": float(exp.tune.get("lrc_zeta", 8.0)),
+                               "validation_lrc_samples": lrc.samples, "validation_lrc_scale": lrc.scale})
+    else:
+        if exp.autoattack_eps is None:
+            raise ValueError(f"experiment {exp.name!r}: tuning λ of {row.name!r} needs the training ε (autoattack_eps)")
+        apply_overrides(base, {"validation_fraction": fraction,
+                               "validation_eps": float(exp.autoattack_eps), "validation_norm": exp.norm,
+                               "validation_pgd_steps": int(budget.get("sweep_pgd_steps", budget.get("pgd_steps", 20)))})
     if budget.get("sweep_epochs") is not None:
         # brief sweeps (our choice, a cut stated by each budget that takes it): λ is ranked after
         # fewer epochs than the table's trainings, with the learning-rate schedule compressed to them
@@ -371,14 +379,14 @@ def plan_trainings(exp: experiments.Experiment, chosen: list[experiments.Row], b
     # seed-major: a wave cut short (or a scheduler that runs in order) finishes whole seeds first,
     # so a later ``--seeds`` with fewer seeds reuses everything done
     planned = {(row.name, seed): row_config(exp, row, budget, out, data_dir, seed=seed,
-                                            run_name=run_name(row, seed, default_seed=naming_default))
+                                            run_name=row_folder(row, seed, default_seed=naming_default))
                for seed in seed_list for row in chosen}
     for source in [s for s in exp.transfer_sources if any(r.name == s for r in chosen)]:
         row = next(r for r in chosen if r.name == source)
         for twin in twin_seeds(seed_list):
             if (source, twin) not in planned:
                 planned[(source, twin)] = row_config(exp, row, budget, out, data_dir, seed=twin,
-                                                     run_name=run_name(row, twin, default_seed=naming_default))
+                                                     run_name=row_folder(row, twin, default_seed=naming_default))
     return planned
 
 

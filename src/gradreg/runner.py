@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import TrainConfig, validation_score
 from .sweep import RUN_LOG, run_trainings, train_argv
 from .trainer import train
 
@@ -41,12 +41,12 @@ def default_jobs() -> int:
 
 
 def is_trained(cfg: TrainConfig) -> bool:
-    """Finished: a tuning run (validation split with an ε) has its validation PGD accuracy in
+    """Finished: a tuning run (validation split with an ε) has its validation robust accuracy in
     ``metrics.json``; any other run has its ``model.safetensors``."""
     run = Path(cfg.out)
     if cfg.validation_fraction > 0 and cfg.validation_eps is not None:
         try:
-            return "validation_pgd_accuracy" in json.loads((run / "metrics.json").read_text())
+            return validation_score(json.loads((run / "metrics.json").read_text())) is not None
         except (OSError, json.JSONDecodeError):
             return False
     return (run / "model.safetensors").exists()

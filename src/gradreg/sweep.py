@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainConfig, apply_overrides
+from .config import ConfigError, TrainConfig, apply_overrides, validation_score
 from .report import markdown_table
 
 DEFAULT_VALIDATION_FRACTION = 0.2  # our choice when the base configuration sets none
@@ -55,7 +55,8 @@ RUN_LOCATION_FIELDS = ("out", "quiet", "device", "checkpoint_every", "on_nonfini
 # fields added after run names were first hashed, whose default leaves the trained weights as
 # they were (the monitor watches on forked random generators): at their default they are left
 # out of the hash, so the run folders of an earlier version keep their names and are reused
-NEUTRAL_AT_DEFAULT = ("monitor", "monitor_every_steps", "monitor_points", "monitor_eps", "monitor_drop", "on_overfit")
+NEUTRAL_AT_DEFAULT = ("monitor", "monitor_every_steps", "monitor_points", "monitor_eps", "monitor_drop", "on_overfit",
+                      "validation_attack", "validation_lrc_zeta_px", "validation_lrc_samples", "validation_lrc_scale")
 RUN_LOG = "sweep-run.log"  # stdout+stderr of a point run by run_points
 RUN_EXIT = "sweep-exit.txt"  # its exit code
 
@@ -235,7 +236,7 @@ def is_finished(point: SweepPoint) -> bool:
     if not metrics.is_file():
         return False
     try:
-        return "validation_pgd_accuracy" in json.loads(metrics.read_text())
+        return validation_score(json.loads(metrics.read_text())) is not None
     except json.JSONDecodeError:
         return False
 
@@ -285,7 +286,7 @@ def read_row(point: SweepPoint) -> SweepRow:
         m = json.loads((point.run_dir / "metrics.json").read_text())
         row.status = "done"
         row.clean_accuracy = float(m["validation_accuracy"])
-        row.pgd_accuracy = float(m["validation_pgd_accuracy"])
+        row.pgd_accuracy = validation_score(m)  # the validation robust accuracy (PGD, or LRC noise)
         row.train_seconds = float(m.get("train_seconds", float("nan")))
     elif (point.run_dir / RUN_EXIT).is_file():
         rc = (point.run_dir / RUN_EXIT).read_text().strip()
@@ -347,9 +348,13 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 
 def to_markdown(result: SweepResult) -> str:
     b = result.spec["base"]
+    if b.get("validation_attack", "pgd") == "lrc":
+        attack = (f"worst of {b['validation_lrc_samples']} LRC noise draws, ζ = {b['validation_lrc_zeta_px']:g} px, "
+                  f"strength ε = {b['validation_eps']:g} ({b['validation_lrc_scale']} scale)")
+    else:
+        attack = f"PGD {b['validation_norm']} ε = {b['validation_eps']:g}, {b['validation_pgd_steps']} steps"
     lines = [f"# λ sweep: {result.spec['method']} on {b['data']} (validation split {b['validation_fraction']:g} "
-             f"of the training data; PGD {b['validation_norm']} ε = {b['validation_eps']:g}, "
-             f"{b['validation_pgd_steps']} steps)", "",
+             f"of the training data; {attack})", "",
              f"Rule `{result.rule}`: {result.reason}.", "",
              f"Chosen: **λ = {result.chosen.lam:g}**" + (f", ε = {result.chosen.eps:g}" if result.chosen.eps is not None else "")
              if result.chosen else "Chosen: none.", "",
@@ -361,7 +366,8 @@ def to_markdown(result: SweepResult) -> str:
         rows.append([f"{r.name}{mark}", lam, "—" if r.eps is None else f"{r.eps:g}",
                      f"{r.status}{' (' + r.note + ')' if r.note else ''}", _fmt(r.clean_accuracy),
                      _fmt(r.pgd_accuracy), _fmt(r.train_seconds, 1)])
-    lines.append(markdown_table(["run", "λ", "ε", "status", "clean val. acc.", "PGD val. acc.", "train s"], rows))
+    score = "LRC" if b.get("validation_attack", "pgd") == "lrc" else "PGD"
+    lines.append(markdown_table(["run", "λ", "ε", "status", "clean val. acc.", f"{score} val. acc.", "train s"], rows))
     return "\n".join(lines) + "\n"
 
 

@@ -214,6 +214,7 @@ class Trainer:
             self.train_x = setup_x = self.bundle.train_x.to(self.device)
             self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
         # the penalties take the data set's bounds (their ε defaults scale with the box)
+        self.setup_x = setup_x  # the rows the objective is set up on (also σ_data of the LRC validation score)
         self.objective.setup(self.model, setup_x, self.bundle.bounds)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
@@ -413,8 +414,13 @@ class Trainer:
         if cfg.validation_fraction > 0:  # what was scored is the validation split: say so in the keys
             scores: dict[str, Any] = {"eval_split": "validation", "validation_accuracy": test_acc}
             if cfg.validation_eps is not None:
-                scores["validation_pgd_accuracy"] = self.validation_pgd_accuracy()
-                scores.update(validation_eps=cfg.validation_eps, validation_norm=cfg.validation_norm)
+                if cfg.validation_attack == "lrc":
+                    scores["validation_lrc_accuracy"] = self.validation_lrc_accuracy()
+                    scores.update(validation_eps=cfg.validation_eps, validation_attack="lrc",
+                                  validation_lrc_zeta_px=cfg.validation_lrc_zeta_px)
+                else:
+                    scores["validation_pgd_accuracy"] = self.validation_pgd_accuracy()
+                    scores.update(validation_eps=cfg.validation_eps, validation_norm=cfg.validation_norm)
         else:
             scores = {"eval_split": "test", "test_accuracy": test_acc}
         scores["eval_n"] = int(len(self.test_y))  # the points behind that accuracy (for its interval)
@@ -441,6 +447,27 @@ class Trainer:
         assert cfg.validation_eps is not None
         attack = make("pgd", steps=cfg.validation_pgd_steps, labels="true", seed=cfg.seed)
         threat = ThreatModel(norm=cfg.validation_norm, eps=0.0, bounds=self.bundle.bounds)
+        return robust_accuracy(self.model, self.test_x, self.test_y, attack, threat, [cfg.validation_eps],
+                               batch_size=cfg.eval_batch_size, progress=False)[0]
+
+    def validation_lrc_accuracy(self) -> float:
+        """Fraction of the validation split still classified correctly under worst-of-
+        ``validation_lrc_samples`` long-range-correlated noise (SGR paper, SPEC §3) of strength
+        ``validation_eps`` and decay length ``validation_lrc_zeta_px``: the score the SGR paper
+        tunes λ on (at ζ = 8). With scale "data" the unit-variance noise is multiplied by σ_data,
+        the square root of the mean per-pixel variance of the rows the objective was set up on
+        (the whole training split in memory, a fixed subset when streamed), as the LRC columns do."""
+        from .attacks import make
+        from .attacks.lrc import mean_marginal_variance
+        from .judge import robust_accuracy
+        from .threat import ThreatModel
+
+        cfg = self.cfg
+        assert cfg.validation_eps is not None
+        std = math.sqrt(mean_marginal_variance(self.setup_x)) if cfg.validation_lrc_scale == "data" else 1.0
+        attack = make("lrc", zeta_px=cfg.validation_lrc_zeta_px, samples=cfg.validation_lrc_samples,
+                      marginal_std=std, labels="true", seed=cfg.seed)
+        threat = ThreatModel("l2", 0.0, self.bundle.bounds)  # a noise strength, not a radius: only the bounds apply
         return robust_accuracy(self.model, self.test_x, self.test_y, attack, threat, [cfg.validation_eps],
                                batch_size=cfg.eval_batch_size, progress=False)[0]
 

@@ -92,7 +92,7 @@ def describe(settings, data: str) -> str:
             f"{'all' if settings.n_test is None else f'first {settings.n_test}'} test points of {data}")
 
 
-def aa_columns(results: list) -> list[float]:
+def aa_radii(results: list) -> list[float]:
     """The AutoAttack radii of the evaluation (the same for every run)."""
     return [a["eps"] for a in (results[0].autoattack or [])]
 
@@ -100,7 +100,7 @@ def aa_columns(results: list) -> list[float]:
 def eval_table(results: list) -> tuple[list[str], list[list[str]], list[str], list[list[object]]]:
     """(Markdown header, Markdown rows, CSV header, CSV rows): every accuracy with its 95 % interval."""
     attacks = list(results[0].curves)
-    aa_eps = aa_columns(results)
+    aa_eps = aa_radii(results)
     pgd_at = [f"PGD ε={e:.4g}" for e in aa_eps] if aa_eps else []
     aa_names = [f"AutoAttack ε={e:.4g}" for e in aa_eps]
     header = ["run", "n", "clean", *[f"{LABELS.get(a, a)} (avg)" for a in attacks],

@@ -45,6 +45,10 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   ``norms_n`` / ``norms_iterations`` (the per-example gradient and operator norms of every
   trained row on that many test points, with that many power iterations).
 - ``[reading]`` states the report's honest-reading question (see :mod:`gradreg.reproduce`).
+- ``[tune]`` says how tuned rows are scored on the validation split: ``attack = "pgd"`` (PGD at
+  ``autoattack_eps``, the default) or ``"lrc"`` (worst-of-k LRC noise of the ``[lrc]`` strength,
+  scale and samples, at decay length ``lrc_zeta``; the SGR paper tunes λ at ζ = 8); its ``lams``
+  (``{ "ROW" = [...] }``) gives λ grids to rows by name, rows reused with ``rows_from`` included.
 """
 from __future__ import annotations
 
@@ -108,7 +112,11 @@ class Experiment:
     lrc: dict[str, Any] = field(default_factory=dict)  # the LRC columns' eps, samples, scale
     autoattack_eps: float | None = None  # the training ε: PGD and AutoAttack columns there
     autoattack_at_budget_eps: bool = False  # autoattack_eps = "$eps": the budget's eps (set by for_budget)
-    reading: dict[str, Any] = field(default_factory=dict)  # the honest-reading question ([reading])
+    reading: dict[str, Any] = field(default_factory=dict)
+    # [tune]: how tuned rows are scored on validation: attack = "pgd" (at autoattack_eps, the
+    # default) or "lrc" (LRC noise of the [lrc] strength at decay length lrc_zeta); ``lams`` gives
+    # grids to rows by name, also to rows reused with rows_from
+    tune: dict[str, Any] = field(default_factory=dict)  # the honest-reading question ([reading])
 
     def budget(self, name: str) -> dict[str, Any]:
         if name not in self.budgets:
@@ -150,6 +158,14 @@ def load(name: str) -> Experiment:
     rows += [Row(**r) for r in raw.get("rows", [])]  # the file's own rows, after the reused ones
     if len({r.name for r in rows}) != len(rows):
         raise ValueError(f"experiment {name!r}: row names must be unique, got {[r.name for r in rows]}")
+    tune = dict(raw.get("tune", {}))
+    if tune.get("attack", "pgd") not in ("pgd", "lrc"):
+        raise ValueError(f"experiment {name!r}: [tune] attack must be pgd or lrc, got {tune['attack']!r}")
+    grids = {str(k): [float(v) for v in vs] for k, vs in tune.get("lams", {}).items()}
+    unknown = sorted(set(grids) - {r.name for r in rows})
+    if unknown:
+        raise ValueError(f"experiment {name!r}: [tune] lams names rows it does not have: {unknown}")
+    rows = [replace(r, lams=grids[r.name]) if r.name in grids else r for r in rows]
     by_name = {r.name: r for r in rows}
     for r in rows:
         if r.lam_from and (r.lams or r.lam_from not in by_name or not by_name[r.lam_from].lams):
@@ -167,4 +183,4 @@ def load(name: str) -> Experiment:
                       budgets=raw["budgets"], rows=rows, paper=paper,
                       paper_data=raw.get("paper_data", ""), lrc=dict(raw.get("lrc", {})),
                       autoattack_eps=float(aa) if aa is not None and aa != EPS else None,
-                      autoattack_at_budget_eps=aa == EPS, reading=dict(raw.get("reading", {})))
+                      autoattack_at_budget_eps=aa == EPS, reading=dict(raw.get("reading", {})), tune=tune)
