@@ -317,6 +317,7 @@ def summary_json(inp: ReportInput, lay: Layout, *, table: str, frontier: dict[st
 
 
 def row_json(inp: ReportInput, lay: Layout, r: RowResult) -> dict[str, Any]:
+    """One row of results.json: its cells, intervals, per-seed values and per-example outcomes."""
     return {"cells": dict(zip(inp.exp.columns, [cell(r, c) for c in inp.exp.columns])),
             "extra_cells": {c: cell(r, c) for c in aa_columns(inp.exp)},
             "intervals": {c: iv.as_dict() for c in lay.names if (iv := cell_interval(r, c))},
