@@ -74,7 +74,7 @@ def random_bundle(seed: int) -> data.DataBundle:
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand((2256, 1, 28, 28), generator=gen)
     y = torch.randint(0, 10, (2256,), generator=gen)
-    return data.DataBundle("random", x[:2000], y[:2000], x[2000:], y[2000:], num_classes=10)
+    return data.DataBundle("random", x[:2000], y[:2000], x[2000:], y[2000:], num_classes=10, bounds=(0.0, 1.0))  # torch.rand
 
 
 def timed(fn: Callable[[], torch.Tensor], repeats: int, device: torch.device) -> tuple[float, torch.Tensor]:

@@ -29,6 +29,7 @@ def test_npz_nhwc_uint8_with_fixed_split(tmp_path: Path) -> None:
     want = x.astype(np.float32)
     assert np.allclose(np.sort(got.reshape(30, -1), axis=0), np.sort(want.reshape(30, -1), axis=0), atol=1e-3)
     assert sorted(torch.cat([b.train_y, b.test_y]).tolist()) == sorted(y.tolist())
+    assert b.bounds == (0.0, 1.0)  # uint8 pixels 0..255 are read as pixel / 255
     again = data.load(str(tmp_path / "set.npz"))
     assert torch.equal(again.test_x, b.test_x)  # the split is fixed
 

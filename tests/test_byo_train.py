@@ -89,7 +89,9 @@ def test_shard_sampler_takes_the_in_memory_rows(n: int, batch_size: int, world: 
 def test_auto_streams_only_a_large_factory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(Trainer(_cfg(tmp_path, "a", data="byo_nets:digits_pair"), log=_quiet).bundle, data.DataBundle)
     monkeypatch.setattr(stream, "STREAM_ABOVE_BYTES", 1000)  # digits' training images: 1,437·64·4 bytes
-    assert isinstance(Trainer(_cfg(tmp_path, "b", data="byo_nets:digits_pair"), log=_quiet).bundle, stream.StreamingData)
+    streamed = Trainer(_cfg(tmp_path, "b", data="byo_nets:digits_pair"), log=_quiet).bundle
+    assert isinstance(streamed, stream.StreamingData)
+    assert streamed.bounds == (0.0, 1.0)  # the range its batches are converted to (data.external.IMAGE_BOUNDS)
     # gradreg's own data sets and files are held in memory whatever their size
     assert isinstance(Trainer(_cfg(tmp_path, "c"), log=_quiet).bundle, data.DataBundle)
 

@@ -48,11 +48,29 @@ def test_bad_input_is_one_clear_line(argv: list[str], message: str, run_dir: Pat
 def test_data_bundle_refuses_bad_tensors() -> None:
     x, y = torch.rand(4, 1, 2, 2), torch.tensor([0, 1, 2, 3])
     with pytest.raises(ValueError, match="labels out of range"):
-        DataBundle("t", x, y, x, y, num_classes=3)
+        DataBundle("t", x, y, x, y, num_classes=3, bounds=(0.0, 1.0))
     with pytest.raises(ValueError, match="outside the data set's bounds"):
-        DataBundle("t", x * 255, y, x, y, num_classes=4)
+        DataBundle("t", x * 255, y, x, y, num_classes=4, bounds=(0.0, 1.0))
     with pytest.raises(ValueError, match=r"must be \(N, C, H, W\)"):
-        DataBundle("t", x.flatten(1), y, x, y, num_classes=4)
+        DataBundle("t", x.flatten(1), y, x, y, num_classes=4, bounds=(0.0, 1.0))
+
+
+def test_data_bounds_come_from_the_data() -> None:
+    """No box is assumed: a bundle without bounds is refused, declared bounds other than [0, 1]
+    are the ones checked and kept (also when the bundle is streamed or a validation split is
+    carved from it)."""
+    from gradreg.data.stream import from_bundle
+    from gradreg.data.validation import carve_validation
+
+    x, y = torch.rand(40, 1, 2, 2), torch.arange(40) % 2
+    with pytest.raises(TypeError, match="bounds"):
+        DataBundle("t", x, y, x, y, num_classes=2)  # type: ignore[call-arg]  # the point: bounds are required
+    pixels = DataBundle("t", x * 255, y, x * 255, y, num_classes=2, bounds=(0.0, 255.0))
+    assert pixels.bounds == (0.0, 255.0)
+    assert from_bundle(pixels).bounds == (0.0, 255.0)
+    assert carve_validation(pixels, fraction=0.25).bounds == (0.0, 255.0)
+    with pytest.raises(ValueError, match="outside the data set's bounds"):
+        DataBundle("t", x * 255 - 1, y, x, y, num_classes=2, bounds=(0.0, 255.0))
 
 
 @pytest.fixture(scope="module")

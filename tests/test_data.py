@@ -200,6 +200,7 @@ def test_registered_names() -> None:
 def test_digits_split_and_stratified_split_fixed() -> None:
     bundle = data.load("digits")
     assert (len(bundle.train_y), len(bundle.test_y)) == (1437, 360)
+    assert bundle.bounds == (0.0, 1.0) and float(bundle.train_x.max()) == 1.0  # counts 0..16 over 16
     y = np.random.default_rng(0).integers(0, 5, 503)
     a, b = stratified_split(y, test_size=100, seed=0), stratified_split(y, test_size=100, seed=0)
     np.testing.assert_array_equal(a[0], b[0])

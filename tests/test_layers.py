@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("scheduling", ["schedule", "objective"]),
     ("training", ["trainer", "trainio", "monitor", "checkpoint", "lock"]),
     ("evaluation", ["protocols/", "report", "runs", "analysis"]),
-    ("orchestration", ["reproduce", "tables", "experiment_report", "sweep", "widen", "runner", "experiments/", "frontier", "cost", "api", "plugins", "gradreg"]),
+    ("orchestration", ["reproduce", "tables", "experiment_report", "experiment_figures", "reading", "sweep", "widen", "runner", "experiments/", "frontier", "cost", "api", "plugins", "gradreg"]),
     ("CLI", ["cli", "__main__", "commands/"]),
 ]
 LEVEL = {unit: i for i, (_, units) in enumerate(LAYERS) for unit in units}

@@ -15,7 +15,7 @@ from gradreg.cli import main
 from gradreg.cost import StepCost
 from gradreg.penalties import noise_aug  # noqa: F401  (registers "lrc-aug")
 from gradreg.protocols import EvalSettings, ModelEval
-from gradreg.experiment_report import honest_reading
+from gradreg.reading import honest_reading
 from gradreg.reproduce import GRADIENT_PENALTY_METHODS, autoattack_settings, report_only, row_config, sweep_grid
 from gradreg.tables import RowResult
 from gradreg.sweep import SweepSpec, sweep_points
@@ -230,7 +230,7 @@ def test_honest_reading_bar_is_a_share_of_the_gain_and_cost_can_be_on_the_edge()
 
 
 def test_the_lambda_table_flags_a_choice_at_the_end_of_its_grid() -> None:
-    from gradreg.experiment_report import grid_edge, tuning_lines
+    from gradreg.experiment_figures import grid_edge, tuning_lines
     from gradreg.tables import LamChoice
 
     grid = (0.1, 1.0, 10.0)
@@ -248,7 +248,7 @@ def test_the_lambda_table_flags_a_choice_at_the_end_of_its_grid() -> None:
 
 
 def test_the_lambda_table_shows_each_sweeps_validation_curve(tmp_path: Path) -> None:
-    from gradreg.experiment_report import tuning_lines
+    from gradreg.experiment_figures import tuning_lines
     from gradreg.tables import LamChoice
 
     curve = ((0.1, 0.98, 0.40), (1.0, 0.97, 0.55), (10.0, 0.90, 0.50))  # (λ, clean, PGD)

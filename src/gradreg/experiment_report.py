@@ -1,44 +1,338 @@
-"""The report of a finished experiment: Markdown, CSV, JSON and plots, one function per section
-(:func:`write_report` puts them in order). It reads :mod:`gradreg.tables`' result model and runs
-no training or attack, so ``gradreg reproduce --report-only`` re-renders a folder with it.
+"""The report of a finished experiment: Markdown, CSV, JSON and plots, one function per section;
+:func:`write_report` calls them in the report's order. It reads :mod:`gradreg.tables`' result
+model and runs no training or attack, so ``gradreg reproduce --report-only`` re-renders a folder
+with it. What the report concludes beside its tables (rows with one objective, the honest
+reading) is computed in :mod:`gradreg.reading`; the sections that draw a figure are in
+:mod:`gradreg.experiment_figures`.
 
-Sections: the header and column description, the table, the rows that share one objective,
-the rows' protocol notes, the λ of every row (with each sweep's validation curve), the
-robustness-per-compute frontier, the honest reading, the catastrophic-overfitting monitor,
-the norms each model has, AutoAttack's provenance, the differences between rows, the transfer
-sources, the plots and the masking checks.
-
-Why over 500 lines: every section of the report lives here, so that ``reproduce`` and
-``--report-only`` render from one place; :func:`write_report` still builds the table, header,
-differences and plots inline (moving each into its own function is open work)."""
+Sections, in order: the header (title, data, what the columns measure), the table, the
+budget and where the numbers came from, the rows that share one objective, the experiment's and
+rows' notes, the λ of every row (with each sweep's validation curve), the robustness-per-compute
+frontier, the honest reading, the catastrophic-overfitting monitor, the norms each model has,
+AutoAttack's provenance, the differences between rows (Holm-adjusted tests), the transfer
+sources, the plots (PGD, LRC, transfer) and the masking checks (written by
+:func:`gradreg.protocols.masking_lines`, shared with ``gradreg eval``). Then table.csv and
+results.json."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import experiments
-from . import stats
-from .analysis import norm_stats, norms_markdown, plot_norm_distributions
-from .cost import relative_cost
-from .frontier import FrontierPoint, plot_frontier
+from .analysis import norm_stats
+from .experiment_figures import (frontier_section, lrc_plot_lines, norms_lines, pgd_plot_lines, transfer_plot_lines,
+                                 tuning_lines)
 from .monitor import GAP
-from .protocols import (
-    EvalSettings,
-    masking_lines,
-    bits,
-    masking_summary,
-)
-from .report import (fmt, fmt_interval, interval_columns, markdown_table, plot_curves, plot_lambda_curves, plot_matrix,
-                     write_csv, write_json)
-from .stats import adjust_family, compare, over_seeds
+from .protocols import EvalSettings, bits, masking_lines, masking_summary
+from .reading import alias_groups, honest_reading, objective_text, resolved_objective
+from .report import fmt, fmt_interval, interval_columns, markdown_table, write_csv, write_json
+from .tables import (ATTACK_COLUMNS, COMPARED_COLUMNS, DATA_LABELS, LRC_DATA_COLUMN, LamChoice, LRCSettings, Reuse,
+                     RowResult, aa_columns, cell, cell_interval, cell_scores, cell_values, difference_lines,
+                     display_columns, worst_column)
 
-from .tables import (ATTACK_COLUMNS, DATA_LABELS, LRC_DATA_COLUMN, RowResult, LRCSettings, lrc_column, LamChoice, Reuse, aa_columns, worst_column, display_columns, cell_scores, cell_values, cell, cell_interval, COMPARED_COLUMNS, difference_lines)
 
+@dataclass(frozen=True)
+class ReportInput:
+    """What a report is rendered from: the experiment at its budget, every row's results, and
+    what the run measured beside them.
+
+    ``matrix``: PGD transfer accuracy per (source, target) and ε; ``provenance``: the twin each
+    transfer column was crafted on; ``norms``: per-example norms of a fresh run, or, re-rendered,
+    ``stored_norms``: their stored quartiles. ``rendered_from``: the stored summary that
+    :func:`gradreg.reproduce.report_only` re-renders, whose time it carries over (``None`` for a
+    fresh run, whose ``elapsed_seconds`` and ``reuse`` the report states)."""
+
+    exp: experiments.Experiment
+    budget_name: str
+    budget: dict[str, Any]
+    results: dict[str, RowResult]
+    settings: EvalSettings
+    seeds: list[int]
+    elapsed_seconds: float
+    matrix: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    lrc: LRCSettings | None = None
+    twins: list[int] | None = None
+    provenance: list[dict[str, Any]] = field(default_factory=list)
+    tuning: dict[str, LamChoice] = field(default_factory=dict)
+    norms: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    reuse: Reuse | None = None
+    stored_norms: dict[str, list[dict[str, Any]]] | None = None
+    rendered_from: dict[str, Any] | None = None
+
+    @property
+    def data(self) -> str:
+        return str(self.budget["data"])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What several sections read, computed once from a :class:`ReportInput` (:func:`layout`)."""
+
+    seeds: list[int]  # the input's seeds, else the budget's seed
+    columns: list[tuple[str, int | None]]  # (displayed column, index into the paper's numbers or None)
+    watched: bool  # some training ran the catastrophic-overfitting monitor: the table gets an "overfit" column
+    lams: dict[str, float | None]  # row → the λ it was trained at (rows with a λ choice)
+    aliases: dict[str, list[str]]  # first row → later rows with the same objective
+    shown: dict[str, RowResult]  # one row per objective: the rows that the table, tests and reading show
+
+    @property
+    def names(self) -> list[str]:
+        return [c for c, _ in self.columns]
+
+
+def layout(inp: ReportInput) -> Layout:
+    """The input's seeds, columns, λ and rows with one objective, for every section."""
+    lams = {n: c.lam for n, c in inp.tuning.items()}
+    aliases = alias_groups([r for r in inp.exp.rows if r.name in inp.results], lams)
+    aliased = {a for names in aliases.values() for a in names}
+    return Layout(seeds=inp.seeds or [int(inp.budget.get("seed", 0))], columns=display_columns(inp.exp),
+                  watched=any(r for res in inp.results.values() for r in res.monitor), lams=lams, aliases=aliases,
+                  shown={n: r for n, r in inp.results.items() if n not in aliased})
+
+
+def write_report(inp: ReportInput, out: Path) -> dict[str, Any]:
+    """report.md, table.csv, results.json and the plots of a finished experiment in ``out``;
+    returns the summary written to results.json. Sections are computed in the report's order
+    (the tests of the honest reading and of the differences draw from seeded generators)."""
+    lay = layout(inp)
+    table = markdown_table(*table_rows(inp, lay))
+    lines = [*header_lines(inp, lay), table, "", *provenance_lines(inp), *alias_lines(inp, lay), *note_lines(inp)]
+    if inp.tuning:
+        lines += tuning_lines(inp.tuning, {n: r.method for n, r in inp.results.items()}, out)
+    frontier_text, frontier = frontier_section(inp.exp, lay.shown, data=inp.data, out=out)
+    reading_text, reading = reading_section(inp, lay)
+    lines += [*frontier_text, *reading_text, *(monitor_lines(lay.shown) if lay.watched else []),
+              *norms_lines(inp.norms, inp.stored_norms, norm=inp.exp.norm, data=inp.data, out=out),
+              *autoattack_lines(inp.results)]
+    difference_text, sentences = difference_section(lay)
+    lines += [*difference_text, *transfer_source_lines(inp.provenance),
+              *pgd_plot_lines(inp.exp, inp.results, data=inp.data, out=out),
+              *lrc_plot_lines(inp.exp, inp.results, inp.lrc, data=inp.data, out=out),
+              *transfer_plot_lines(inp.results, inp.matrix, out=out), "", *masking_section(inp, lay)]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_csv(out / "table.csv", *csv_rows(inp, lay))
+    summary = summary_json(inp, lay, table=table, frontier=frontier, reading=reading, differences=sentences)
+    write_json(out / "results.json", summary)
+    print(table)
+    print(f"report: {out / 'report.md'}")
+    return summary
+
+
+# ---- the table ---------------------------------------------------------------------------------
+
+def table_rows(inp: ReportInput, lay: Layout) -> tuple[list[str], list[list[str]]]:
+    """The table's header and rows: one row per objective, each cell 'value [interval]' (the
+    paper's number in parentheses), then step cost, training minutes, the monitor and the checks."""
+    header = ["method", *lay.names, "step ×clean", "train min", *(["overfit"] if lay.watched else []), "checks"]
+    return header, [table_row(inp, lay, name, res) for name, res in lay.shown.items()]
+
+
+def table_row(inp: ReportInput, lay: Layout, name: str, res: RowResult) -> list[str]:
+    paper = inp.exp.paper.get(name, [])
+    cells = []
+    for col, j in lay.columns:
+        theirs = paper[j] if j is not None and j < len(paper) else None
+        if col == "ρ":
+            text = fmt(cell(res, col), percent=False)
+            text += f" ({theirs:.3f})" if theirs is not None else ""
+        else:
+            text = fmt_interval(cell_interval(res, col))
+            text += f" ({theirs:.1f})" if theirs is not None else ""
+        cells.append(text)
+    minutes = sum(res.train_seconds) / len(res.train_seconds) / 60
+    label = name + (f" (≡ {', '.join(lay.aliases[name])})" if name in lay.aliases else "")
+    return [label, *cells, res.step_cost.text() if res.step_cost else "–",
+            f"{minutes:.1f}" if math.isfinite(minutes) else "–",
+            *([monitor_cell(res)] if lay.watched else []),
+            masking_summary([c for ev in res.evals for c in ev.checks])]
+
+
+def csv_rows(inp: ReportInput, lay: Layout) -> tuple[list[str], list[list[object]]]:
+    """table.csv: per shown row, each column's value with its interval, then seeds, n, training
+    seconds and the step cost with its interval."""
+    header = ["method", *[k for c in lay.names for k in interval_columns(c)], "seeds", "n",
+              "train_seconds", "step_cost", "step_cost_lo", "step_cost_hi"]
+    rows = []
+    for name, res in lay.shown.items():
+        raw: list[object] = [name]
+        for col in lay.names:
+            iv = None if col == "ρ" else cell_interval(res, col)
+            raw += [cell(res, col), iv.lo if iv else None, iv.hi if iv else None]
+        cost = res.step_cost
+        rows.append([*raw, len(res.evals), res.eval.n, sum(res.train_seconds) / len(res.train_seconds),
+                     cost.ratio if cost else None, cost.lo if cost else None, cost.hi if cost else None])
+    return header, rows
+
+
+# ---- the text above and below the table ----------------------------------------------------------
+
+def header_lines(inp: ReportInput, lay: Layout) -> list[str]:
+    """The title, what the rows were trained and evaluated on, and what every column measures."""
+    exp, data, seeds = inp.exp, inp.data, lay.seeds
+    data_label = DATA_LABELS.get(data, data)
+    seeds_text = f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
+    reference_only = (f"; the paper's numbers (in parentheses) are on {exp.paper_data}, so they are a reference, not a "
+                      "like-for-like comparison" if exp.paper_data and data not in exp.paper_data.lower() else "")
+    overfit = (" 'overfit': the seeds in which the catastrophic-overfitting monitor fired, and those ending with FGSM "
+               "far above PGD ('gap'), out of the seeds trained (section below)." if lay.watched else "")
+    return [f"# {exp.title}", "",
+            f"Experiment `{exp.name}`, budget `{inp.budget_name}`, {seeds_text}: trained and evaluated on "
+            f"**{data_label}**{reference_only}.", "",
+            describe_columns(exp, inp.settings, inp.settings.grid(data), inp.lrc, data_label, seeds=seeds) + overfit, ""]
+
+
+def provenance_lines(inp: ReportInput) -> list[str]:
+    """The budget, and how long this invocation took (or that the report was re-rendered from
+    stored outcomes, and what those outcomes predate)."""
+    if inp.rendered_from is None:
+        threads = torch.get_num_threads()
+        how = (f"This invocation took {inp.elapsed_seconds / 60:.1f} min on {threads} thread{'s' if threads > 1 else ''}."
+               + (inp.reuse.text() if inp.reuse else ""))
+    else:
+        stored = inp.rendered_from
+        how = ("Re-rendered from the stored per-example outcomes by `gradreg reproduce --report-only`: no training or "
+               "attack ran for this report" + (f"; the runs' last invocation took {stored['elapsed_seconds'] / 60:.1f} min"
+                                               if stored.get("elapsed_seconds") else "") + ".")
+        if stored.get("lacking"):
+            how += (f" The budget above is the experiment file's today; it now also asks for "
+                    f"{' and '.join(stored['lacking'])}, which the stored outcomes predate (the models are not "
+                    "re-attacked), so the masking checks that need them read 'not measured'.")
+    return [f"Budget: {json.dumps(inp.budget)}. " + how, ""]
+
+
+def alias_lines(inp: ReportInput, lay: Layout) -> list[str]:
+    """Rows that train the same objective as an earlier row (:func:`gradreg.reading.alias_groups`)."""
+    if not lay.aliases:
+        return []
+
+    def sentence(first: str, names: list[str]) -> str:
+        row = next(r for r in inp.exp.rows if r.name == first)
+        return (f"{', '.join(names)} train{'s' if len(names) == 1 else ''} the same objective as {first} at the λ "
+                f"used ({objective_text(resolved_objective(row, lay.lams.get(first)))}), so the table, the tests and "
+                f"the honest reading show it once, as {first}; {'its' if len(names) == 1 else 'their'} own runs stay "
+                "in results.json")
+    return ["Rows with one objective: " + "; ".join(sentence(first, names) for first, names in lay.aliases.items())
+            + " (gradreg.experiment_report.resolved_objective).", ""]
+
+
+def note_lines(inp: ReportInput) -> list[str]:
+    """The experiment's note, and which variant each row runs (e.g. which adversarial training)."""
+    lines = [inp.exp.note, ""] if inp.exp.note else []
+    row_notes = [f"- **{r.name}**: {r.note}" for r in inp.exp.rows if r.note and r.name in inp.results]
+    return lines + (["Rows:", "", *row_notes, ""] if row_notes else [])
+
+
+def reading_section(inp: ReportInput, lay: Layout) -> tuple[list[str], dict[str, Any]]:
+    """The honest reading (:func:`gradreg.reading.honest_reading`) of an experiment that asks one."""
+    if inp.exp.autoattack_eps is None or not inp.exp.reading:
+        return [], {}
+    reading = honest_reading(inp.exp.reading, lay.shown, worst_column(inp.exp), lay.aliases)
+    return ["## Honest reading", "", reading["sentence"], "", *[f"- {v}" for v in reading["rows"]], ""], reading
+
+
+def autoattack_lines(results: dict[str, RowResult]) -> list[str]:
+    """AutoAttack's package, version, attacks and seed, from the first run that used it."""
+    aa_runs = [a["run"] for res in results.values() for a in res.eval.autoattack or []]
+    if not aa_runs:
+        return []
+    r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]  # present: aa_runs is non-empty
+    return [f"AutoAttack: {r['package']} {r['package_version']}, version {r['version']}, attacks "
+            f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.", ""]
+
+
+def difference_section(lay: Layout) -> tuple[list[str], list[str]]:
+    """What the statistics allow us to say about differences between the shown rows: paired
+    tests per compared column, Holm-adjusted per column (gradreg.tables.difference_lines);
+    returns the section and its sentences (for results.json)."""
+    reference = next((n for n, r in lay.shown.items() if r.method == "clean"), None)
+    sentences = []
+    for col in [c for c in lay.names if c in COMPARED_COLUMNS or c.startswith("worst ε=")]:
+        scores = {n: torch.stack(sc) if len(sc) > 1 else sc[0]
+                  for n, r in lay.shown.items() if (sc := cell_scores(r, col)) is not None}
+        if len(scores) > 1:
+            sentences += difference_lines(col, scores, reference=reference)
+    if not sentences:
+        return [], []
+    test = ("exact McNemar test" if len(lay.seeds) == 1 else
+            "two-level randomization test over seeds and test points, gradreg.stats.two_level_test")
+    return ["## Differences between rows", "",
+            f"Paired tests on the same test points ({test}; grid averages: the same test on each point's "
+            "average), α = 0.05. The tests of one column are one family: their p-values are Holm-adjusted "
+            "(raw and adjusted p shown), and a difference is stated only where the adjusted p is below α.", "",
+            *[f"- {s}" for s in sentences], ""], sentences
+
+
+def transfer_source_lines(provenance: list[dict[str, Any]]) -> list[str]:
+    """Which twin every transfer column was crafted on."""
+    if not provenance:
+        return []
+    return ["## Transfer sources", "",
+            "Every transfer column is crafted on a twin of the source row (same method, another training seed); "
+            "no twin is the model it is judged on.", "",
+            *[f"- seed {p['seed']}: ←{p['source']} crafted on {p['source_run']} (seed {p['source_seed']})"
+              for p in provenance], ""]
+
+
+def masking_section(inp: ReportInput, lay: Layout) -> list[str]:
+    """Every row's gradient-masking checks, per seed when there are several (the writer shared
+    with ``gradreg eval``: :func:`gradreg.protocols.masking_lines`)."""
+    return masking_lines([(f"{res.name}" + (f" (seed {seed})" if len(lay.seeds) > 1 else ""), ev.checks)
+                          for res in inp.results.values() for seed, ev in zip(lay.seeds, res.evals)])
+
+
+# ---- results.json ---------------------------------------------------------------------------------
+
+def summary_json(inp: ReportInput, lay: Layout, *, table: str, frontier: dict[str, Any], reading: dict[str, Any],
+                 differences: list[str]) -> dict[str, Any]:
+    """results.json: every row's cells, intervals, per-seed values and per-example outcomes
+    (what ``--report-only`` re-renders from), with the report's sections' findings."""
+    exp = inp.exp
+    summary = {"experiment": exp.name, "budget": inp.budget_name, "data": inp.data, "columns": exp.columns,
+               "display_columns": lay.names, "seeds": lay.seeds, "transfer_twin_seeds": inp.twins,
+               "rows": {n: row_json(inp, lay, r) for n, r in inp.results.items()},
+               "aliases": lay.aliases, "elapsed_seconds": inp.elapsed_seconds if inp.rendered_from is None else
+               inp.rendered_from.get("elapsed_seconds"),
+               "paper": exp.paper, "transfer": inp.matrix, "transfer_sources": inp.provenance,
+               "differences": differences, "table_markdown": table}
+    if inp.lrc is not None:
+        summary["lrc"] = {"eps": inp.lrc.eps, "samples": inp.lrc.samples, "scale": inp.lrc.scale,
+                          "marginal_std": inp.lrc.marginal_std}
+    if inp.tuning:
+        summary["lam"] = {n: dataclasses.asdict(c) for n, c in inp.tuning.items()}
+    if frontier:
+        summary["frontier"] = frontier
+    if reading:
+        summary["reading"] = reading
+    if inp.norms:
+        summary["norms"] = {n: [vars(s) for s in norm_stats(v)] for n, v in inp.norms.items()}
+    elif inp.stored_norms:
+        summary["norms"] = inp.stored_norms
+    return summary
+
+
+def row_json(inp: ReportInput, lay: Layout, r: RowResult) -> dict[str, Any]:
+    """One row of results.json: its cells, intervals, per-seed values and per-example outcomes."""
+    return {"cells": dict(zip(inp.exp.columns, [cell(r, c) for c in inp.exp.columns])),
+            "extra_cells": {c: cell(r, c) for c in aa_columns(inp.exp)},
+            "intervals": {c: iv.as_dict() for c in lay.names if (iv := cell_interval(r, c))},
+            "per_seed": {c: cell_values(r, c) for c in lay.names},
+            "train_seconds": sum(r.train_seconds) / len(r.train_seconds),
+            "train_seconds_per_seed": r.train_seconds,
+            "step_cost": r.step_cost.as_dict() if r.step_cost else None,
+            "test_accuracy_per_seed": r.test_accuracy,
+            "lrc_per_seed": r.lrc,
+            "monitor_per_seed": r.monitor,
+            "transfer_outcomes": {s: [[bits(row) for row in f] for f in fs] for s, fs in r.transfer.items()},
+            "eval": r.eval.to_dict(), "evals": [ev.to_dict() for ev in r.evals]}
+
+
+# ---- the sections' own pieces ----------------------------------------------------------------------
 
 def monitor_cell(res: RowResult) -> str:
     """The table's overfitting cell: seeds the drop rule flagged, and seeds whose last check had
@@ -137,440 +431,3 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
                  "in the same round, with the interquartile range (gradreg.cost); 'train min': the wall-clock "
                  "training time of the run (mean over seeds), which depends on the machine's load.")
     return " ".join(parts)
-
-
-def write_report(exp: experiments.Experiment, budget_name: str, budget: dict[str, Any], results: dict[str, RowResult],
-                 matrix: dict[str, dict[str, list[float]]], out: Path, settings: EvalSettings, *,
-                 elapsed: float, lrc: LRCSettings | None = None, seeds: list[int] | None = None,
-                 twins: list[int] | None = None, provenance: list[dict[str, Any]] | None = None,
-                 tuning: dict[str, LamChoice] | None = None,
-                 norms: dict[str, dict[str, torch.Tensor]] | None = None,
-                 reuse: Reuse | None = None, stored_norms: dict[str, list[dict[str, Any]]] | None = None,
-                 rendered_from: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The report, table and plots of a finished experiment (``rendered_from``: the stored
-    summary that :func:`report_only` re-renders, whose time and norms it carries over)."""
-    data = budget["data"]
-    seeds = seeds or [int(budget.get("seed", 0))]
-    columns = display_columns(exp)
-    names_cols = [c for c, _ in columns]
-    watched = any(r for res in results.values() for r in res.monitor)
-    header = ["method", *names_cols, "step ×clean", "train min", *(["overfit"] if watched else []), "checks"]
-    rows, raw_rows = [], []
-    lams = {n: c.lam for n, c in (tuning or {}).items()}
-    aliases = alias_groups([r for r in exp.rows if r.name in results], lams)
-    aliased = {a for names in aliases.values() for a in names}
-    shown = {n: r for n, r in results.items() if n not in aliased}  # one row per objective
-    for name, res in shown.items():
-        paper = exp.paper.get(name, [])
-        cells = []
-        for col, j in columns:
-            theirs = paper[j] if j is not None and j < len(paper) else None
-            if col == "ρ":
-                text = fmt(cell(res, col), percent=False)
-                text += f" ({theirs:.3f})" if theirs is not None else ""
-            else:
-                text = fmt_interval(cell_interval(res, col))
-                text += f" ({theirs:.1f})" if theirs is not None else ""
-            cells.append(text)
-        minutes = sum(res.train_seconds) / len(res.train_seconds) / 60
-        label = name + (f" (≡ {', '.join(aliases[name])})" if name in aliases else "")
-        rows.append([label, *cells, res.step_cost.text() if res.step_cost else "–",
-                     f"{minutes:.1f}" if math.isfinite(minutes) else "–",
-                     *([monitor_cell(res)] if watched else []),
-                     masking_summary([c for ev in res.evals for c in ev.checks])])
-        raw: list[object] = [name]
-        for col in names_cols:
-            iv = None if col == "ρ" else cell_interval(res, col)
-            raw += [cell(res, col), iv.lo if iv else None, iv.hi if iv else None]
-        cost = res.step_cost
-        raw_rows.append([*raw, len(res.evals), res.eval.n, sum(res.train_seconds) / len(res.train_seconds),
-                         cost.ratio if cost else None, cost.lo if cost else None, cost.hi if cost else None])
-    table = markdown_table(header, rows)
-    grid = settings.grid(data)
-    data_label = DATA_LABELS.get(data, data)
-    seeds_text = f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
-    lines = [
-        f"# {exp.title}", "",
-        f"Experiment `{exp.name}`, budget `{budget_name}`, {seeds_text}: trained and evaluated on **{data_label}**"
-        + (f"; the paper's numbers (in parentheses) are on {exp.paper_data}, so they are a reference, not a like-for-like "
-           "comparison" if exp.paper_data and data not in exp.paper_data.lower() else "") + ".",
-        "",
-        describe_columns(exp, settings, grid, lrc, data_label, seeds=seeds)
-        + (" 'overfit': the seeds in which the catastrophic-overfitting monitor fired, and those ending with FGSM "
-           "far above PGD ('gap'), out of the seeds trained (section below)." if watched else ""), "",
-        table, "",
-        f"Budget: {json.dumps(budget)}. " + (
-            f"This invocation took {elapsed / 60:.1f} min on "
-            f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() > 1 else ''}." + (reuse.text() if reuse else "")
-            if rendered_from is None else
-            "Re-rendered from the stored per-example outcomes by `gradreg reproduce --report-only`: no training or attack "
-            "ran for this report" + (f"; the runs' last invocation took {rendered_from['elapsed_seconds'] / 60:.1f} min"
-                                     if rendered_from.get("elapsed_seconds") else "") + "."
-            + (f" The budget above is the experiment file's today; it now also asks for {' and '.join(rendered_from['lacking'])}, "
-               "which the stored outcomes predate (the models are not re-attacked), so the masking checks that need "
-               "them read 'not measured'." if rendered_from.get("lacking") else "")), "",
-    ]
-    if aliases:
-        lines += ["Rows with one objective: " + "; ".join(
-            f"{', '.join(names)} train{'s' if len(names) == 1 else ''} the same objective as {first} at the λ used "
-            f"({_objective_text(resolved_objective(next(r for r in exp.rows if r.name == first), lams.get(first)))}), "
-            f"so the table, the tests and the honest reading show it once, as {first}; "
-            f"{'its' if len(names) == 1 else 'their'} own runs stay in results.json" for first, names in aliases.items())
-            + " (gradreg.experiment_report.resolved_objective).", ""]
-    if exp.note:
-        lines += [exp.note, ""]
-    row_notes = [f"- **{r.name}**: {r.note}" for r in exp.rows if r.note and r.name in results]
-    if row_notes:  # which variant each row runs (e.g. which adversarial training)
-        lines += ["Rows:", "", *row_notes, ""]
-    if tuning:
-        lines += tuning_lines(tuning, {n: r.method for n, r in results.items()}, out)
-    frontier: dict[str, Any] = {}
-    reading: dict[str, Any] = {}
-    if exp.autoattack_eps is not None:
-        aa_col = worst_column(exp)
-        front_points = frontier_points(shown, aa_col)
-        if front_points:
-            frontier = {"front": plot_frontier(front_points, out / "frontier.png",
-                                               title=f"robustness per compute ({data}, {aa_col})",
-                                               robust_label=f"{aa_col}: worst case over the attacks (%)"),
-                        "points": [dataclasses.asdict(p) for p in front_points]}
-            lines += frontier_lines(front_points, frontier["front"], aa_col)
-        if exp.reading:
-            reading = honest_reading(exp.reading, shown, aa_col, aliases)
-            lines += ["## Honest reading", "", reading["sentence"], "", *[f"- {v}" for v in reading["rows"]], ""]
-    if watched:
-        lines += monitor_lines(shown)
-    if norms:
-        plot_norm_distributions(norms, str(out / "norms.png"), title=f"what each method regularizes ({data}, as trained)")
-        lines += ["## What each method regularizes", "",
-                  f"Per-example norms of the trained models (first seed) on the first {next(iter(norms.values()))['grad_l1'].numel()} "
-                  f"test points, model in eval mode: ‖∇ₓL‖₁ (DataGrad-ℓ1, Lyu ℓ∞), ‖∇ₓL‖₂ (DataGrad-ℓ2, GN) and "
-                  f"‖J(x)‖_{{{exp.norm},l2}} of the logits' Jacobian (the operator-norm penalty; cold power method, "
-                  "a lower bound for p ≠ 2), as median [quartiles] (gradreg.analysis).", "",
-                  norms_markdown(norms), "![norms](norms.png)", ""]
-    elif stored_norms:  # re-rendered: the stored quartiles (the plot is the run's norms.png)
-        table_rows = [[m, q["quantity"], f"{q['median']:.4g}", f"{q['q1']:.4g}", f"{q['q3']:.4g}", str(q["n"])]
-                      for m, qs in stored_norms.items() for q in qs]
-        lines += ["## What each method regularizes", "",
-                  "Per-example norms of the trained models (first seed), as stored by the run: ‖∇ₓL‖₁, ‖∇ₓL‖₂ and "
-                  f"‖J(x)‖_{{{exp.norm},l2}}, median and quartiles (gradreg.analysis).", "",
-                  markdown_table(["method", "quantity", "median", "q1", "q3", "n"], table_rows), "",
-                  "![norms](norms.png)", ""]
-    aa_runs = [a["run"] for res in results.values() for a in res.eval.autoattack or []]
-    if aa_runs:
-        r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]  # present: aa_runs is non-empty
-        lines += [f"AutoAttack: {r['package']} {r['package_version']}, version {r['version']}, attacks "
-                  f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.", ""]
-    # what the statistics allow us to say about differences between rows
-    reference = next((n for n, r in shown.items() if r.method == "clean"), None)
-    sentences = []
-    for col in [c for c in names_cols if c in COMPARED_COLUMNS or c.startswith("worst ε=")]:
-        scores = {n: torch.stack(sc) if len(sc) > 1 else sc[0]
-                  for n, r in shown.items() if (sc := cell_scores(r, col)) is not None}
-        if len(scores) > 1:
-            sentences += difference_lines(col, scores, reference=reference)
-    if sentences:
-        test = ("exact McNemar test" if len(seeds) == 1 else
-                "two-level randomization test over seeds and test points, gradreg.stats.two_level_test")
-        lines += ["## Differences between rows", "",
-                  f"Paired tests on the same test points ({test}; grid averages: the same test on each point's "
-                  "average), α = 0.05. The tests of one column are one family: their p-values are Holm-adjusted "
-                  "(raw and adjusted p shown), and a difference is stated only where the adjusted p is below α.", ""]
-        lines += [f"- {s}" for s in sentences] + [""]
-    if provenance:
-        lines += ["## Transfer sources", "",
-                  "Every transfer column is crafted on a twin of the source row (same method, another training seed); "
-                  "no twin is the model it is judged on.", ""]
-        lines += [f"- seed {p['seed']}: ←{p['source']} crafted on {p['source_run']} (seed {p['source_seed']})"
-                  for p in provenance] + [""]
-    pgd_curves = {n: (r.eval.eps, _seed_mean([ev.curves["pgd"] for ev in r.evals]))
-                  for n, r in results.items() if "pgd" in r.eval.curves}
-    if pgd_curves:
-        bands = {n: _curve_band(r, "pgd") for n, r in results.items() if "pgd" in r.eval.flags}
-        points = {}
-        for n, r in results.items():
-            iv = cell_interval(r, aa_columns(exp)[1]) if exp.autoattack_eps is not None else None
-            if iv is not None:
-                points[f"{n} AutoAttack"] = ([float(exp.autoattack_eps)], [iv.value], [iv.lo], [iv.hi])  # type: ignore[arg-type]  # plot_curves takes (x, y, lo, hi) series as well
-        plot_curves(out / "pgd.png", pgd_curves, title=f"PGD accuracy vs ε ({data}), 95 % bands",
-                    xlabel="ε (input units)", bands=bands, points=points)
-        lines.append("![PGD accuracy](pgd.png)")
-    zeta_cols = [(c, z) for c in exp.columns if isinstance(z := lrc_column(c), float)]
-    if lrc is not None and zeta_cols:
-        lrc_plot = {n: ([z for _, z in zeta_cols], [_or_nan(cell(r, c)) for c, _ in zeta_cols])
-                    for n, r in results.items()}
-        lrc_bands = {n: ([iv.lo if (iv := cell_interval(r, c)) else math.nan for c, _ in zeta_cols],
-                         [iv.hi if (iv := cell_interval(r, c)) else math.nan for c, _ in zeta_cols])
-                     for n, r in results.items()}
-        plot_curves(out / "lrc.png", lrc_plot, title=f"LRC worst-of-{lrc.samples}, ε = {lrc.eps:g} ({data})",
-                    xlabel="decay length ζ (pixels)", logx=True, bands=lrc_bands)
-        lines.append("![LRC accuracy](lrc.png)")
-    if matrix:
-        names = list(results)
-        srcs = list(matrix)
-        avg = [[sum(matrix[s][t]) / len(matrix[s][t]) for t in names] for s in srcs]
-        plot_matrix(out / "transfer.png", avg, rows=[f"twin of {s}" for s in srcs], cols=names,
-                    title="PGD transfer accuracy (avg over ε)", xlabel="target", ylabel="source")
-        lines.append("![transfer](transfer.png)")
-    lines += ["", *masking_lines([(f"{res.name}" + (f" (seed {seed})" if len(seeds) > 1 else ""), ev.checks)
-                                  for res in results.values() for seed, ev in zip(seeds, res.evals)])]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    write_csv(out / "table.csv", ["method", *[k for c in names_cols for k in interval_columns(c)], "seeds", "n",
-                                  "train_seconds", "step_cost", "step_cost_lo", "step_cost_hi"], raw_rows)
-    summary = {"experiment": exp.name, "budget": budget_name, "data": data, "columns": exp.columns,
-               "display_columns": names_cols, "seeds": seeds, "transfer_twin_seeds": twins,
-               "rows": {n: {"cells": dict(zip(exp.columns, [cell(r, c) for c in exp.columns])),
-                            "extra_cells": {c: cell(r, c) for c in aa_columns(exp)},
-                            "intervals": {c: iv.as_dict() for c in names_cols if (iv := cell_interval(r, c))},
-                            "per_seed": {c: cell_values(r, c) for c in names_cols},
-                            "train_seconds": sum(r.train_seconds) / len(r.train_seconds),
-                            "train_seconds_per_seed": r.train_seconds,
-                            "step_cost": r.step_cost.as_dict() if r.step_cost else None,
-                            "test_accuracy_per_seed": r.test_accuracy,
-                            "lrc_per_seed": r.lrc,
-                            "monitor_per_seed": r.monitor,
-                            "transfer_outcomes": {s: [[bits(row) for row in f] for f in fs] for s, fs in r.transfer.items()},
-                            "eval": r.eval.to_dict(), "evals": [ev.to_dict() for ev in r.evals]}
-                        for n, r in results.items()},
-               "aliases": aliases, "elapsed_seconds": elapsed if rendered_from is None else
-               rendered_from.get("elapsed_seconds"),
-               "paper": exp.paper, "transfer": matrix, "transfer_sources": provenance or [],
-               "differences": sentences, "table_markdown": table}
-    if lrc is not None:
-        summary["lrc"] = {"eps": lrc.eps, "samples": lrc.samples, "scale": lrc.scale,
-                          "marginal_std": lrc.marginal_std}
-    if tuning:
-        summary["lam"] = {n: dataclasses.asdict(c) for n, c in tuning.items()}
-    if frontier:
-        summary["frontier"] = frontier
-    if reading:
-        summary["reading"] = reading
-    if norms:
-        summary["norms"] = {n: [vars(s) for s in norm_stats(v)] for n, v in norms.items()}
-    elif stored_norms:
-        summary["norms"] = stored_norms
-    write_json(out / "results.json", summary)
-    print(table)
-    print(f"report: {out / 'report.md'}")
-    return summary
-
-
-def _or_nan(v: float | None) -> float:
-    return math.nan if v is None else v
-
-
-def _seed_mean(curves: list[list[float]]) -> list[float]:
-    return [sum(v) / len(v) for v in zip(*curves)]
-
-
-def _curve_band(res: RowResult, attack: str) -> tuple[list[float], list[float]]:
-    """95 % band of a curve per ε: Wilson for one seed, over_seeds for several."""
-    ivs = []
-    for k in range(len(res.eval.eps)):
-        rows = [ev.flags[attack][k] for ev in res.evals]
-        ivs.append(stats.proportion(rows[0]) if len(rows) == 1 else
-                   over_seeds([float(r.double().mean()) for r in rows], int(rows[0].numel())))
-    return [iv.lo for iv in ivs], [iv.hi for iv in ivs]
-
-
-def curve_text(choice: LamChoice) -> str:
-    """The validation curve of a sweep, "λ: PGD/clean" in %, the chosen λ in bold."""
-    parts = []
-    for lam, clean, pgd in choice.curve:
-        text = f"{lam:g}: {100 * pgd:.1f}/{100 * clean:.1f}"
-        parts.append(f"**{text}**" if choice.lam is not None and math.isclose(lam, choice.lam, rel_tol=1e-9) else text)
-    return ", ".join(parts) or "–"
-
-
-def tuning_lines(tuning: dict[str, LamChoice], methods: dict[str, str], out: Path | None = None) -> list[str]:
-    """The report's section that says which λ every row used and where it came from, with each
-    sweep's validation curve (a table cell and, given ``out``, the panels of ``lambda.png``)."""
-    rows, edges = [], []
-    for name, c in tuning.items():
-        if name not in methods:
-            continue
-        lam = "default" if c.lam is None else f"{c.lam:g}"
-        grid = ", ".join(f"{v:g}" for v in c.grid) or "–"
-        where = f"{c.source}; {c.detail}" + (f" ({c.record}/sweep.md)" if c.record else "")
-        edge = grid_edge(c)
-        if edge:
-            lam += f" ({edge} end)"
-            edges.append(name)
-        rows.append([name, methods[name], lam, grid, curve_text(c), where])
-    lines = ["## λ of every row", "",
-             "λ of a row with a grid is `gradreg sweep`'s choice on a validation split carved from the training data "
-             "(the test split is never used), at the budget's seed; the other rows keep the λ of their protocol. "
-             "'validation PGD/clean by λ': the sweep's curve, validation PGD accuracy at the training ε and clean "
-             "accuracy in %, the chosen λ in bold.", "",
-             markdown_table(["row", "method", "λ", "grid", "validation PGD/clean by λ", "from"], rows), ""]
-    curves = {n: c.curve for n, c in tuning.items() if n in methods and len(c.curve) > 1}
-    if out is not None and curves:
-        plot_lambda_curves(out / "lambda.png", curves, {n: tuning[n].lam for n in curves},
-                           title="validation accuracy against λ (solid: PGD at the training ε; dashed: clean; ringed: chosen)")
-        lines += ["![validation accuracy against λ](lambda.png)", ""]
-    if edges:
-        lines += [f"{len(edges)} of {sum(1 for c in tuning.values() if len(c.grid) > 1)} swept rows chose an end of "
-                  f"their grid ({', '.join(edges)}): the rule's best λ may lie outside the grid, so these rows may be "
-                  "under- or over-regularized; a wider grid would tell.", ""]
-    return lines
-
-
-def grid_edge(choice: LamChoice) -> str | None:
-    """"upper" or "lower" when the sweep chose an end of a grid of several λ, else None."""
-    if choice.source != "sweep" or choice.lam is None or len(choice.grid) < 2:
-        return None
-    if math.isclose(choice.lam, max(choice.grid)):
-        return "upper"
-    return "lower" if math.isclose(choice.lam, min(choice.grid)) else None
-
-
-def frontier_points(results: dict[str, RowResult], aa_column: str) -> list[FrontierPoint]:
-    """Rows with an AutoAttack cell, a clean cell and a step cost, as frontier points (cost: the
-    interleaved step-time ratio with its interquartile range)."""
-    points = []
-    for name, res in results.items():
-        aa, clean, cost = cell_interval(res, aa_column), cell_interval(res, "test"), res.step_cost
-        if aa is None or clean is None or cost is None:
-            continue
-        points.append(FrontierPoint(name, aa.value, (aa.lo, aa.hi), cost.ratio, (min(cost.lo, cost.ratio), max(cost.hi, cost.ratio)),
-                                    clean.value, (clean.lo, clean.hi)))
-    return points
-
-
-def frontier_lines(points: list[FrontierPoint], front: list[str], aa_column: str) -> list[str]:
-    rows = [[p.name, f"{100 * p.autoattack:.1f} [{100 * p.autoattack_interval[0]:.1f}, {100 * p.autoattack_interval[1]:.1f}]",
-             f"{p.cost_ratio:.2f}× [{p.cost_interval[0]:.2f}, {p.cost_interval[1]:.2f}]",
-             f"{100 * p.clean:.1f} [{100 * p.clean_interval[0]:.1f}, {100 * p.clean_interval[1]:.1f}]",
-             "●" if p.name in front else ""] for p in sorted(points, key=lambda p: p.cost_ratio)]
-    return ["## Robustness per compute", "",
-            f"{aa_column} against the training step's cost (× clean, interleaved; gradreg.cost) and against clean "
-            f"accuracy (gradreg.frontier). ● marks the Pareto front of ({aa_column} ↑, cost ↓): no other row is at "
-            "least as robust and at most as costly. Points are estimates: a row off the front may not differ from "
-            f"one on it at this n (see the intervals). Front, cheapest first: {', '.join(front)}.", "",
-            markdown_table(["row", aa_column, "step ×clean", "test", "front"], rows), "",
-            "![frontier](frontier.png)", ""]
-
-
-def honest_reading(reading: dict[str, Any], results: dict[str, RowResult], aa_column: str,
-                   aliases: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Which rows reach ``accuracy_fraction`` of the reference row's *gain over clean* in the
-    robust column at no more than ``cost_fraction`` of its step cost.
-
-    - Bar (per point and seed): clean + f·(reference − clean), the clean row's and the
-      reference's outcomes on the same points (f = ``accuracy_fraction``; without a clean row,
-      f·reference). A share of the gain, not of the reference's accuracy: at ε = 0.1 on MNIST a
-      clean model keeps ~79 %, so 0.9 × the reference would be a bar only ~40 % of the way.
-    - Accuracy: a paired test of the row's outcomes against the bar (gradreg.stats.compare: the
-      two-level test over seeds and points); the verdicts of all candidates are one family,
-      Holm-adjusted. A row "reaches" the bar only where the adjusted test says it is above.
-    - Cost: the row's median step ratio over the reference's, with its bootstrap interval over
-      the interleaved rounds (gradreg.cost.relative_cost); "on the edge" where that interval
-      holds the cost bar, which is then not a pass.
-    - Candidates: every row but the reference, the clean row and rows of ``exclude_methods``:
-      cheap baselines (FGSM-AT, FGSM with random start) compete like any regularizer. A row
-      that is an alias of another (same resolved objective) is judged once, under its first name."""
-    ref_name = str(reading["reference"])
-    acc_frac, cost_frac = float(reading.get("accuracy_fraction", 0.9)), float(reading.get("cost_fraction", 0.35))
-    exclude = set(reading.get("exclude_methods", ())) | {"clean"}
-    skipped = {a for names in (aliases or {}).values() for a in names}
-    question = (f"Which method, if any, reaches {acc_frac:.0%} of {ref_name}'s gain over clean training in "
-                f"{aa_column} at ≤ {cost_frac:.0%} of its training cost?")
-    ref = results.get(ref_name)
-    ref_scores = cell_scores(ref, aa_column) if ref is not None else None
-    if ref is None or ref.step_cost is None or ref_scores is None:
-        return {"sentence": f"{question} Not answerable here: {ref_name} has no {aa_column} cell or step cost.",
-                "rows": [], "reached": []}
-    ref_flat = (torch.stack(ref_scores) if len(ref_scores) > 1 else ref_scores[0]).double()  # (n,) or (S, n)
-    clean_row = next((r for r in results.values() if r.method == "clean"), None)
-    clean_scores = cell_scores(clean_row, aa_column) if clean_row is not None else None
-    base = ((torch.stack(clean_scores) if len(clean_scores) > 1 else clean_scores[0]).double()
-            if clean_scores is not None else torch.zeros_like(ref_flat))
-    bar_scores = base + acc_frac * (ref_flat - base)  # per point and seed, in [0, 1]
-    ref_aa, base_aa, bar_value = float(ref_flat.mean()), float(base.mean()), float(bar_scores.mean())
-    if ref_aa <= base_aa:
-        return {"sentence": f"{question} Void here: {ref_name}'s {aa_column} accuracy ({100 * ref_aa:.1f} %) is no "
-                            f"gain over clean training's ({100 * base_aa:.1f} %).", "rows": [], "reached": []}
-    candidates, tests, costs = [], [], []
-    for name, res in results.items():
-        scores = cell_scores(res, aa_column)
-        if name == ref_name or name in skipped or res.method in exclude or scores is None or res.step_cost is None:
-            continue
-        candidates.append(name)
-        tests.append(compare(torch.stack(scores) if len(scores) > 1 else scores[0], bar_scores, a=name, b="the bar"))
-        costs.append(relative_cost(res.step_cost, ref.step_cost))
-    tests = adjust_family(tests)
-    verdicts, reached, undecided, edge, cheap_rows = [], [], [], [], []
-    for name, test, cost in zip(candidates, tests, costs):
-        verdict = ("reaches the bar" if test.significant and test.diff > 0 else
-                   "falls short of the bar" if test.significant else "not distinguishable from the bar at this n")
-        where = cost.versus(cost_frac)
-        if where == "within":
-            cheap_rows.append(name)
-            if verdict == "reaches the bar":
-                reached.append(name)
-            elif not test.significant:
-                undecided.append(name)
-        elif where == "on the edge of" and verdict != "falls short of the bar":
-            edge.append(name)
-        alias = f" (≡ {', '.join(aliases[name])})" if aliases and aliases.get(name) else ""
-        verdicts.append(f"{name}{alias}: cost {cost.text()} of {ref_name}'s, {where} the {cost_frac:.0%} bar; "
-                        f"{aa_column} {100 * float(test.diff + bar_value):.1f} vs the bar {100 * bar_value:.1f}: "
-                        f"{verdict} ({test.p_text()}, difference {100 * test.diff:+.1f} points, n = {test.n}, "
-                        f"{test.seeds} seed{'s' if test.seeds > 1 else ''})")
-    bar = (f"clean {100 * base_aa:.1f} % + {acc_frac:.0%} of {ref_name}'s gain to {100 * ref_aa:.1f} % = "
-           f"{100 * bar_value:.1f} %")
-    if reached:
-        answer = (f"**{', '.join(reached)}**: within the cost bar and above the accuracy bar ({bar}) by the paired "
-                  "two-level test, Holm-adjusted over the candidates.")
-    elif undecided or edge:
-        parts = []
-        if undecided:
-            parts.append(f"{', '.join(undecided)} {'is' if len(undecided) == 1 else 'are'} within the cost bar but not "
-                         f"distinguishable from the accuracy bar ({bar}) at this n after Holm's correction")
-        if edge:
-            parts.append(f"{', '.join(edge)} {'is' if len(edge) == 1 else 'are'} on the edge of the cost bar (its "
-                         "interval over rounds holds the bar)")
-        answer = "**None established**: " + "; ".join(parts) + "."
-    elif cheap_rows:
-        answer = f"**None**: every candidate within the cost bar falls short of the accuracy bar ({bar}) by a paired test."
-    else:
-        answer = "**None**: no candidate is within the cost bar."
-    return {"sentence": f"{question} {answer}", "rows": verdicts, "reached": reached, "undecided": undecided,
-            "cost_edge": edge, "reference_autoattack": ref_aa, "clean_autoattack": base_aa, "bar": bar_value,
-            "accuracy_fraction": acc_frac, "cost_fraction": cost_frac,
-            "tests": [t.as_dict() for t in tests]}
-
-
-def resolved_objective(row: experiments.Row, lam: float | None) -> tuple[Any, ...]:
-    """A canonical form of the row's training objective, equal for two rows exactly when their
-    objectives are the same by construction. Known identities (our reading of the modules'
-    formulas): DataGrad-ℓ1 with the finite-difference solver is (1 − λ/φ)·L(x) + (λ/φ)·L(x + φ·sign g)
-    (gradreg.penalties.datagrad) and Lyu's ℓ∞ one-step solver, unclipped, is
-    (1 − λ)·L(x) + λ·L(x + σ·sign g) (gradreg.penalties.lyu): both are "a mix of the clean loss
-    and the loss one sign step away", keyed by (step, weight). FGSM-AT clips its point to the
-    data bounds and has a BatchNorm policy, so it is not folded in. Any other row is keyed by
-    its method, λ, penalty and training overrides as declared."""
-    pen = dict(row.penalty)
-    rest = (row.task_weight, json.dumps(row.train, sort_keys=True, default=str))
-    if (row.method == "datagrad" and pen.get("p") == 1 and pen.get("solver") == "fd" and not pen.get("squared")
-            and "fd_step" in pen and lam is not None and set(pen) <= {"p", "solver", "fd_step"}):
-        step = float(pen["fd_step"])
-        return ("sign-step mix", round(step, 12), round(lam / step, 12), *rest)
-    if (row.method == "lyu" and pen.get("norm") == "linf" and pen.get("solver") == "onestep" and "sigma" in pen
-            and lam is not None and set(pen) <= {"norm", "solver", "sigma"}):
-        return ("sign-step mix", round(float(pen["sigma"]), 12), round(float(lam), 12), *rest)
-    return ("as declared", row.method, lam, json.dumps(pen, sort_keys=True, default=str), *rest)
-
-
-def _objective_text(key: tuple[Any, ...]) -> str:
-    if key[0] == "sign-step mix":
-        return f"(1 − w)·L(x) + w·L(x + φ·sign ∇ₓL) with φ = {key[1]:g}, w = {key[2]:g}"
-    return f"{key[1]} at λ = {key[2]}, penalty {key[3]}"
-
-
-def alias_groups(rows: list[experiments.Row], lams: dict[str, float | None]) -> dict[str, list[str]]:
-    """First row name → the later rows with the same :func:`resolved_objective` (only groups of ≥ 2)."""
-    groups: dict[tuple[Any, ...], list[str]] = {}
-    for row in rows:
-        groups.setdefault(resolved_objective(row, lams.get(row.name, row.lam)), []).append(row.name)
-    return {names[0]: names[1:] for names in groups.values() if len(names) > 1}

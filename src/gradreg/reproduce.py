@@ -65,7 +65,7 @@ from .sweep import (DEFAULT_VALIDATION_FRACTION, SweepPoint, SweepResult, SweepR
                     sweep_points, write_records)
 from .widen import LamScore, decide, hard_limits
 from .tables import ATTACK_COLUMNS, LRC_DATA_COLUMN, LamChoice, LRCSettings, Reuse, RowResult, lrc_column
-from .experiment_report import write_report
+from .experiment_report import ReportInput, write_report
 
 
 TRAIN_KEYS = {"data", "data_dir", "model", "epochs", "batch_size", "lr", "optimizer", "schedule", "momentum",
@@ -524,10 +524,10 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
             for c in ev.checks:
                 if c.failed:
                     print(f"WARNING [{res.name}] gradient-masking check failed: {c.name}: {c.detail}", file=sys.stderr)
-    summary = write_report(exp, budget_name, budget, results, matrix, out, settings,
-                           elapsed=time.perf_counter() - started, lrc=lrc, seeds=seed_list, twins=twins,
-                           provenance=provenance, tuning=tuning, norms=norms, reuse=reuse)
-    return summary
+    report = ReportInput(exp, budget_name, budget, results, settings, seeds=seed_list,
+                         elapsed_seconds=time.perf_counter() - started, matrix=matrix, lrc=lrc, twins=twins,
+                         provenance=provenance, tuning=tuning, norms=norms, reuse=reuse)
+    return write_report(report, out)
 
 
 def monitor_record(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -635,7 +635,8 @@ def report_only(name: str, *, budget_name: str, out: Path, log: Callable[[str], 
         lacking.append("a Square audit")
     stored["lacking"] = lacking
     log(f"re-rendering {path} ({len(results)} rows, seeds {seeds}) without training or attacking")
-    return write_report(exp, budget_name, budget, results, stored.get("transfer") or {}, out, settings, elapsed=0.0,
-                        lrc=lrc, seeds=seeds, twins=stored.get("transfer_twin_seeds"),
-                        provenance=stored.get("transfer_sources") or [], tuning=tuning,
-                        stored_norms=stored.get("norms"), rendered_from=stored)
+    report = ReportInput(exp, budget_name, budget, results, settings, seeds=seeds, elapsed_seconds=0.0,
+                         matrix=stored.get("transfer") or {}, lrc=lrc, twins=stored.get("transfer_twin_seeds"),
+                         provenance=stored.get("transfer_sources") or [], tuning=tuning,
+                         stored_norms=stored.get("norms"), rendered_from=stored)
+    return write_report(report, out)

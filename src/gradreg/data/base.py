@@ -12,8 +12,11 @@ class DataBundle:
     """Train and test tensors of one data set.
 
     ``*_x``: float32 ``(N, C, H, W)`` in ``bounds``; ``*_y``: int64 ``(N,)``.
-    ``mean``/``std`` are per-channel statistics of the training split, for the model's
-    normalization layer.
+    ``bounds``: the input range ``(lo, hi)`` of the data, which ε, attacks and augmentation
+    padding are measured against. It has no default: each loader states the range its conversion
+    produces (e.g. uint8 pixels divided by 255 lie in [0, 1]), so no box is assumed for data
+    that do not say. ``mean``/``std`` are per-channel statistics of the training split, for the
+    model's normalization layer.
     """
 
     name: str
@@ -22,7 +25,7 @@ class DataBundle:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    bounds: tuple[float, float] = (0.0, 1.0)
+    bounds: tuple[float, float]
     mean: tuple[float, ...] = field(default=())
     std: tuple[float, ...] = field(default=())
     classes: tuple[str, ...] = field(default=())

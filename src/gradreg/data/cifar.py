@@ -137,7 +137,8 @@ def _bundle(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndar
         name=name,
         train_x=to_float(train[0]), train_y=torch.from_numpy(train[1]),
         test_x=to_float(test[0]), test_y=torch.from_numpy(test[1]),
-        num_classes=num_classes, classes=classes, augment_kind="crop-flip",
+        num_classes=num_classes, bounds=(0.0, 1.0),  # uint8 pixels divided by 255 in to_float
+        classes=classes, augment_kind="crop-flip",
     )
 
 

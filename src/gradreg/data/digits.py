@@ -34,5 +34,5 @@ def digits(*, data_dir: str | None = None, download: bool = False) -> DataBundle
         name="digits",
         train_x=torch.from_numpy(x[tr]), train_y=torch.from_numpy(y[tr]),
         test_x=torch.from_numpy(x[te]), test_y=torch.from_numpy(y[te]),
-        num_classes=10,
+        num_classes=10, bounds=(0.0, 1.0),  # pixel counts 0..16 divided by 16 in _arrays
     )

@@ -32,6 +32,9 @@ from .base import DataBundle, stratified_split
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".npz", ".safetensors")
 SPLIT_SEED = 0
+# The input range of what _images returns: uint8 pixels are divided by 255; float images are taken as
+# given and must already lie in it (DataBundle refuses values outside, e.g. floats in [0, 255]).
+IMAGE_BOUNDS = (0.0, 1.0)
 
 
 class DataError(ValueError):
@@ -79,7 +82,7 @@ def load_external(spec: str, *, test_only: bool = False, **_: object) -> DataBun
 
 # ----- tensors --------------------------------------------------------------------------
 def _images(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
-    """Any common image layout → float32 (N, C, H, W) in [0, 1]."""
+    """Any common image layout → float32 (N, C, H, W) in :data:`IMAGE_BOUNDS` ([0, 1])."""
     t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if t.dim() == 3:
         t = t[:, None]  # (N, H, W) → (N, 1, H, W)
@@ -130,7 +133,7 @@ def _bundle(name: str, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor | 
     num_classes = max(num_classes, len(classes))
     try:
         return DataBundle(name=name, train_x=x, train_y=y, test_x=x_test, test_y=y_test, num_classes=num_classes,
-                          classes=tuple(classes))
+                          bounds=IMAGE_BOUNDS, classes=tuple(classes))
     except ValueError as err:
         raise DataError(str(err)) from None
 

@@ -116,7 +116,8 @@ def _bundle(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndar
         name=name,
         train_x=torch.from_numpy(train[0]), train_y=torch.from_numpy(train[1]),
         test_x=torch.from_numpy(test[0]), test_y=torch.from_numpy(test[1]),
-        num_classes=10, classes=classes, augment_kind="none",
+        num_classes=10, bounds=(0.0, 1.0),  # uint8 pixels divided by 255 in read_images_labels
+        classes=classes, augment_kind="none",
     )
 
 

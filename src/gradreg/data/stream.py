@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset
 
 from .base import DataBundle, stratified_split
-from .external import SPLIT_SEED, DataError, _images, _labels
+from .external import IMAGE_BOUNDS, SPLIT_SEED, DataError, _images, _labels
 
 STREAM_ABOVE_BYTES = 2**30  # "auto" streams a Dataset whose float32 training images exceed 1 GiB (our choice)
 SETUP_ROWS = 10_000  # training images handed to the penalties' setup on the streaming path (our choice)
@@ -56,7 +56,7 @@ class StreamingData:
     in_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    bounds: tuple[float, float] = (0.0, 1.0)
+    bounds: tuple[float, float]  # the data's input range, as DataBundle.bounds (no default: the source states it)
     classes: tuple[str, ...] = field(default=())
     augment_kind: str = "none"
 
@@ -175,6 +175,7 @@ def from_datasets(name: str, train: Dataset[Any], test: Dataset[Any] | None, *, 
     num_classes = max(int(labels.max()) if len(labels) else -1, int(test_y.max()) if len(test_y) else -1) + 1
     return StreamingData(name=name, train=train, train_y=labels, test_x=test_x, test_y=test_y,
                          num_classes=max(num_classes, len(classes)), in_shape=in_shape, mean=mean, std=std,
+                         bounds=IMAGE_BOUNDS,  # batch() converts with _images, as the in-memory loader does
                          classes=tuple(classes) or tuple(str(i) for i in range(max(num_classes, len(classes)))))
 
 

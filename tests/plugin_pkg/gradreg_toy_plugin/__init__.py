@@ -20,7 +20,8 @@ def toy_blobs(*, data_dir=None, download=False):  # type: ignore[no-untyped-def]
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(80) % 2
     x = (0.3 + 0.4 * y.float().view(-1, 1, 1, 1) + 0.1 * torch.randn(80, 1, 4, 4, generator=gen)).clamp(0, 1)
-    return DataBundle(name="toy-blobs", train_x=x[:64], train_y=y[:64], test_x=x[64:], test_y=y[64:], num_classes=2)
+    return DataBundle(name="toy-blobs", train_x=x[:64], train_y=y[:64], test_x=x[64:], test_y=y[64:], num_classes=2,
+                      bounds=(0.0, 1.0))  # clamped to [0, 1] above
 
 
 def toy_fgsm(*, labels="true"):  # type: ignore[no-untyped-def]
