@@ -218,7 +218,7 @@ def alias_lines(inp: ReportInput, lay: Layout) -> list[str]:
                 f"the honest reading show it once, as {first}; {'its' if len(names) == 1 else 'their'} own runs stay "
                 "in results.json")
     return ["Rows with one objective: " + "; ".join(sentence(first, names) for first, names in lay.aliases.items())
-            + " (gradreg.experiment_report.resolved_objective).", ""]
+            + " (gradreg.reading.resolved_objective).", ""]
 
 
 def note_lines(inp: ReportInput) -> list[str]:
