@@ -15,6 +15,7 @@ import torch
 
 from gradreg import cli, data
 from gradreg.config import ConfigError, TrainConfig
+from gradreg.data.source import TrainSource
 from gradreg.data.validation import carve_validation
 from gradreg.sweep import (SweepRow, SweepSpec, config_overrides, pick_best_pgd, pick_within_clean,
                            sweep_points)
@@ -72,8 +73,8 @@ class _TestSplitGuard:
 def test_validation_split_is_stratified_deterministic_and_never_reads_test(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     full = data.load("digits")
-    a = carve_validation(_TestSplitGuard(full), fraction=0.2)  # type: ignore[arg-type]
-    b = carve_validation(full, fraction=0.2)
+    a = carve_validation(TrainSource.from_bundle(_TestSplitGuard(full)), fraction=0.2)  # type: ignore[arg-type]
+    b = carve_validation(TrainSource.from_bundle(full), fraction=0.2)
     assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
     assert len(a.train_y) + len(a.test_y) == len(full.train_y)
     # the two parts partition the training split (no image in both, none from the test split)
