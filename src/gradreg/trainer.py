@@ -200,8 +200,9 @@ class Trainer:
         setup_x = self.source.setup_images().to(self.device)
         per_row = [n for n, p in self.objective.terms().items() if p.per_example_state]
         if per_row and len(setup_x) < self.n_train:  # streamed data hands setup a prefix of its rows
-            raise ValueError(f"{', '.join(per_row)} keeps state per training example, which the streaming path "
-                             f"does not hold for {self.n_train} rows; use --data-loader memory or drop that state")
+            raise ValueError(f"{', '.join(per_row)} keeps state per training example, but this training data "
+                             f"hands setup {len(setup_x)} of its {self.n_train} rows (streamed); use "
+                             "--data-loader memory or drop that state")
         # the penalties take the data set's bounds (their ε defaults scale with the box)
         self.objective.setup(self.model, setup_x, self.source.bounds)
         self.optimizer = build_optimizer(cfg, self.model.parameters())

@@ -26,9 +26,9 @@ mean/std are computed in one pass over the training Dataset (float64 sums).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset
@@ -55,7 +55,7 @@ class DatasetRows:
     note: str = " (streamed)"
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]  # map-style: checked by _is_map_style
+        return len(cast(Sized, self.dataset))  # map-style (open_training_data checks it): it has a length
 
     def batch(self, items: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated ``(images, labels)`` batch as float32 ``(B, C, H, W)`` and int64 ``(B,)``,
