@@ -72,8 +72,10 @@ class DatasetRows:
             yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
 
     def read(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # a DataLoader without its own generator: it draws its base seed from the global RNG, as
-        # this read always has (changing that would change the numbers of existing runs)
+        # dataset_tensors' DataLoader has no generator of its own, so this read draws one number
+        # (its base seed) from the global RNG; the monitor reads its rows after the trainer's
+        # reseed, so that draw is part of a streamed run's numbers and is kept (a model that draws
+        # from the global RNG, e.g. dropout, therefore differs between the two paths)
         return dataset_tensors(Subset(self.dataset, index.tolist()), self.name)
 
     def setup_images(self) -> torch.Tensor:
