@@ -16,6 +16,7 @@ from gradreg.cli import build_parser, main
 from gradreg.commands.train import config_from_args
 from gradreg.config import ConfigError, TrainConfig, apply_overrides, parse_term
 from gradreg.data import stream
+from gradreg.data.source import TensorRows
 from gradreg.trainer import Trainer, TrainingInterrupted, build_objective, epoch_order, train
 
 
@@ -40,7 +41,7 @@ def test_streaming_equals_in_memory_with_augmentation(tmp_path: Path) -> None:
     kw = dict(augment=True, augment_kind="crop-flip")
     train(_cfg(tmp_path, "mem", data_loader="memory", **kw), log=_quiet)
     streamed = Trainer(_cfg(tmp_path, "stream", data_loader="stream", **kw), log=_quiet)
-    assert isinstance(streamed.bundle, stream.StreamingData) and streamed.train_x is None
+    assert isinstance(streamed.source.rows, stream.DatasetRows)
     streamed.fit()
     mem, st = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
     assert all(torch.equal(mem[k], st[k]) for k in mem)
@@ -60,8 +61,8 @@ def test_interrupted_streaming_run_resumes_exactly(tmp_path: Path) -> None:
                       log=_quiet)
     original = trainer.train_step
 
-    def interrupted_at_step_30(idx, epoch, step, **kw):  # type: ignore[no-untyped-def]
-        out = original(idx, epoch, step, **kw)
+    def interrupted_at_step_30(batch, epoch):  # type: ignore[no-untyped-def]
+        out = original(batch, epoch)
         if trainer.state.global_step == 29:  # mid-way through the second epoch
             os.kill(os.getpid(), signal.SIGINT)
         return out
@@ -87,13 +88,13 @@ def test_shard_sampler_takes_the_in_memory_rows(n: int, batch_size: int, world: 
 
 
 def test_auto_streams_only_a_large_factory_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert isinstance(Trainer(_cfg(tmp_path, "a", data="byo_nets:digits_pair"), log=_quiet).bundle, data.DataBundle)
+    assert isinstance(Trainer(_cfg(tmp_path, "a", data="byo_nets:digits_pair"), log=_quiet).source.rows, TensorRows)
     monkeypatch.setattr(stream, "STREAM_ABOVE_BYTES", 1000)  # digits' training images: 1,437·64·4 bytes
-    streamed = Trainer(_cfg(tmp_path, "b", data="byo_nets:digits_pair"), log=_quiet).bundle
-    assert isinstance(streamed, stream.StreamingData)
+    streamed = Trainer(_cfg(tmp_path, "b", data="byo_nets:digits_pair"), log=_quiet).source
+    assert isinstance(streamed.rows, stream.DatasetRows)
     assert streamed.bounds == (0.0, 1.0)  # the range its batches are converted to (data.external.IMAGE_BOUNDS)
     # gradreg's own data sets and files are held in memory whatever their size
-    assert isinstance(Trainer(_cfg(tmp_path, "c"), log=_quiet).bundle, data.DataBundle)
+    assert isinstance(Trainer(_cfg(tmp_path, "c"), log=_quiet).source.rows, TensorRows)
 
 
 def test_streaming_refuses_per_example_state_it_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

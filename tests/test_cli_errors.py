@@ -60,6 +60,7 @@ def test_data_bounds_come_from_the_data() -> None:
     are the ones checked and kept (also when the bundle is streamed or a validation split is
     carved from it)."""
     from gradreg.data.stream import from_bundle
+    from gradreg.data.source import TrainSource
     from gradreg.data.validation import carve_validation
 
     x, y = torch.rand(40, 1, 2, 2), torch.arange(40) % 2
@@ -68,9 +69,11 @@ def test_data_bounds_come_from_the_data() -> None:
     pixels = DataBundle("t", x * 255, y, x * 255, y, num_classes=2, bounds=(0.0, 255.0))
     assert pixels.bounds == (0.0, 255.0)
     assert from_bundle(pixels).bounds == (0.0, 255.0)
-    assert carve_validation(pixels, fraction=0.25).bounds == (0.0, 255.0)
+    assert carve_validation(TrainSource.from_bundle(pixels), fraction=0.25).bounds == (0.0, 255.0)
+    below = x * 255
+    below[0, 0, 0, 0] = -1.0  # one pixel under the declared box
     with pytest.raises(ValueError, match="outside the data set's bounds"):
-        DataBundle("t", x * 255 - 1, y, x, y, num_classes=2, bounds=(0.0, 255.0))
+        DataBundle("t", below, y, x, y, num_classes=2, bounds=(0.0, 255.0))
 
 
 @pytest.fixture(scope="module")

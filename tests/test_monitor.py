@@ -316,8 +316,8 @@ def test_batchnorm_model_trains_the_same_with_the_monitor(tmp_path: Path) -> Non
 def test_held_out_batch_is_the_validation_split_when_there_is_one(tmp_path: Path) -> None:
     trainer = Trainer(_cfg(tmp_path, "val", validation_fraction=0.2, epochs=1), log=_quiet)
     assert trainer.monitor is not None and trainer.monitor.source == "validation"
-    rows = fixed_subset(len(trainer.bundle.test_y), 256)
-    assert torch.equal(trainer.monitor.x, trainer.bundle.test_x[rows])
+    rows = fixed_subset(len(trainer.source.test_y), 256)
+    assert torch.equal(trainer.monitor.x, trainer.source.test_x[rows])
 
 
 def test_config_and_cli_flags(tmp_path: Path) -> None:

@@ -12,7 +12,13 @@ import torch
 from gradreg.config import ConfigError, TrainConfig
 from gradreg.penalties.base import CleanPass
 from gradreg.models import make as make_model
+from gradreg.data.source import TrainBatch
 from gradreg.trainer import Trainer
+
+
+def _first_rows(trainer: Trainer, n: int = 32) -> TrainBatch:
+    """The first ``n`` training rows as step 0 of an epoch (the identity order)."""
+    return next(trainer.source.batches(torch.arange(n), batch_size=n))
 
 
 def _trainer(tmp_path: Path, **kw: object) -> Trainer:
@@ -23,11 +29,10 @@ def _trainer(tmp_path: Path, **kw: object) -> Trainer:
 
 def test_bf16_autocast_step_keeps_penalty_gradients_float32(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, amp="bf16", method="gn", lam=1.0)
-    idx = torch.arange(32)
-    loss, _ = trainer.train_step(idx, 0, 0)
+    loss, _ = trainer.train_step(_first_rows(trainer), 0)
     assert torch.isfinite(torch.tensor(loss))
     model = make_model("cw", in_shape=(1, 8, 8))
-    x, y = trainer.train_x[:4], trainer.train_y[:4]
+    x, y = trainer.source.read(torch.arange(4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ctx = CleanPass(model, x, y, need_input_grad=True)
         assert ctx.logits.dtype == torch.bfloat16  # the forward pass really ran in bf16
@@ -37,9 +42,8 @@ def test_bf16_autocast_step_keeps_penalty_gradients_float32(tmp_path: Path) -> N
 def test_channels_last_step_matches_contiguous(tmp_path: Path) -> None:
     a = _trainer(tmp_path / "a", channels_last=True)
     b = _trainer(tmp_path / "b")
-    idx = torch.arange(32)
-    la, _ = a.train_step(idx, 0, 0)
-    lb, _ = b.train_step(idx, 0, 0)
+    la, _ = a.train_step(_first_rows(a), 0)
+    lb, _ = b.train_step(_first_rows(b), 0)
     assert la == pytest.approx(lb, rel=1e-5)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-6), n
@@ -60,9 +64,8 @@ def test_compiled_step_matches_eager(tmp_path: Path) -> None:
     """torch.compile (inductor, C++ on the CPU) gives the eager step to float tolerance."""
     a = _trainer(tmp_path / "a", compile=True, model="mlp")
     b = _trainer(tmp_path / "b", model="mlp")
-    idx = torch.arange(32)
-    la, _ = a.train_step(idx, 0, 0)
-    lb, _ = b.train_step(idx, 0, 0)
+    la, _ = a.train_step(_first_rows(a), 0)
+    lb, _ = b.train_step(_first_rows(b), 0)
     assert la == pytest.approx(lb, rel=1e-5)
     for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.allclose(p, q, atol=1e-5), n

@@ -2,6 +2,7 @@
 names, printed commands, running, gathering and reuse."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,8 @@ import torch
 
 from gradreg import cli, data
 from gradreg.config import ConfigError, TrainConfig
-from gradreg.data.validation import carve_validation
+from gradreg.data.source import TrainSource
+from gradreg.data.validation import carve_validation, validation_indices
 from gradreg.sweep import (SweepRow, SweepSpec, config_overrides, pick_best_pgd, pick_within_clean,
                            sweep_points)
 from gradreg.trainer import train
@@ -72,8 +74,8 @@ class _TestSplitGuard:
 def test_validation_split_is_stratified_deterministic_and_never_reads_test(tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     full = data.load("digits")
-    a = carve_validation(_TestSplitGuard(full), fraction=0.2)  # type: ignore[arg-type]
-    b = carve_validation(full, fraction=0.2)
+    a = carve_validation(TrainSource.from_bundle(_TestSplitGuard(full)), fraction=0.2)  # type: ignore[arg-type]
+    b = carve_validation(TrainSource.from_bundle(full), fraction=0.2)
     assert torch.equal(a.test_x, b.test_x) and torch.equal(a.train_y, b.train_y)
     assert len(a.train_y) + len(a.test_y) == len(full.train_y)
     # the two parts partition the training split (no image in both, none from the test split)
@@ -424,7 +426,10 @@ def test_validation_scored_by_lrc_noise_matches_the_lrc_columns(tmp_path: Path) 
     assert zero["validation_lrc_accuracy"] == zero["validation_accuracy"]
     noisy = run(0.3, "noisy")
     assert noisy["validation_lrc_zeta_px"] == 8.0
-    split = carve_validation(data.load("digits"), fraction=0.2)
+    full = data.load("digits")
+    rest, val = validation_indices(full.train_y, fraction=0.2)  # the split the run trained and scored on
+    split = dataclasses.replace(full, train_x=full.train_x[rest], train_y=full.train_y[rest],
+                                test_x=full.train_x[val], test_y=full.train_y[val])
     model = load_run(tmp_path / "noisy").model
     settings = EvalSettings(labels="true", seed=3, n_test=None, batch_size=500)  # the draws depend on the batching
     want = lrc_curves(model, split, zetas=[8.0], eps=[0.3], samples=5, settings=settings,

@@ -74,8 +74,8 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(tmp_path: Path) -> None:
     trainer = Trainer(_cfg(tmp_path, "cut", epochs=2), log=lambda s: None)
     original = trainer.train_step
 
-    def interrupted_after_step_5(idx, epoch, step, **kw):  # type: ignore[no-untyped-def]
-        out = original(idx, epoch, step, **kw)
+    def interrupted_after_step_5(batch, epoch):  # type: ignore[no-untyped-def]
+        out = original(batch, epoch)
         if trainer.state.global_step == 4:  # the 5th step: a real Ctrl-C arrives during it
             os.kill(os.getpid(), signal.SIGINT)
         return out

@@ -6,8 +6,10 @@ schedule, checkpointing, logging, evaluation and the catastrophic-overfitting mo
 (:mod:`gradreg.monitor`) are shared. State is checkpointed exactly
 (model, optimizer, penalty state, global RNG, position in the epoch); data order and
 augmentation are pure functions of (seed, epoch, step), so a resumed run repeats the
-uninterrupted one bit for bit on CPU. Batches are indexed from tensors in memory or streamed
-through a DataLoader over the same permutation (:mod:`gradreg.data.stream`); both give the same run.
+uninterrupted one bit for bit on CPU. The training data is one
+:class:`~gradreg.data.source.TrainSource`, whose batches are indexed from tensors in memory or
+streamed through a DataLoader over the same permutation; the loop never asks which, and both
+give the same run.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from torch import nn
 from . import checkpoint, data, distributed, models, penalties
 from .config import TrainConfig
 from .data.augment import attach_standardization
-from .data.stream import ShardSampler, StreamingData, epoch_loader, open_training_data
+from .data.source import TrainBatch, TrainSource
+from .data.stream import open_training_data
+from .data.validation import carve_validation
 from .inference import accuracy
 from .monitor import OverfitMonitor, fixed_subset, training_threat, warning_line
 from .objective import Objective
@@ -49,7 +53,7 @@ class TrainingInterrupted(RuntimeError):
     """Stopped by a signal after saving a checkpoint; ``--resume`` continues."""
 
 
-def build_model(cfg: TrainConfig, bundle: data.DataBundle | StreamingData) -> tuple[nn.Module, dict[str, Any]]:
+def build_model(cfg: TrainConfig, bundle: data.DataBundle | TrainSource) -> tuple[nn.Module, dict[str, Any]]:
     """The model and the spec that rebuilds it (saved in config.json)."""
     if ":" in cfg.model:  # a user's factory: package.module:name or file.py:name (gradreg.loading)
         from .loading import build_factory_model
@@ -140,11 +144,6 @@ def make_targets(cfg: TrainConfig, y: torch.Tensor) -> torch.Tensor:
     return torch.stack([y, data.aux_labels(cfg.aux, y)], dim=1)
 
 
-# One step's rows: (step, this rank's indices, their positions in the global batch, the global
-# batch's size, the rows themselves when streamed, else None: the step indexes the tensors)
-Batch = tuple[int, torch.Tensor, torch.Tensor, int, "tuple[torch.Tensor, torch.Tensor] | None"]
-
-
 @dataclass
 class RunState:
     epoch: int = 0  # epochs completed
@@ -166,19 +165,14 @@ class Trainer:
         if cfg.log == "tensorboard":
             check_tensorboard()  # before minutes of data loading, not after
         torch.manual_seed(cfg.seed)
-        self.bundle: data.DataBundle | StreamingData = open_training_data(
-            cfg.data, loader=cfg.data_loader, num_workers=cfg.num_workers, data_dir=cfg.data_dir, download=cfg.download)
+        source = open_training_data(cfg.data, loader=cfg.data_loader, num_workers=cfg.num_workers,
+                                    data_dir=cfg.data_dir, download=cfg.download)
         if cfg.validation_fraction > 0:  # tuning: the held-out part of the training split replaces the test split
-            from .data import stream
-            from .data.validation import carve_validation
-
-            self.bundle = (stream.carve_validation(self.bundle, fraction=cfg.validation_fraction)
-                           if isinstance(self.bundle, StreamingData) else
-                           carve_validation(self.bundle, fraction=cfg.validation_fraction))
+            source = carve_validation(source, fraction=cfg.validation_fraction)
         # seeded again: the initialisation depends on the seed alone, not on what reading the data
         # drew from the global generator (a DataLoader draws its base seed there)
         torch.manual_seed(cfg.seed)
-        self.model, self.model_spec = build_model(cfg, self.bundle)
+        self.model, self.model_spec = build_model(cfg, source)
         if cfg.init_weights:
             load_weights(self.model, cfg.init_weights)
         self.model.to(self.device)
@@ -198,24 +192,20 @@ class Trainer:
             raise ValueError(f"method {cfg.method!r} differentiates a gradient (double backward), which "
                              "torch.compile does not support; train it without --compile")
         self.objective.to(self.device)
-        self.n_train = len(self.bundle.train_y)
-        self.test_x = self.bundle.test_x.to(self.device)
-        self.test_y = self.bundle.test_y.to(self.device)
-        if isinstance(self.bundle, StreamingData):
-            # no training tensors: batches come through a DataLoader (_stream_batches)
-            self.train_x: torch.Tensor | None = None
-            self.train_y: torch.Tensor | None = None
-            setup_x = self.bundle.setup_rows(num_workers=cfg.num_workers).to(self.device)
-            per_row = [n for n, p in self.objective.terms().items() if p.per_example_state]
-            if per_row and len(setup_x) < self.n_train:
-                raise ValueError(f"{', '.join(per_row)} keeps state per training example, which the streaming path "
-                                 f"does not hold for {self.n_train} rows; use --data-loader memory or drop that state")
-        else:
-            self.train_x = setup_x = self.bundle.train_x.to(self.device)
-            self.train_y = make_targets(cfg, self.bundle.train_y).to(self.device)
+        # the training batches arrive on the device (held tensors are moved there once)
+        self.source: TrainSource = source.to(self.device)
+        self.n_train = len(self.source)
+        self.test_x = self.source.test_x.to(self.device)
+        self.test_y = self.source.test_y.to(self.device)
+        setup_x = self.source.setup_images().to(self.device)
+        per_row = [n for n, p in self.objective.terms().items() if p.per_example_state]
+        if per_row and len(setup_x) < self.n_train:  # streamed data hands setup a prefix of its rows
+            raise ValueError(f"{', '.join(per_row)} keeps state per training example, but this training data "
+                             f"hands setup {len(setup_x)} of its {self.n_train} rows (streamed); use "
+                             "--data-loader memory or drop that state")
         # the penalties take the data set's bounds (their ε defaults scale with the box)
         self.setup_x = setup_x  # the rows the objective is set up on (also σ_data of the LRC validation score)
-        self.objective.setup(self.model, setup_x, self.bundle.bounds)
+        self.objective.setup(self.model, setup_x, self.source.bounds)
         self.optimizer = build_optimizer(cfg, self.model.parameters())
         self.steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -230,27 +220,18 @@ class Trainer:
         cfg = self.cfg
         if not cfg.monitor:
             return None
-        if cfg.validation_fraction > 0:  # the bundle's test part *is* the validation split here
-            rows = fixed_subset(len(self.bundle.test_y), cfg.monitor_points)
-            x, y, source = self.bundle.test_x[rows], self.bundle.test_y[rows], "validation"
+        if cfg.validation_fraction > 0:  # the source's held-out part *is* the validation split here
+            rows = fixed_subset(len(self.source.test_y), cfg.monitor_points)
+            x, y, source = self.source.test_x[rows], self.source.test_y[rows], "validation"
         else:
             rows = fixed_subset(self.n_train, cfg.monitor_points)
-            x, y = self._training_rows(rows)
+            x, y = self.source.read(rows)  # (M, C, H, W), (M,)
             source = "train batch"
         threat = training_threat(list(self.objective.terms().values()), eps=cfg.monitor_eps, data_name=cfg.data,
-                                 bounds=self.bundle.bounds, dim=x[0].numel())
+                                 bounds=self.source.bounds, dim=x[0].numel())
         return OverfitMonitor(self.model, x.to(self.device), y.to(self.device), threat, source=source,
                               drop=cfg.monitor_drop, keep_snapshot=cfg.on_overfit == "restore",
                               batch_size=cfg.eval_batch_size)
-
-    def _training_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training images ``(M, C, H, W)`` and main labels ``(M,)`` of ``rows``, held or streamed."""
-        if isinstance(self.bundle, StreamingData):
-            from torch.utils.data import DataLoader, Subset
-
-            loader = DataLoader(Subset(self.bundle.train, rows.tolist()), batch_size=len(rows))
-            return self.bundle.batch(next(iter(loader)))
-        return self.bundle.train_x[rows], self.bundle.train_y[rows]
 
     @property
     def monitor_ended(self) -> bool:
@@ -269,7 +250,7 @@ class Trainer:
                          "penalty": repr(self.objective.penalties[self.cfg.method]),
                          "terms": {name: {"lam": self.objective.lams[name], "penalty": repr(pen)}
                                    for name, pen in self.objective.terms().items()},
-                         "data": self.bundle.summary(), "device": str(self.device), "world_size": self.world,
+                         "data": self.source.summary(), "device": str(self.device), "world_size": self.world,
                          "monitor": None if self.monitor is None else self.monitor.describe()},
             "seed": self.cfg.seed,
             "versions": versions(),
@@ -328,42 +309,34 @@ class Trainer:
         write_log(self.out / "log.csv", self.history)
 
     # ----- training -------------------------------------------------------------------
-    def train_step(self, idx: torch.Tensor, epoch: int, step: int, *, share: float = 1.0,
-                   rows: torch.Tensor | None = None, global_size: int | None = None,
-                   batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float] | None:
-        """One optimizer step on this rank's rows ``idx`` of the global batch (given as ``batch``,
-        images and labels, when streamed; indexed from the tensors otherwise). ``share`` is this
-        rank's fraction of the global batch: DDP averages gradients over ranks, so scaling the
-        local mean loss by ``share·world`` makes the result the global-batch mean even when the
-        last batch does not split evenly."""
-        cfg = self.cfg
-        if batch is None:
-            assert self.train_x is not None and self.train_y is not None  # the in-memory path
-            x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,) or (B, T)
-        else:
-            x, y = batch
-        kind = self.bundle.augment_kind if cfg.augment_kind == "auto" else cfg.augment_kind
+    def train_step(self, batch: TrainBatch, epoch: int) -> tuple[float, float] | None:
+        """One optimizer step on ``batch``, this rank's rows of global batch ``batch.step`` of
+        ``epoch``. Returns (mean loss, correct count), or None for a skipped step. DDP averages
+        gradients over ranks, so the local mean loss is scaled by ``batch.share·world`` to make the
+        result the global-batch mean even when the last batch does not split evenly."""
+        cfg, step = self.cfg, batch.step
+        x, y = batch.x, make_targets(cfg, batch.y)  # (B, C, H, W), (B,) or (B, 2)
+        kind = self.source.augment_kind if cfg.augment_kind == "auto" else cfg.augment_kind
         if cfg.augment and kind != "none":
             from .data.augment import augment, pad_value_for
 
             x = augment(x, kind=kind, generator=step_generator(cfg.seed, epoch, step),
-                        pad_value=pad_value_for(cfg.augment_pad, self.bundle.bounds))
+                        pad_value=pad_value_for(cfg.augment_pad, self.source.bounds))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.state.global_step, self.total_steps)
         # the penalties' random draws (random starts, TRADES' start noise): a pure function of
         # the position in training, identical for any number of ranks
-        noise = BatchNoise(int(step_generator(cfg.seed, epoch, step).initial_seed()),
-                           torch.arange(len(idx)) if rows is None else rows, len(idx) if global_size is None else global_size)
+        noise = BatchNoise(int(step_generator(cfg.seed, epoch, step).initial_seed()), batch.rows, batch.global_size)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         # bf16 autocast covers the forward passes; CleanPass hands penalties float32 gradients
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            out = self.objective(self.net, x, y, index=idx, noise=noise)
+            out = self.objective(self.net, x, y, index=batch.index, noise=noise)
         # gradients for the parameters only: the clean pass's input may be in the graph (for the
         # penalties' input gradients), and nobody wants its .grad
-        (out.loss * (share * self.world)).backward(inputs=[p for p in self.model.parameters() if p.requires_grad])
+        (out.loss * (batch.share * self.world)).backward(inputs=[p for p in self.model.parameters() if p.requires_grad])
         bad = [k for k, v in out.parts.items() if not torch.isfinite(v)]
         if not torch.isfinite(out.loss):
             bad.append("loss")
@@ -446,7 +419,7 @@ class Trainer:
         cfg = self.cfg
         assert cfg.validation_eps is not None
         attack = make("pgd", steps=cfg.validation_pgd_steps, labels="true", seed=cfg.seed)
-        threat = ThreatModel(norm=cfg.validation_norm, eps=0.0, bounds=self.bundle.bounds)
+        threat = ThreatModel(norm=cfg.validation_norm, eps=0.0, bounds=self.source.bounds)
         return robust_accuracy(self.model, self.test_x, self.test_y, attack, threat, [cfg.validation_eps],
                                batch_size=cfg.eval_batch_size, progress=False)[0]
 
@@ -467,31 +440,9 @@ class Trainer:
         std = math.sqrt(mean_marginal_variance(self.setup_x)) if cfg.validation_lrc_scale == "data" else 1.0
         attack = make("lrc", zeta_px=cfg.validation_lrc_zeta_px, samples=cfg.validation_lrc_samples,
                       marginal_std=std, labels="true", seed=cfg.seed)
-        threat = ThreatModel("l2", 0.0, self.bundle.bounds)  # a noise strength, not a radius: only the bounds apply
+        threat = ThreatModel("l2", 0.0, self.source.bounds)  # a noise strength, not a radius: only the bounds apply
         return robust_accuracy(self.model, self.test_x, self.test_y, attack, threat, [cfg.validation_eps],
                                batch_size=cfg.eval_batch_size, progress=False)[0]
-
-    def _memory_batches(self, order: torch.Tensor, start: int) -> Iterator[Batch]:
-        """The in-memory fast path: each step indexes the tensors with this rank's rows."""
-        bs = self.cfg.batch_size
-        for step in range(start, self.steps_per_epoch):
-            batch = order[step * bs:(step + 1) * bs]
-            local = batch[self.rank::self.world]  # this rank's share of the global batch
-            yield step, local, torch.arange(len(batch))[self.rank::self.world], len(batch), None
-
-    def _stream_batches(self, order: torch.Tensor, start: int) -> Iterator[Batch]:
-        """The streaming path: the same rows as :meth:`_memory_batches`, read by a DataLoader
-        whose batch sampler walks the same permutation (:class:`~gradreg.data.stream.ShardSampler`)."""
-        assert isinstance(self.bundle, StreamingData)
-        bs, cuda = self.cfg.batch_size, self.device.type == "cuda"
-        sampler = ShardSampler(order, batch_size=bs, rank=self.rank, world=self.world, start=start)
-        loader = epoch_loader(self.bundle, sampler, num_workers=self.cfg.num_workers, pin_memory=cuda)
-        for step, items in zip(range(start, self.steps_per_epoch), loader):
-            global_size = len(order[step * bs:(step + 1) * bs])
-            x, y = self.bundle.batch(items)
-            local = order[step * bs:(step + 1) * bs][self.rank::self.world]  # the indices the sampler read
-            xy = (x.to(self.device, non_blocking=cuda), make_targets(self.cfg, y).to(self.device, non_blocking=cuda))
-            yield step, local, torch.arange(global_size)[self.rank::self.world], global_size, xy
 
     def _run_epoch(self, n: int, flag: dict[str, bool]) -> None:
         cfg, st = self.cfg, self.state
@@ -501,19 +452,20 @@ class Trainer:
         started = time.perf_counter()
         bar = progress_bar(total=self.steps_per_epoch, initial=st.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                            show=False if cfg.quiet or not self.is_writer else None)
-        batches = (self._stream_batches if self.train_x is None else self._memory_batches)(order, st.step_in_epoch)
+        batches = self.source.batches(order, batch_size=cfg.batch_size, start=st.step_in_epoch, rank=self.rank,
+                                      world=self.world)
         try:
-            for step, local, rows, global_size, xy in batches:
+            for batch in batches:
                 t0 = time.perf_counter()
-                result = self.train_step(local, epoch, step, share=len(local) / global_size,
-                                         rows=rows, global_size=global_size, batch=xy)
+                result = self.train_step(batch, epoch)
                 st.train_seconds += time.perf_counter() - t0
+                step = batch.step
                 st.step_in_epoch = step + 1
                 st.global_step += 1
                 if result is not None:
-                    loss_sum += result[0] * len(local)
+                    loss_sum += result[0] * len(batch.index)
                     correct += result[1]
-                    seen += len(local)
+                    seen += len(batch.index)
                     bar.set_postfix(loss=f"{result[0]:.3f}", refresh=False)
                 bar.update(1)
                 if self.monitor is not None and cfg.monitor_every_steps and st.global_step % cfg.monitor_every_steps == 0:

@@ -32,7 +32,7 @@ from .base import DataBundle, stratified_split
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".npz", ".safetensors")
 SPLIT_SEED = 0
-# The input range of what _images returns: uint8 pixels are divided by 255; float images are taken as
+# The input range of what as_images returns: uint8 pixels are divided by 255; float images are taken as
 # given and must already lie in it (DataBundle refuses values outside, e.g. floats in [0, 255]).
 IMAGE_BOUNDS = (0.0, 1.0)
 
@@ -81,7 +81,7 @@ def load_external(spec: str, *, test_only: bool = False, **_: object) -> DataBun
 
 
 # ----- tensors --------------------------------------------------------------------------
-def _images(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
+def as_images(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
     """Any common image layout → float32 (N, C, H, W) in :data:`IMAGE_BOUNDS` ([0, 1])."""
     t = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if t.dim() == 3:
@@ -97,7 +97,7 @@ def _images(x: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
     return t.float().contiguous()
 
 
-def _labels(y: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
+def as_labels(y: np.ndarray | torch.Tensor, source: str) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(y)) if not isinstance(y, torch.Tensor) else y
     if t.is_floating_point() and bool((t != t.round()).any()):
         raise DataError(f"{source}: labels must be integers")
@@ -155,13 +155,13 @@ def _from_tensor_file(path: Path, *, test_only: bool = False) -> DataBundle:
             raise DataError(f"{path} is not a readable safetensors file ({err})") from None
     src = str(path)
     if "x_train" in arrays and "y_train" in arrays and "x_test" in arrays and "y_test" in arrays:
-        return _bundle(path.stem, _images(arrays["x_train"], src), _labels(arrays["y_train"], src),
-                       _images(arrays["x_test"], src), _labels(arrays["y_test"], src), test_only=test_only)
+        return _bundle(path.stem, as_images(arrays["x_train"], src), as_labels(arrays["y_train"], src),
+                       as_images(arrays["x_test"], src), as_labels(arrays["y_test"], src), test_only=test_only)
     if "x_test" in arrays and "y_test" in arrays and test_only:  # test arrays alone: enough to evaluate
-        xt, yt = _images(arrays["x_test"], src), _labels(arrays["y_test"], src)
+        xt, yt = as_images(arrays["x_test"], src), as_labels(arrays["y_test"], src)
         return _bundle(path.stem, xt, yt, xt, yt, test_only=True)
     if "x" in arrays and "y" in arrays:
-        return _bundle(path.stem, _images(arrays["x"], src), _labels(arrays["y"], src), test_only=test_only)
+        return _bundle(path.stem, as_images(arrays["x"], src), as_labels(arrays["y"], src), test_only=test_only)
     if "x_test" in arrays and "y_test" in arrays:
         raise DataError(f"{path} holds only x_test and y_test: enough to evaluate a model (eval, attack), "
                         "not to train one (add x_train and y_train, or give x and y)")
@@ -199,7 +199,7 @@ def _read_class_folders(root: Path, classes: Sequence[str] | None = None) -> tup
     shapes = {a.shape for a in images}
     if len(shapes) != 1:
         raise DataError(f"images in {root} differ in size ({', '.join(map(str, sorted(shapes)))}); resize them to one size")
-    x = _images(np.stack(images), str(root))
+    x = as_images(np.stack(images), str(root))
     return x, torch.tensor(labels, dtype=torch.long), names
 
 
@@ -214,7 +214,7 @@ def _from_folder(root: Path, *, test_only: bool = False) -> DataBundle:
 
 
 # ----- factories ---------------------------------------------------------------------------
-def _dataset_tensors(ds: Any, source: str) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset_tensors(ds: Any, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All (image, label) pairs of a map-style or iterable Dataset, stacked."""
     from torch.utils.data import DataLoader
 
@@ -228,7 +228,7 @@ def _dataset_tensors(ds: Any, source: str) -> tuple[torch.Tensor, torch.Tensor]:
                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not xs:
         raise DataError(f"{source}: the data set is empty")
-    return _images(torch.cat(xs), source), _labels(torch.cat(ys), source)
+    return as_images(torch.cat(xs), source), as_labels(torch.cat(ys), source)
 
 
 def call_factory(spec: str) -> Any:
@@ -250,11 +250,11 @@ def bundle_from_object(spec: str, obj: Any, *, test_only: bool = False) -> DataB
     if isinstance(obj, DataBundle):
         return obj
     if isinstance(obj, tuple) and len(obj) == 2:
-        x, y = _dataset_tensors(obj[0], f"{spec} (train)")
-        xt, yt = _dataset_tensors(obj[1], f"{spec} (test)")
+        x, y = dataset_tensors(obj[0], f"{spec} (train)")
+        xt, yt = dataset_tensors(obj[1], f"{spec} (test)")
         return _bundle(name, x, y, xt, yt, classes=getattr(obj[0], "classes", ()) or (), test_only=test_only)
     if hasattr(obj, "__getitem__") or hasattr(obj, "__iter__"):
-        x, y = _dataset_tensors(obj, spec)
+        x, y = dataset_tensors(obj, spec)
         return _bundle(name, x, y, classes=getattr(obj, "classes", ()) or (), test_only=test_only)
     raise DataError(f"{spec} returned {type(obj).__name__}; expected a Dataset, a (train, test) pair or a DataBundle")
 

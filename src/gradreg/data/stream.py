@@ -1,12 +1,13 @@
 """Training data read batch by batch through a ``torch.utils.data.DataLoader`` (the streaming
 path), for data sets that should not be held in memory.
 
-The in-memory path (:class:`~gradreg.data.DataBundle`) indexes tensors; the streaming path
-(:class:`StreamingData`) reads the *same* rows through a DataLoader whose batch sampler
-(:class:`ShardSampler`) walks the trainer's per-epoch permutation and takes this rank's rows
-``rank::world`` of every global batch, exactly as the in-memory loop does. Augmentation and the
-penalties' random draws happen on the batch afterwards, in the trainer, so both paths give the
-same batches, the same steps and the same weights.
+Both paths are a :class:`~gradreg.data.source.TrainSource`; they differ only in how a row is
+read. The in-memory path (:class:`~gradreg.data.source.TensorRows`) indexes tensors; the
+streaming path (:class:`DatasetRows`) reads the *same* rows through a DataLoader whose batch
+sampler (:class:`ShardSampler`) walks the trainer's per-epoch permutation and takes this rank's
+rows ``rank::world`` of every global batch, exactly as the in-memory loop does. Augmentation and
+the penalties' random draws happen on the batch afterwards, in the trainer, so both paths give
+the same batches, the same steps and the same weights.
 
 Which path a run takes (``TrainConfig.data_loader``):
 
@@ -25,56 +26,68 @@ mean/std are computed in one pass over the training Dataset (float64 sums).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sized
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset, TensorDataset
 
 from .base import DataBundle, stratified_split
-from .external import IMAGE_BOUNDS, SPLIT_SEED, DataError, _images, _labels
+from .external import IMAGE_BOUNDS, SPLIT_SEED, DataError, as_images, as_labels, dataset_tensors
+from .source import TrainSource, shard_of
 
 STREAM_ABOVE_BYTES = 2**30  # "auto" streams a Dataset whose float32 training images exceed 1 GiB (our choice)
 SETUP_ROWS = 10_000  # training images handed to the penalties' setup on the streaming path (our choice)
 SCAN_BATCH = 256
 
 
-@dataclass
-class StreamingData:
-    """A training Dataset read through a DataLoader, with its test split in memory.
+@dataclass(frozen=True, eq=False)
+class DatasetRows:
+    """Training rows read from a map-style ``Dataset`` through a DataLoader (the streaming
+    :class:`~gradreg.data.source.TrainRows`). Items are ``(image, label)`` in any layout
+    :mod:`gradreg.data.external` accepts, converted per batch by :meth:`batch`."""
 
-    ``train`` yields ``(image, label)`` items (any layout :mod:`gradreg.data.external` accepts,
-    converted per batch by :meth:`batch`); ``train_y`` holds its ``(N,)`` labels."""
+    dataset: Dataset[Any]
+    name: str  # for error messages
+    num_workers: int = 0
+    device: torch.device = torch.device("cpu")  # where the batches are delivered
+    note: str = " (streamed)"
 
-    name: str
-    train: Dataset[Any]
-    train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    num_classes: int
-    in_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    bounds: tuple[float, float]  # the data's input range, as DataBundle.bounds (no default: the source states it)
-    classes: tuple[str, ...] = field(default=())
-    augment_kind: str = "none"
-
-    def summary(self) -> str:
-        c, h, w = self.in_shape
-        return (f"{self.name}: {len(self.train_y)} train (streamed) / {len(self.test_y)} test, {c}×{h}×{w}, "
-                f"{self.num_classes} classes, bounds {self.bounds}")
+    def __len__(self) -> int:
+        return len(cast(Sized, self.dataset))  # map-style (open_training_data checks it): it has a length
 
     def batch(self, items: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """A collated ``(images, labels)`` batch as float32 ``(B, C, H, W)`` and int64 ``(B,)``,
         converted exactly as the in-memory loaders convert the whole set."""
         xb, yb = items
-        return _images(torch.as_tensor(xb), self.name), _labels(torch.as_tensor(yb), self.name)
+        return as_images(torch.as_tensor(xb), self.name), as_labels(torch.as_tensor(yb), self.name)
 
-    def setup_rows(self, *, num_workers: int = 0) -> torch.Tensor:
+    def shards(self, order: torch.Tensor, *, batch_size: int, rank: int, world: int,
+               start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        cuda = self.device.type == "cuda"
+        sampler = ShardSampler(order, batch_size=batch_size, rank=rank, world=world, start=start)
+        for items in epoch_loader(self.dataset, sampler, num_workers=self.num_workers, pin_memory=cuda):
+            x, y = self.batch(items)  # (B, C, H, W), (B,)
+            yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
+
+    def read(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # dataset_tensors' DataLoader has no generator of its own, so this read draws one number
+        # (its base seed) from the global RNG; the monitor reads its rows after the trainer's
+        # reseed, so that draw is part of a streamed run's numbers and is kept (a model that draws
+        # from the global RNG, e.g. dropout, therefore differs between the two paths)
+        return dataset_tensors(Subset(self.dataset, index.tolist()), self.name)
+
+    def setup_images(self) -> torch.Tensor:
         """The first :data:`SETUP_ROWS` training images ``(S, C, H, W)`` (all of them when fewer)."""
-        rows = Subset(self.train, range(min(SETUP_ROWS, len(self.train_y))))
-        return torch.cat([self.batch(b)[0] for b in _loader(rows, num_workers=num_workers)])
+        rows = Subset(self.dataset, range(min(SETUP_ROWS, len(self))))
+        return torch.cat([self.batch(b)[0] for b in _loader(rows, num_workers=self.num_workers)])
+
+    def subset(self, index: torch.Tensor) -> DatasetRows:
+        return replace(self, dataset=Subset(self.dataset, index.tolist()))
+
+    def to(self, device: torch.device) -> DatasetRows:
+        return replace(self, device=device)
 
 
 class ShardSampler(Sampler[list[int]]):
@@ -89,14 +102,14 @@ class ShardSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for step in range(self.start, self.start + len(self)):
-            yield self.order[step * self.batch_size:(step + 1) * self.batch_size][self.rank::self.world].tolist()
+            yield shard_of(self.order, step, batch_size=self.batch_size, rank=self.rank, world=self.world).tolist()
 
 
-def epoch_loader(stream: StreamingData, sampler: ShardSampler, *, num_workers: int, pin_memory: bool) -> DataLoader[Any]:
+def epoch_loader(dataset: Dataset[Any], sampler: ShardSampler, *, num_workers: int, pin_memory: bool) -> DataLoader[Any]:
     """One epoch's DataLoader. It gets its own generator: a DataLoader draws its workers' base
     seed when iterated, and from the global RNG otherwise, which would shift every later random
     draw of the run (and break equality with the in-memory path and exact resume)."""
-    return DataLoader(stream.train, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(0))
 
 
@@ -120,8 +133,8 @@ def _labels_of(ds: Any, source: str, *, num_workers: int) -> torch.Tensor:
     """All labels: the Dataset's ``targets`` when it has them, else one pass over it."""
     targets = getattr(ds, "targets", None)
     if targets is not None and len(targets) == len(ds):
-        return _labels(torch.as_tensor(targets), source)
-    return torch.cat([_labels(torch.as_tensor(yb), source) for _, yb in _loader(ds, num_workers=num_workers)])
+        return as_labels(torch.as_tensor(targets), source)
+    return torch.cat([as_labels(torch.as_tensor(yb), source) for _, yb in _loader(ds, num_workers=num_workers)])
 
 
 def _channel_stats(ds: Dataset[Any], source: str, *, num_workers: int) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
@@ -133,7 +146,7 @@ def _channel_stats(ds: Dataset[Any], source: str, *, num_workers: int) -> tuple[
     squares: torch.Tensor | None = None
     shape: tuple[int, int, int] | None = None
     for xb, _ in _loader(ds, num_workers=num_workers):
-        x = _images(torch.as_tensor(xb), source)  # (B, C, H, W)
+        x = as_images(torch.as_tensor(xb), source)  # (B, C, H, W)
         if not torch.isfinite(x).all():
             raise DataError(f"{source}: train images contain NaN or infinite values")
         if float(x.min()) < 0.0 or float(x.max()) > 1.0:
@@ -155,11 +168,9 @@ def _channel_stats(ds: Dataset[Any], source: str, *, num_workers: int) -> tuple[
 
 
 def from_datasets(name: str, train: Dataset[Any], test: Dataset[Any] | None, *, num_workers: int = 0,
-                  classes: tuple[str, ...] = ()) -> StreamingData:
+                  classes: tuple[str, ...] = ()) -> TrainSource:
     """Stream ``train``; ``test`` (or, without one, the fixed stratified 20 % of ``train`` that the
     in-memory path would hold out) is read into memory."""
-    from .external import _dataset_tensors
-
     labels = _labels_of(train, name, num_workers=num_workers)
     if test is None:  # the same split as data.external's in-memory bundle: the same labels, the same seed
         try:
@@ -168,47 +179,34 @@ def from_datasets(name: str, train: Dataset[Any], test: Dataset[Any] | None, *, 
             raise DataError(f"{name}: cannot make a stratified 80/20 split ({str(err).splitlines()[0]})") from None
         test = Subset(train, te.tolist())
         train, labels = Subset(train, tr.tolist()), labels[torch.as_tensor(tr)]
-    test_x, test_y = _dataset_tensors(test, f"{name} (test)")
+    test_x, test_y = dataset_tensors(test, f"{name} (test)")
     in_shape, mean, std = _channel_stats(train, name, num_workers=num_workers)
     if tuple(test_x.shape[1:]) != in_shape:
         raise DataError(f"{name}: test images are {tuple(test_x.shape[1:])}, train images {in_shape}")
     num_classes = max(int(labels.max()) if len(labels) else -1, int(test_y.max()) if len(test_y) else -1) + 1
-    return StreamingData(name=name, train=train, train_y=labels, test_x=test_x, test_y=test_y,
-                         num_classes=max(num_classes, len(classes)), in_shape=in_shape, mean=mean, std=std,
-                         bounds=IMAGE_BOUNDS,  # batch() converts with _images, as the in-memory loader does
-                         classes=tuple(classes) or tuple(str(i) for i in range(max(num_classes, len(classes)))))
+    num_classes = max(num_classes, len(classes))
+    # external images are scaled to IMAGE_BOUNDS by as_images (batch() converts with it, as the
+    # in-memory loader does), and _channel_stats checked they lie there
+    return TrainSource(name=name, rows=DatasetRows(train, name, num_workers=num_workers), train_y=labels,
+                       held_out=lambda: (test_x, test_y), num_classes=num_classes, in_shape=in_shape, mean=mean,
+                       std=std, bounds=IMAGE_BOUNDS,
+                       classes=tuple(classes) or tuple(str(i) for i in range(num_classes)))
 
 
-def from_bundle(bundle: DataBundle) -> StreamingData:
+def from_bundle(bundle: DataBundle, *, num_workers: int = 0) -> TrainSource:
     """Stream a bundle held in memory anyway (``--data-loader stream`` on any data): its statistics
     and splits are kept, so the run equals the in-memory one."""
-    return StreamingData(name=bundle.name, train=TensorDataset(bundle.train_x, bundle.train_y), train_y=bundle.train_y,
-                         test_x=bundle.test_x, test_y=bundle.test_y, num_classes=bundle.num_classes,
-                         in_shape=bundle.in_shape, mean=bundle.mean, std=bundle.std, bounds=bundle.bounds,
-                         classes=bundle.classes, augment_kind=bundle.augment_kind)
+    rows = DatasetRows(TensorDataset(bundle.train_x, bundle.train_y), bundle.name, num_workers=num_workers)
+    return replace(TrainSource.from_bundle(bundle), rows=rows)
 
 
-def carve_validation(stream: StreamingData, *, fraction: float) -> StreamingData:
-    """:func:`gradreg.data.validation.carve_validation` for streamed data: the same stratified split
-    of the training labels; the validation part is read into memory, the rest is streamed."""
-    from .external import _dataset_tensors
-    from .validation import validation_indices
-
-    tr, va = validation_indices(stream.train_y, fraction=fraction)
-    val_x, val_y = _dataset_tensors(Subset(stream.train, va.tolist()), f"{stream.name} (validation)")
-    return StreamingData(name=f"{stream.name}[validation {fraction:g}]", train=Subset(stream.train, tr.tolist()),
-                         train_y=stream.train_y[torch.as_tensor(tr)], test_x=val_x, test_y=val_y,
-                         num_classes=stream.num_classes, in_shape=stream.in_shape, mean=stream.mean, std=stream.std,
-                         bounds=stream.bounds, classes=stream.classes, augment_kind=stream.augment_kind)
-
-
-def open_training_data(spec: str, *, loader: str, num_workers: int = 0, **params: object) -> DataBundle | StreamingData:
+def open_training_data(spec: str, *, loader: str, num_workers: int = 0, **params: object) -> TrainSource:
     """The training data of a run, in memory or streamed by the rule of ``loader`` (see the
     module docstring). A factory is called once."""
     from . import external, load
 
     if loader == "memory":
-        return load(spec, **params)
+        return TrainSource.from_bundle(load(spec, **params))
     from . import DATASETS
 
     obj: Any = None
@@ -224,4 +222,4 @@ def open_training_data(spec: str, *, loader: str, num_workers: int = 0, **params
             raise DataError(f"{spec}: streaming needs a map-style Dataset (with __len__ and __getitem__), "
                             f"got {type(train).__name__}; use --data-loader memory")
     bundle = external.bundle_from_object(spec, obj) if obj is not None else load(spec, **params)
-    return from_bundle(bundle) if loader == "stream" else bundle
+    return from_bundle(bundle, num_workers=num_workers) if loader == "stream" else TrainSource.from_bundle(bundle)

@@ -1,18 +1,22 @@
 """A validation split carved from the training split, for tuning without the test set.
 
-``carve_validation(bundle, fraction=0.2)`` returns a bundle whose *train* part is the rest of
-the training split and whose *test* part is the held-out validation part. It reads only
-``bundle.train_x``/``bundle.train_y``: the test split is dropped unread, so a tuned
-hyper-parameter can never have seen it. The split is class-stratified with a fixed seed
+``carve_validation(source, fraction=0.2)`` returns a training source
+(:class:`~gradreg.data.source.TrainSource`, in memory or streamed alike) whose training rows are
+the rest of the training split and whose held-out part is the validation part. It reads only
+training rows: the test split is dropped unread, so a tuned hyper-parameter can never have
+seen it. The split is class-stratified with a fixed seed
 (:data:`VALIDATION_SEED`, our choice), independent of the training seed, so every run of a
 sweep scores the same validation points.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
-from .base import DataBundle, stratified_split
+from .base import stratified_split
+from .source import TrainSource
 
 VALIDATION_SEED = 0  # fixed (our choice): all runs of a sweep share one validation split
 
@@ -29,17 +33,16 @@ def validation_indices(train_y: torch.Tensor, *, fraction: float) -> tuple[np.nd
         raise ValueError(f"cannot carve a {fraction:g} validation split from {len(train_y)} training points: {err}") from None
 
 
-def carve_validation(bundle: DataBundle, *, fraction: float) -> DataBundle:
-    """Split ``bundle``'s training part into (train, validation); validation plays the test part.
+def carve_validation(source: TrainSource, *, fraction: float) -> TrainSource:
+    """Split ``source``'s training rows into (train, validation); validation plays the test part.
 
-    The normalization statistics (``mean``/``std``) are kept: they come from the training split
-    only. Raises ``ValueError`` as :func:`validation_indices`.
+    The validation rows are read into memory (:meth:`TrainSource.read`); the rest stay where
+    they were (indexed tensors, or the streamed Dataset's subset). The normalization statistics
+    (``mean``/``std``) are kept: they come from the training split only. Raises ``ValueError``
+    as :func:`validation_indices`.
     """
-    x, y = bundle.train_x, bundle.train_y
-    tr, va = validation_indices(y, fraction=fraction)
-    return DataBundle(
-        name=f"{bundle.name}[validation {fraction:g}]",
-        train_x=x[tr], train_y=y[tr], test_x=x[va], test_y=y[va],
-        num_classes=bundle.num_classes, bounds=bundle.bounds, mean=bundle.mean, std=bundle.std,
-        classes=bundle.classes, augment_kind=bundle.augment_kind,
-    )
+    tr, va = validation_indices(source.train_y, fraction=fraction)
+    val_x, val_y = source.read(torch.as_tensor(va))
+    rest = torch.as_tensor(tr)
+    return replace(source, name=f"{source.name}[validation {fraction:g}]", rows=source.rows.subset(rest),
+                   train_y=source.train_y[rest], held_out=lambda: (val_x, val_y))
