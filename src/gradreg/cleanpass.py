@@ -27,7 +27,8 @@ from .autodiff import GradRequest, efficient_second_order
 from .models.base import forward_all
 from .modes import BNPolicy, mode_invariant, run_mode
 
-__all__ = ["BatchNoise", "CleanPass", "Graph", "RANKS", "Ranks", "Requirements", "Term", "main_targets", "split_targets", "total"]
+__all__ = ["BatchNoise", "CleanPass", "Graph", "RANKS", "Ranks", "Requirements", "Term", "main_targets", "own_pass",
+           "split_targets", "total", "with_clean_part"]
 
 
 @dataclass(frozen=True)
@@ -278,3 +279,28 @@ class CleanPass:
                 (g,) = torch.autograd.grad(loss, self.x_in, retain_graph=not self._fused)
         self._detached_grads[head] = g = g.detach().to(self.x_in.dtype)
         return g
+
+
+# ----- a penalty on a pass of its own -----------------------------------------------------------
+# The one rule, shared by the scheduler (gradreg.schedule) and a penalty called on its own
+# (``Penalty.forward``), for a penalty that does not read the shared clean pass: it runs its own
+# pass, and the clean part of its term (``clean_coeff``·L(x)) is added from that pass.
+def own_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, req: Requirements,
+             ctx: CleanPass | None = None) -> CleanPass:
+    """The clean pass a penalty with requirements ``req`` reads: ``ctx`` when it has what ``req``
+    asks for, else a standalone pass that takes ``ctx``'s example indices, noise and fast-path
+    switch (without moving BatchNorm's running statistics)."""
+    if ctx is not None and (not req.input_grad or ctx.has_input_grad):
+        return ctx
+    return CleanPass.standalone(model, x, y, need_input_grad=req.input_grad,
+                                index=None if ctx is None else ctx.index,
+                                noise=None if ctx is None else ctx.noise,
+                                fast=True if ctx is None else ctx.fast)
+
+
+def with_clean_part(value: torch.Tensor, req: Requirements, own: CleanPass, *, weight: float = 1.0) -> torch.Tensor:
+    """``value`` plus the term's declared clean part, (``weight``·``clean_coeff``)·L(x),
+    differentiated through ``own`` (the pass the term was computed on); ``weight`` is the
+    term's λ when ``value`` is already λ-weighted (the scheduler's sum)."""
+    coeff = req.clean_coeff
+    return value if coeff == 0 else value + (weight * coeff) * own.clean_delta()

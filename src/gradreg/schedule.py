@@ -36,7 +36,7 @@ from torch import nn
 
 from . import autodiff
 # the clean pass and the types the penalties share live below them (re-exported here)
-from .cleanpass import BatchNoise, CleanPass, Requirements, main_targets, split_targets, total
+from .cleanpass import BatchNoise, CleanPass, Requirements, main_targets, own_pass, split_targets, total, with_clean_part
 from .models.base import num_heads
 from .penalties.base import Penalty
 
@@ -49,15 +49,6 @@ class ObjectiveOutput:
     loss: torch.Tensor  # scalar, differentiable
     parts: dict[str, torch.Tensor]  # detached scalars: "task" and one per penalty
     logits: torch.Tensor  # clean main-head logits (N, K), for training accuracy
-
-
-def _penalty_pass(ctx: CleanPass, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  req: Requirements) -> CleanPass:
-    """The clean pass a penalty reads: the shared one when it has what the penalty requires."""
-    if not req.input_grad or ctx.has_input_grad:
-        return ctx
-    return CleanPass.standalone(model, x, y, need_input_grad=True, index=ctx.index, noise=ctx.noise,
-                                fast=ctx.fast)
 
 
 def run_objective(terms: Mapping[str, tuple[Penalty, float]], task_weight: float, model: nn.Module,
@@ -88,15 +79,14 @@ def _run(terms: Mapping[str, tuple[Penalty, float]], task_weight: float, model: 
     penalty = x.new_zeros(())
     clean_w = task_weight
     for name, (pen, lam) in active.items():
-        own = _penalty_pass(ctx, model, x, y, reqs[name])
+        own = own_pass(model, x, y, reqs[name], ctx)
         term = pen.term(model, x, y, own)
-        penalty = penalty + lam * term.value
         parts[name] = term.value.detach()
-        coeff = reqs[name].clean_coeff  # declared once, in the penalty's requirements
-        if own is ctx:
-            clean_w += lam * coeff
-        elif coeff != 0:
-            penalty = penalty + lam * coeff * own.clean_delta()
+        penalty = penalty + lam * term.value
+        if own is ctx:  # its clean part joins the shared pass's weight (declared once, in its requirements)
+            clean_w += lam * reqs[name].clean_coeff
+        else:  # on its own pass: the rule a penalty called alone follows too
+            penalty = with_clean_part(penalty, reqs[name], own, weight=lam)
     ctx.finish()
     if not fused:
         # a task weight of 0 (PGD-AT) needs no backward pass through the clean graph

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 # the types shared with the scheduler live below both (gradreg.cleanpass); re-exported here
-from ..cleanpass import BatchNoise, CleanPass, Requirements, Term, main_targets, split_targets
+from ..cleanpass import BatchNoise, CleanPass, Requirements, Term, main_targets, own_pass, split_targets, with_clean_part
 
 DEFAULT_BOUNDS = (0.0, 1.0)
 """The image box, used only when neither the constructor nor ``setup`` gives bounds (our choice)."""
@@ -71,15 +71,10 @@ class Penalty(nn.Module):
     def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass | None = None) -> torch.Tensor:
         """The scalar penalty (mean over the batch), differentiable in the model's parameters.
         Without ``ctx`` (or with one that lacks the input gradient it needs) the penalty makes
-        its own clean pass, without moving BatchNorm's running statistics."""
-        if ctx is None or (self.requires.input_grad and not ctx.has_input_grad):
-            ctx = CleanPass.standalone(model, x, y, need_input_grad=self.requires.input_grad,
-                                       index=None if ctx is None else ctx.index,
-                                       noise=None if ctx is None else ctx.noise,
-                                       fast=True if ctx is None else ctx.fast)
-        value = self.term(model, x, y, ctx).value
-        clean_coeff = self.requires.clean_coeff
-        return value if clean_coeff == 0 else value + clean_coeff * ctx.clean_delta()
+        its own clean pass, without moving BatchNorm's running statistics: the scheduler's rule
+        for a term on its own pass (:func:`gradreg.cleanpass.own_pass`, ``with_clean_part``)."""
+        own = own_pass(model, x, y, self.requires, ctx)
+        return with_clean_part(self.term(model, x, y, own).value, self.requires, own)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
