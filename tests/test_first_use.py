@@ -304,7 +304,7 @@ def test_penalty_fast_paths_pass_with_the_kernels_off() -> None:
     failed self-check under another torch): tests/conftest.py honours GRADREG_TEST_NO_KERNELS=1
     and fails any test that reaches the kernels."""
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "GRADREG_TEST_NO_KERNELS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",  # one process: its counts
                            str(ROOT / "tests" / "test_penalties_registry.py"), "-k", "fast_paths or plain"],
                           env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:]
