@@ -184,3 +184,43 @@ def test_bad_adv_weight_and_labels_rejected() -> None:
         make("pgd-at", adv_weight=1.5)
     with pytest.raises(ValueError, match="labels"):
         make("fgsm-at", labels="leaky")
+
+
+def test_eps_ramp_grows_linearly_then_holds_and_only_while_training() -> None:
+    """FGSM-AT with a 4-step ramp: step t trains on x + ε·min(1, (t+1)/4)·sign g (independent
+    FGSM at that radius), evaluation does not advance the clock, the target threat stays ε."""
+    torch.manual_seed(0)
+    model = models.make("mlp", in_shape=(1, 4, 4), num_classes=5, hidden=(12,)).double().train()
+    x = torch.rand(10, 1, 4, 4, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.randint(0, 5, (10,))
+    eps = 0.2
+    pen = make("fgsm-at", eps=eps, adv_weight=1.0, eps_ramp_steps=4)
+    assert pen.threat.eps == eps and "step" in pen.state_dict()
+    assert "step" not in make("fgsm-at", eps=eps).state_dict()  # no ramp: the state dict is unchanged
+    objective = Objective([("fgsm-at", pen, 1.0)], task_weight=0.0)
+
+    def fgsm_loss(radius: float) -> torch.Tensor:
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(xg), y), xg)
+        return F.cross_entropy(model((x + radius * g.sign()).clamp(0, 1)), y)
+
+    for t in range(6):
+        if t == 2:  # an evaluation in eval mode between steps does not move the ramp
+            model.eval()
+            objective(model, x, y)
+            model.train()
+        loss = objective(model, x, y).loss
+        torch.testing.assert_close(loss, fgsm_loss(eps * min(1.0, (t + 1) / 4)))
+    assert int(pen.step) == 6
+    with pytest.raises(ValueError, match="eps_ramp_steps"):
+        make("pgd-at", eps=eps, eps_ramp_steps=-1)
+
+
+def test_eps_ramp_pgd_stays_inside_the_ramped_ball() -> None:
+    model = bn_net().train()
+    x, y = batch(16)
+    pen = make("pgd-at", eps=0.3, steps=5, eps_ramp_steps=10)
+    assert pen.step_threat().eps == pytest.approx(0.03)
+    x_adv = pen.attack(model, x, y)
+    assert float((x_adv - x).abs().max()) <= 0.03 * (1 + 1e-5)
+    assert float((x_adv - x).abs().max()) > 0.015  # it moved, to the ramped radius

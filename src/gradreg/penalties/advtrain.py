@@ -45,6 +45,13 @@ Example::
     pen = make("pgd-at", eps=8 / 255, adv_weight=0.5, labels="predicted")        # the SGR paper's row
     objective = Objective([("pgd-at", pen, pen.default_lam)], task_weight=pen.task_weight)
 
+ε ramp (``eps_ramp_steps`` = R > 0; our choice, off by default): the attack's radius grows
+linearly, ε_t = ε·min(1, (t + 1)/R) at training step t, the warm-up that large-radius MNIST
+training commonly uses (e.g. Gowal et al. 2018's interval-bound training ramps ε; Madry et al.
+train at the full ε from the start). The clock is a buffer of the term, so a resumed or 2-rank
+run ramps alike, and it advances only while the model trains; ``threat`` stays the full ε (the
+monitor and the reports read it), ``step_threat()`` is the ramped one.
+
 Bounds and default ε come from the data set (``setup``) unless given (:mod:`.inner`).
 """
 from __future__ import annotations
@@ -71,15 +78,18 @@ class AdversarialLoss(Penalty):
     multi-task model."""
 
     default_adv_weight = 1.0
+    step: torch.Tensor  # training steps taken (the ε ramp's clock; registered only with a ramp)
 
     def __init__(self, *, eps: float | str | None = None, norm: str = "linf", steps: int = 10,
                  rel_stepsize: float = 0.25, random_start: bool = True,
                  bounds: tuple[float, float] | None = None, bn_policy: BNPolicy = "eval",
                  perturbed_bn_policy: BNPolicy = "frozen", adv_weight: float | None = None,
-                 labels: str = "true") -> None:
+                 labels: str = "true", eps_ramp_steps: int = 0) -> None:
         super().__init__(bounds=bounds)
         if steps < 1:
             raise ValueError(f"steps must be ≥ 1, got {steps}")
+        if eps_ramp_steps < 0 or int(eps_ramp_steps) != eps_ramp_steps:
+            raise ValueError(f"eps_ramp_steps must be a whole number ≥ 0, got {eps_ramp_steps!r}")
         adv_weight = self.default_adv_weight if adv_weight is None else float(adv_weight)
         if not 0 <= adv_weight <= 1:
             raise ValueError(f"adv_weight must be in [0, 1], got {adv_weight!r}")
@@ -92,6 +102,9 @@ class AdversarialLoss(Penalty):
         self.random_start = bool(random_start)
         self.bn_policy = check_policy(bn_policy)
         self.perturbed_bn_policy = check_policy(perturbed_bn_policy)
+        self.eps_ramp_steps = int(eps_ramp_steps)
+        if self.eps_ramp_steps:  # the ramp's clock; only a ramped term has it, so other state dicts are unchanged
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
         # A one-step attack without random start on the true label (FGSM-AT) reads the shared
         # clean pass's input gradient when that pass ran in the attack's mode, instead of a pass
         # of its own. The clean part of the mixture is handed to the step as clean_coeff.
@@ -101,6 +114,18 @@ class AdversarialLoss(Penalty):
     def threat(self) -> ThreatModel:
         return ThreatModel(norm=self.norm, eps=resolve_eps(self.norm, self.eps_param, self.bounds),
                            bounds=self.bounds)
+
+    def ramp_factor(self) -> float:
+        """ε_t / ε at this training step: ``min(1, (t + 1) / eps_ramp_steps)``, 1 without a ramp."""
+        if not self.eps_ramp_steps:
+            return 1.0
+        return min(1.0, (int(self.step) + 1) / self.eps_ramp_steps)
+
+    def step_threat(self) -> ThreatModel:
+        """The threat the attack uses at this step: :attr:`threat` with ε scaled by the ramp.
+        :attr:`threat` itself stays the target radius (the monitor and reports read it)."""
+        threat, factor = self.threat, self.ramp_factor()
+        return threat if factor == 1.0 else ThreatModel(norm=threat.norm, eps=threat.eps * factor, bounds=threat.bounds)
 
     def one_step(self) -> bool:
         """Whether x_adv is one ascent step from x on the true label, i.e. readable off the
@@ -116,12 +141,14 @@ class AdversarialLoss(Penalty):
         target = (main_targets(y) if ctx is None else
                   attack_labels(model, x, y, ctx, labels=self.labels, bn_policy=self.bn_policy))  # (N,)
         with torch.enable_grad():
-            return pgd(model, x, self.threat, ce_loss(target), steps=self.steps,
+            return pgd(model, x, self.step_threat(), ce_loss(target), steps=self.steps,
                        rel_stepsize=self.rel_stepsize, random_start=self.random_start, generator=generator,
                        sampler=None if ctx is None else ctx.sampler, bn_policy=self.bn_policy)
 
     def term(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: CleanPass) -> Term:
-        x_adv = adversarial_batch(self, model, x, y, ctx)
+        x_adv = adversarial_batch(self, model, x, y, ctx, threat=self.step_threat())
+        if self.eps_ramp_steps and model.training:  # the ramp advances only while the model trains
+            self.step += 1
         with run_mode(model, perturbed_policy(model, self.perturbed_bn_policy)):
             outputs = forward_all(model, x_adv)  # per head: (N, K_h)
         adv = total(F.cross_entropy(out, t) for out, t in zip(outputs, split_targets(y)))

@@ -97,12 +97,13 @@ class AttackPenalty(Protocol):
 
 
 def adversarial_batch(pen: AttackPenalty, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                      ctx: CleanPass) -> torch.Tensor:
+                      ctx: CleanPass, *, threat: ThreatModel | None = None) -> torch.Tensor:
     """The inner attack's x_adv: read off the shared clean pass when the penalty is a one-step
     CE attack without random start and that pass may stand in for the attack's, from the
-    penalty's own ``attack`` otherwise."""
+    penalty's own ``attack`` otherwise. ``threat``: the step's threat when it differs from
+    ``pen.threat`` (an ε ramp); the penalty's ``attack`` applies the same one itself."""
     x_adv = None
     if pen.one_step():
-        x_adv = one_step_from_clean_pass(ctx, model, pen.threat, rel_stepsize=pen.rel_stepsize,
+        x_adv = one_step_from_clean_pass(ctx, model, pen.threat if threat is None else threat, rel_stepsize=pen.rel_stepsize,
                                          bn_policy=pen.bn_policy)
     return pen.attack(model, x, y, ctx) if x_adv is None else x_adv
