@@ -96,6 +96,8 @@ def test_tiny_hard_radius_family_end_to_end(tmp_path: Path) -> None:
     assert result["display_columns"] == ["test", "PGD", "PGD ε=0.3", "AA ε=0.3", "worst ε=0.3"]
     for name, row in result["rows"].items():
         assert row["eval"]["eps"] == [0.1, 0.2, 0.3], name  # the curve along the radius
+        aa = row["eval"]["autoattack"][0]  # AutoAttack only on PGD's survivors: never standing where PGD broke
+        assert aa["run"]["after_pgd"] and aa["accuracy"] <= aa["pgd"], name
     for r in exp.rows:  # one widening round on a one-point grid looks both ways (down only if it is inadmissible)
         choice = result["lam"][r.name]
         if r.lams:

@@ -282,3 +282,41 @@ def test_a_finished_evaluation_is_read_back_not_recomputed(digits_cw: nn.Module,
     cache.write_text(cache.read_text()[:50])
     _, reused = cached_evaluation(digits_mlp, digits, stronger, cache=cache, name="cw")
     assert not reused and len(runs) == 3
+
+
+def test_autoattack_after_pgd_runs_only_on_pgd_survivors_and_square_still_catches_masking(  # type: ignore[no-untyped-def]
+        digits_cw: nn.Module, digits, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``aa_after_pgd``: AutoAttack sees only the points PGD left standing, a point PGD broke is
+    broken in its column, Square audits only what both left standing, and the planted masked
+    model is still caught by the gradient-free audit while the normal one is not."""
+    import gradreg.protocols.masking as masking
+    import gradreg.protocols.robustness as robustness
+    from gradreg.protocols.caching import evaluation_key
+    from gradreg.protocols.settings import unbits
+
+    settings = EvalSettings(**{**AA_SETTINGS.__dict__, "aa_params": {"attacks": ["apgd-ce"], "n_iter": 5},
+                               "aa_after_pgd": True, "square_n": 40, "square_queries": 200})
+    seen: list[int] = []
+    square_seen: list[int] = []
+    original, original_square = robustness.resumable_flags, masking.sharded_outcomes
+    monkeypatch.setattr(robustness, "resumable_flags", lambda m, x, y, *a, **k: seen.append(len(y)) or original(m, x, y, *a, **k))
+    monkeypatch.setattr(masking, "sharded_outcomes",
+                        lambda m, x, y, *a, **k: square_seen.append(len(y)) or original_square(m, x, y, *a, **k))
+    results = {}
+    for name, model in (("rounded", Rounded(digits_cw).eval()), ("cw", digits_cw)):
+        seen.clear(), square_seen.clear()
+        ev = evaluate_model(model, digits, settings, name=name)
+        entry = ev.autoattack[0]
+        pgd = unbits(entry["pgd_bits"])  # PGD at the AutoAttack ε on the same 40 points
+        aa = ev.aa_flags[0.3]
+        assert seen == ([int(pgd.sum())] if int(pgd.sum()) else [])  # AutoAttack ran on the PGD survivors only
+        assert not bool((aa & ~pgd).any())  # a point PGD broke is broken in the AutoAttack column
+        assert entry["run"]["after_pgd"] and entry["square"]["after_gradient"]
+        assert entry["square"]["audited"] == int((pgd & aa).sum()) == sum(square_seen)
+        results[name] = next(c for c in ev.checks if c.name.startswith("gradient-free"))
+    assert results["rounded"].passed is False and results["cw"].passed is True
+    assert "run on the" in results["rounded"].detail
+    # at its default the setting stays out of the evaluation key (earlier evaluations are reused)
+    plain = EvalSettings(**{**settings.__dict__, "aa_after_pgd": False})
+    assert "aa_after_pgd" not in evaluation_key(digits_cw, digits, plain, "cw")["settings"]
+    assert evaluation_key(digits_cw, digits, settings, "cw")["settings"]["aa_after_pgd"] is True

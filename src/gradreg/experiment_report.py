@@ -242,8 +242,10 @@ def autoattack_lines(results: dict[str, RowResult]) -> list[str]:
     if not aa_runs:
         return []
     r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]  # present: aa_runs is non-empty
+    chained = (" AutoAttack ran only on the points PGD left standing (as AutoAttack chains its own attacks), so "
+               "its column is the worst case of PGD and AutoAttack." if r.get("after_pgd") else "")
     return [f"AutoAttack: {r['package']} {r['package_version']}, version {r['version']}, attacks "
-            f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.", ""]
+            f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.{chained}", ""]
 
 
 def difference_section(lay: Layout) -> tuple[list[str], list[str]]:

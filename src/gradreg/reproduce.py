@@ -323,7 +323,7 @@ def autoattack_settings(exp: experiments.Experiment, budget: dict[str, Any]) -> 
             params[key] = int(budget[f"aa_{key}"])
     version = str(budget.get("aa_version", "custom" if "attacks" in params else "standard"))
     return {"autoattack": True, "aa_eps": [float(exp.autoattack_eps)], "aa_version": version,
-            "aa_n": budget.get("aa_n"), "aa_params": params}
+            "aa_n": budget.get("aa_n"), "aa_params": params, "aa_after_pgd": bool(budget.get("aa_after_pgd", False))}
 
 
 # rows whose robustness rests on a penalty of the input gradient, the Jacobian, the curvature or

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--aa-version", default="standard",
                         help="AutoAttack version: standard, rand or plus (default standard)")
     parser.add_argument("--aa-n", type=int, metavar="N", help="run AutoAttack on the first N evaluated points only")
+    parser.add_argument("--aa-after-pgd", action="store_true",
+                        help="run AutoAttack only on the points PGD left standing (its column is then the worst "
+                             "case of both; Square audits only the points both left standing)")
     parser.add_argument("--aa-param", dest="aa_params", metavar="KEY=VALUE", action="append", default=[],
                         help="AutoAttack budget, a Python literal: --aa-param n_iter=20 --aa-param n_queries=500 "
                              "(also n_restarts; the package's own settings for the version when not given)")
@@ -53,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     out = output_dir(args)
     settings = settings_from_args(args, attacks=tuple(args.attacks), deepfool=not args.no_deepfool,
                                   raw_pgd=not args.no_raw_pgd, autoattack=use_aa, aa_version=args.aa_version,
-                                  aa_n=args.aa_n, aa_cache=str(out / "autoattack") if use_aa else None)
+                                  aa_n=args.aa_n, aa_after_pgd=args.aa_after_pgd,
+                                  aa_cache=str(out / "autoattack") if use_aa else None)
     if args.aa_params:
         settings.aa_params = parse_params(args.aa_params, flag="--aa-param")
     if use_aa:  # the standard ε first, then the listed ones
@@ -144,8 +148,9 @@ def write_eval_report(out, results: list, *, data: str, settings_desc: str) -> N
             r = entry["run"]
             lines.append(f"AutoAttack ({r['package']} {r['package_version']}, version {r['version']}, attacks "
                          f"{', '.join(r['attacks'])}, seed {r['seed']}) on the first {entry['n']} points of "
-                         f"{ev.name} at ε={entry['eps']:.4g}: {entry['paired']['test']} against PGD, "
-                         f"p = {entry['paired']['p_value']:.2g}.")
+                         f"{ev.name} at ε={entry['eps']:.4g}"
+                         f"{', only on the points PGD left standing' if r.get('after_pgd') else ''}: "
+                         f"{entry['paired']['test']} against PGD, p = {entry['paired']['p_value']:.2g}.")
     per_eps = []
     for ev in results:
         for a, curve in ev.curves.items():

@@ -71,6 +71,8 @@ def evaluation_key(model: nn.Module, bundle: DataBundle, settings: EvalSettings,
     """What an evaluation depends on: the model's weights, the data and every setting (the
     AutoAttack cache folder aside: where batches are kept does not change what they hold)."""
     fields = {k: v for k, v in vars(settings).items() if k != "aa_cache"}
+    if not fields.get("aa_after_pgd"):  # added later: at its default it stays out, so earlier evaluations are reused
+        fields.pop("aa_after_pgd", None)
     fields["attacks"] = list(fields["attacks"])
     test_fp = hashlib.sha256(bundle.test_x.contiguous().numpy().tobytes()).hexdigest()[:16]
     return {"model": fingerprint(model), "data": bundle.name, "test": test_fp, "name": name,

@@ -123,22 +123,36 @@ def square_check(ev: ModelEval, *, share: float = SQUARE_SHARE) -> Check:
         gradient = unbits(a["pgd_bits"])[:m] & aa[:m]  # standing after every gradient attack
         only_square = int((gradient & ~sq).sum())
         fired |= only_square > share * m
+        ran = (f", run on the {a['square']['audited']} points both left standing"
+               if a["square"].get("after_gradient") else "")
         parts.append(f"Square ({a['square']['n_queries']} queries) broke {only_square} of {m} points that PGD and "
-                     f"AutoAttack left standing at ε={a['eps']:.4g} (limit {share:.0%})")
+                     f"AutoAttack left standing at ε={a['eps']:.4g} (limit {share:.0%}{ran})")
     return Check(name, not fired, "; ".join(parts))
 
 
 def run_square_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat_eps: float, bundle: DataBundle,
-                     settings: EvalSettings) -> dict[str, Any]:
+                     settings: EvalSettings, *, standing: torch.Tensor | None = None) -> dict[str, Any]:
     """Square (AutoAttack's gradient-free attack, ``settings.square_queries`` queries) on the first
     ``settings.square_n`` points at radius ``threat_eps``, true labels: the masking audit's record
-    ``{"n", "n_queries", "bits"}`` (bit i: point i left standing)."""
+    ``{"n", "n_queries", "bits"}`` (bit i: point i left standing). ``standing`` (bool, one per
+    point of ``x``): Square runs only on the points the gradient attacks left standing, the others
+    are recorded as broken (``"after_gradient": True`` and the number run, ``"audited"``); the
+    audit's count (:func:`square_check`) is the same, since it counts only points that every
+    gradient attack left standing."""
     n = min(int(settings.square_n or 0), len(y))
     attack = attacks.make("autoattack", version="custom", attacks=["square"], n_queries=int(settings.square_queries),
                           seed=settings.seed, labels="true")
     threat = ThreatModel(settings.norm, 0.0, bundle.bounds)
-    flags = sharded_outcomes(model, x[:n], y[:n], attack, threat, [threat_eps], batch_size=settings.batch_size)[0][0]
-    return {"n": n, "n_queries": int(settings.square_queries), "bits": bits(flags)}
+    if standing is None:
+        flags = sharded_outcomes(model, x[:n], y[:n], attack, threat, [threat_eps], batch_size=settings.batch_size)[0][0]
+        return {"n": n, "n_queries": int(settings.square_queries), "bits": bits(flags)}
+    flags = torch.zeros(n, dtype=torch.bool)
+    idx = standing[:n].nonzero().flatten()  # (m,) the points left to audit
+    if len(idx):
+        flags[idx] = sharded_outcomes(model, x[idx], y[idx], attack, threat, [threat_eps],
+                                      batch_size=settings.batch_size)[0][0]
+    return {"n": n, "n_queries": int(settings.square_queries), "bits": bits(flags), "after_gradient": True,
+            "audited": int(len(idx))}
 
 
 def rising(eps: Sequence[float], curve: Sequence[float], tolerance: float) -> list[int]:

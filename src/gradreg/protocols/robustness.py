@@ -57,26 +57,38 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: T
                    settings: EvalSettings, result: ModelEval) -> None:
     """AutoAttack at every ε of ``settings.aa_grid`` on the first ``aa_n`` points, beside PGD at
     the same ε on the same points (from the grid's flags when ε is on the grid). One attack
-    object for the whole evaluation; finished batches are kept in ``settings.aa_cache``."""
+    object for the whole evaluation; finished batches are kept in ``settings.aa_cache``. With
+    ``settings.aa_after_pgd`` AutoAttack runs only on the points PGD left standing (a point PGD
+    broke counts as broken), and the Square audit only on the points both left standing."""
     n = len(y) if settings.aa_n is None else min(settings.aa_n, len(y))
     xa, ya = x[:n], y[:n]
     aa = settings.make_autoattack()
     run = {**aa.describe(), "n": n} if hasattr(aa, "describe") else {"n": n}
+    if settings.aa_after_pgd:
+        run["after_pgd"] = True
     fp = fingerprint(model) if settings.aa_cache else ""
     entries = []
     for e in settings.aa_grid(bundle.name):
         check_eps_fits(e, settings.norm, bundle.bounds, x[0].numel())
-        cache = None
-        if settings.aa_cache:
-            cache = Path(settings.aa_cache) / f"autoattack-{result.name}-{settings.norm}-{e:.6g}.json".replace("/", "_")
-        key = {"model": fp, "eps": e, "norm": settings.norm, "n": n, "batch_size": settings.batch_size, **run}
-        aa_flags = resumable_flags(model, xa, ya, aa, threat, e, settings, cache=cache, key=key)
         on_grid = [k for k, g in enumerate(result.eps) if math.isclose(g, e, rel_tol=1e-9, abs_tol=1e-12)]
         if on_grid and "pgd" in result.flags:
             pgd_flags = result.flags["pgd"][on_grid[0], :n]
         else:
             pgd_flags = sharded_outcomes(model, xa, ya, settings.make_attack("pgd"), threat, [e],
                                          batch_size=settings.batch_size)[0][0]
+        cache = None
+        if settings.aa_cache:
+            cache = Path(settings.aa_cache) / f"autoattack-{result.name}-{settings.norm}-{e:.6g}.json".replace("/", "_")
+        key = {"model": fp, "eps": e, "norm": settings.norm, "n": n, "batch_size": settings.batch_size, **run}
+        if settings.aa_after_pgd:
+            key["pgd_bits"] = bits(pgd_flags)  # the points it runs on
+            aa_flags = torch.zeros(n, dtype=torch.bool)
+            standing = pgd_flags.nonzero().flatten()  # (m,) indices into the first n points
+            if len(standing):
+                aa_flags[standing] = resumable_flags(model, xa[standing], ya[standing], aa, threat, e, settings,
+                                                     cache=cache, key=key)
+        else:
+            aa_flags = resumable_flags(model, xa, ya, aa, threat, e, settings, cache=cache, key=key)
         result.aa_flags[e] = aa_flags
         entry = {"eps": e, "accuracy": int(aa_flags.sum()) / n, "pgd": int(pgd_flags.sum()) / n, "n": n,
                  "interval": stats.proportion(aa_flags).as_dict(),
@@ -84,8 +96,7 @@ def run_autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: T
                  "paired": stats.compare(pgd_flags, aa_flags, a="PGD", b="AutoAttack").as_dict(),
                  "pgd_bits": bits(pgd_flags), "run": run}
         if settings.square_n > 0:
-            entry["square"] = run_square_audit(model, xa, ya, e, bundle, settings)
+            entry["square"] = run_square_audit(model, xa, ya, e, bundle, settings,
+                                               standing=(pgd_flags & aa_flags) if settings.aa_after_pgd else None)
         entries.append(entry)
     result.autoattack = entries
-
-

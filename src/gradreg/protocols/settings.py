@@ -38,6 +38,11 @@ class EvalSettings:
     aa_n: int | None = None
     aa_params: dict[str, Any] = field(default_factory=dict)
     aa_cache: str | None = None
+    # AutoAttack only on the points PGD (at the same ε, with its restarts) left standing, as
+    # AutoAttack chains its own attacks; its column is then the worst case of PGD and AutoAttack,
+    # and Square audits only the points both left standing (our choice for CPU budgets; it saves
+    # AutoAttack's time on the points PGD already broke and changes no worst-case outcome)
+    aa_after_pgd: bool = False
     n_test: int | None = None  # evaluate the first n test points only
     batch_size: int = 256
     seed: int = 0
