@@ -333,3 +333,27 @@ def test_sgr_budgets_train_with_the_papers_preprocessing() -> None:
                 assert cfg.standardize == "per-image"
             else:
                 assert not cfg.augment and cfg.standardize == "none"
+
+
+def test_a_finished_run_of_another_configuration_is_refused_not_reused(tmp_path: Path) -> None:
+    """The runner reuses a finished folder only when its stored configuration is the planned
+    one (where and how it ran aside; a field newer than the folder as its default), and refuses,
+    naming the differing fields, when a row changed since (e.g. PGD-AT given an ε ramp)."""
+    from gradreg.config import TrainConfig
+    from gradreg.runner import Runner, stale_fields
+
+    cfg = TrainConfig(method="pgd-at", penalty={"eps": 0.3, "steps": 10}, epochs=3, out=str(tmp_path / "run"))
+    run = Path(cfg.out)
+    run.mkdir()
+    stored = json.loads(json.dumps(cfg.to_dict()))
+    del stored["monitor_drop"]  # written before that field existed: compares as its default
+    (run / "config.json").write_text(json.dumps({"config": stored}))
+    (run / "model.safetensors").write_bytes(b"")
+    runner = Runner(print_only=True)
+    moved = replace(cfg, quiet=True, device="cpu", data_dir="/elsewhere")  # where and how it runs: still the same run
+    assert stale_fields(moved) == [] and runner.run([("PGD-AT", moved)]) == 0 and runner.printed == []
+    ramped = replace(cfg, penalty={"eps": 0.3, "steps": 10, "eps_ramp_steps": 63})
+    with pytest.raises(ValueError, match=r"another configuration .*differs in penalty\)"):
+        runner.run([("PGD-AT", ramped)])
+    assert stale_fields(replace(cfg, epochs=10)) == ["epochs"]  # more epochs is another model, not a resume
+    assert stale_fields(replace(cfg, monitor_drop=0.5)) == ["monitor_drop"]

@@ -16,7 +16,9 @@
   every training has finished.
 
 A run folder is trained at most once per wave, whatever number of rows share it (the sweeps'
-common clean reference), and a finished one never again.
+common clean reference), and a finished one never again; a finished folder whose stored
+configuration differs from the planned one (a row's penalty changed since) is refused with the
+differing fields, never reused.
 """
 from __future__ import annotations
 
@@ -38,6 +40,20 @@ def default_jobs() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def stale_fields(cfg: TrainConfig) -> list[str]:
+    """The fields in which a finished run folder's stored configuration (``config.json``)
+    differs from ``cfg``: where and how it ran aside (:meth:`TrainConfig.runtime_fields`), except
+    ``epochs``, which changes the result; a field newer than the folder compares as its default.
+    Empty when nothing is stored."""
+    try:
+        saved = json.loads((Path(cfg.out) / "config.json").read_text())["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
+    free = TrainConfig.runtime_fields() - {"epochs"}
+    now, defaults = json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(TrainConfig().to_dict()))  # as stored
+    return [k for k in now if k not in free and saved.get(k, defaults[k]) != now[k]]
 
 
 def is_trained(cfg: TrainConfig) -> bool:
@@ -69,6 +85,9 @@ class Runner:
         A failed subprocess stops the run with its log's path."""
         todo: dict[str, tuple[str, TrainConfig]] = {}
         for label, cfg in trainings:
+            if is_trained(cfg) and (diff := stale_fields(cfg)):  # never reuse a model trained for another config
+                raise ValueError(f"{cfg.out} holds a finished run of another configuration (it differs in "
+                                 f"{', '.join(diff)}): move or delete that folder, or use another --out")
             if not is_trained(cfg):
                 todo.setdefault(str(Path(cfg.out)), (label, cfg))  # a shared run folder once
         if not todo:
