@@ -41,7 +41,9 @@ def test_the_rows_are_the_hard_radius_family_and_name_known_methods() -> None:
         s = sweep_settings(b.budget(budget))
         assert s["widen"] and s["margin"] == 1.0 and s["max_widen"] == 1
     assert exp.budget("cpu")["data"] == "mnist10k" and exp.budget("cpu")["model"] == "cw"
-    assert exp.budget("cpu")["seeds"] == [0]  # one session's compute: one seed (the TOML states the cut)
+    assert exp.budget("cpu")["seeds"] == [0, 1, 2]  # the unit of replication is the training seed
+    pgd_at = next(r for r in exp.rows if r.method == "pgd-at")
+    assert pgd_at.penalty["eps_ramp_steps"] == 63  # the ramp chosen on validation (schedule-sweep.md)
     # the declared λ (or the swept penalty weight) is the middle of every grid
     for r in exp.rows:
         if r.lams:
