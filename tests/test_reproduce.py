@@ -357,3 +357,31 @@ def test_a_finished_run_of_another_configuration_is_refused_not_reused(tmp_path:
         runner.run([("PGD-AT", ramped)])
     assert stale_fields(replace(cfg, epochs=10)) == ["epochs"]  # more epochs is another model, not a resume
     assert stale_fields(replace(cfg, monitor_drop=0.5)) == ["monitor_drop"]
+
+
+def test_rows_with_one_objective_are_found_with_the_modules_defaults_filled_in() -> None:
+    """sgr-mnist's DataGrad-L1 (exact, λ 0.05) and Lyu ℓ∞ (exact, σ 0.05, λ 1) are both
+    L + 0.05·‖∇ₓL‖₁: one group, although their declared parameters differ; so are DataGrad's
+    finite-difference solver at its default φ and Lyu's one-step at σ = φ; ℓ2 DataGrad is not."""
+    from gradreg.reading import alias_groups
+
+    exp = experiments.load("sgr-mnist")
+    rows = {r.name: r for r in exp.rows}
+    lams = {r.name: r.lam for r in exp.rows}
+    groups = alias_groups(list(rows.values()), lams)
+    assert groups.get("DataGrad-L1") == ["Lyu (ℓ∞)"] and "DataGrad-L2" not in str(groups)
+    fd = replace(rows["DataGrad-L1"], penalty={"p": 1, "solver": "fd"}, lam=0.05)  # φ defaults to 0.1: weight ½
+    onestep = replace(rows["Lyu (ℓ∞)"], penalty={"norm": "linf", "solver": "onestep", "sigma": 0.1}, lam=0.5)
+    other = replace(onestep, name="other", lam=0.25)
+    assert alias_groups([fd, onestep, other], {}) == {fd.name: [onestep.name]}
+    # the numbers behind the identity: the two penalties' terms on one batch, times their λ
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()
+    x, y = torch.rand(6, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    from gradreg.penalties import CleanPass
+
+    dg = penalties.make("datagrad", p=1)
+    ly = penalties.make("lyu", norm="linf", sigma=0.05)
+    a = 0.05 * dg.term(model, x, y, CleanPass.standalone(model, x, y, need_input_grad=True)).value
+    b = 1.0 * ly.term(model, x, y, CleanPass.standalone(model, x, y, need_input_grad=True)).value
+    torch.testing.assert_close(a, b)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import experiments
+from . import experiments, penalties
 from .cost import relative_cost
 from .stats import adjust_family, compare
 from .tables import RowResult, cell_scores
@@ -108,22 +108,36 @@ def honest_reading(reading: dict[str, Any], results: dict[str, RowResult], aa_co
 
 def resolved_objective(row: experiments.Row, lam: float | None) -> tuple[Any, ...]:
     """A canonical form of the row's training objective, equal for two rows exactly when their
-    objectives are the same by construction. Known identities (our reading of the modules'
-    formulas): DataGrad-ℓ1 with the finite-difference solver is (1 − λ/φ)·L(x) + (λ/φ)·L(x + φ·sign g)
-    (gradreg.penalties.datagrad) and Lyu's ℓ∞ one-step solver, unclipped, is
-    (1 − λ)·L(x) + λ·L(x + σ·sign g) (gradreg.penalties.lyu): both are "a mix of the clean loss
-    and the loss one sign step away", keyed by (step, weight). FGSM-AT clips its point to the
-    data bounds and has a BatchNorm policy, so it is not folded in. Any other row is keyed by
-    its method, λ, penalty and training overrides as declared."""
+    objectives are the same by construction, with the modules' defaults filled in (λ, φ, σ,
+    solver). Known identities (our reading of the modules' formulas, single-head models):
+
+    - DataGrad-ℓ1 with the finite-difference solver is (1 − λ/φ)·L(x) + (λ/φ)·L(x + φ·sign g)
+      (gradreg.penalties.datagrad) and Lyu's ℓ∞ one-step solver, unclipped, is
+      (1 − λ)·L(x) + λ·L(x + σ·sign g) (gradreg.penalties.lyu): both are "a mix of the clean loss
+      and the loss one sign step away", keyed by (step, weight);
+    - DataGrad-ℓ1 with the exact solver is L(x) + λ·‖∇ₓL‖₁ and Lyu's ℓ∞ exact solver is
+      L(x) + λσ·‖∇ₓL‖₁: both are "the loss plus c·‖∇ₓL‖₁", keyed by c.
+
+    FGSM-AT clips its point to the data bounds and has a BatchNorm policy, so it is not folded
+    in. Any other row is keyed by its method, λ, penalty and training overrides as declared."""
     pen = dict(row.penalty)
     rest = (row.task_weight, json.dumps(row.train, sort_keys=True, default=str))
-    if (row.method == "datagrad" and pen.get("p") == 1 and pen.get("solver") == "fd" and not pen.get("squared")
-            and "fd_step" in pen and lam is not None and set(pen) <= {"p", "solver", "fd_step"}):
-        step = float(pen["fd_step"])
-        return ("sign-step mix", round(step, 12), round(lam / step, 12), *rest)
-    if (row.method == "lyu" and pen.get("norm") == "linf" and pen.get("solver") == "onestep" and "sigma" in pen
-            and lam is not None and set(pen) <= {"norm", "solver", "sigma"}):
-        return ("sign-step mix", round(float(pen["sigma"]), 12), round(float(lam), 12), *rest)
+    if (row.method == "datagrad" and pen.get("p", 1) == 1 and not pen.get("squared")
+            and set(pen) <= {"p", "solver", "fd_step", "squared"}):
+        default = penalties.make("datagrad", p=1, solver="fd")  # the module's default λ and φ
+        lam_dg = default.default_lam if lam is None else float(lam)
+        if pen.get("solver", "exact") == "fd":
+            step = float(pen.get("fd_step", default.fd_step))
+            return ("sign-step mix", round(step, 12), round(lam_dg / step, 12), *rest)
+        if "fd_step" not in pen:
+            return ("l1 gradient norm", round(lam_dg, 12), *rest)
+    if row.method == "lyu" and pen.get("norm", "linf") == "linf" and set(pen) <= {"norm", "solver", "sigma"}:
+        default = penalties.make("lyu", norm="linf")  # the module's default σ and λ
+        sigma = float(pen.get("sigma", default.sigma))
+        lam_lyu = default.default_lam if lam is None else float(lam)
+        if pen.get("solver", "exact") == "onestep":
+            return ("sign-step mix", round(sigma, 12), round(lam_lyu, 12), *rest)
+        return ("l1 gradient norm", round(lam_lyu * sigma, 12), *rest)
     return ("as declared", row.method, lam, json.dumps(pen, sort_keys=True, default=str), *rest)
 
 
@@ -131,6 +145,8 @@ def objective_text(key: tuple[Any, ...]) -> str:
     """A :func:`resolved_objective` key in words (the report's sentence on rows with one objective)."""
     if key[0] == "sign-step mix":
         return f"(1 − w)·L(x) + w·L(x + φ·sign ∇ₓL) with φ = {key[1]:g}, w = {key[2]:g}"
+    if key[0] == "l1 gradient norm":
+        return f"L(x) + c·‖∇ₓL‖₁ with c = {key[1]:g}"
     return f"{key[1]} at λ = {key[2]}, penalty {key[3]}"
 
 
