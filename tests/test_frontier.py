@@ -67,3 +67,35 @@ def test_labels_of_a_crowded_frontier_do_not_overlap() -> None:
             assert not boxes[a].overlaps(boxes[b]), (a, b)
         for c, (cx, cy) in enumerate(centers):
             assert not boxes[a].overlaps(Bbox.from_extents(cx - 4, cy - 4, cx + 4, cy + 4)), (a, c)
+
+
+def test_a_crowd_that_names_cannot_fit_gets_numbers_and_a_key() -> None:
+    """Twelve methods on almost one spot (the clean-accuracy panel of the hard-radius run): the
+    names that find no free spot become numbers, no two labels overlap, and the key spells every
+    number out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradreg.frontier import place_labels
+
+    xs = [95.0 + 0.1 * (i % 4) for i in range(12)]
+    ys = [1.0 + 0.2 * (i // 4) for i in range(12)]
+    names = [f"a rather long method name {i}" for i in range(12)]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(xs, ys, "o")
+    ax.set_xlim(20, 100)
+    ax.set_ylim(-2, 60)
+    boxes = place_labels(ax, xs, ys, names)
+    legend = ax.get_legend()
+    plt.close(fig)
+    assert len(boxes) == 12 and legend is not None
+    keyed = [t.get_text() for t in legend.get_texts()]
+    assert keyed and set(keyed) <= set(names)
+    shown = {t.get_text() for t in ax.texts}
+    assert all(n in shown for n in names if n not in keyed)  # every name is on the plot or in the key
+    assert {str(k) for k in range(1, len(keyed) + 1)} <= shown
+    for a in range(12):
+        for b in range(a + 1, 12):
+            assert not boxes[a].overlaps(boxes[b]), (a, b)

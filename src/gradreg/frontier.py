@@ -67,9 +67,12 @@ def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Seque
                  fontsize: float = 7, order: Sequence[int] | None = None) -> list[Any]:
     """Label every point without two labels overlapping each other or another point's marker
     (greedy, our choice: each label, in ``order``, takes the first free spot on rings of 8
-    directions at growing distance, inside the axes; a label that finds none goes to its last
-    spot with a leader line). Call it once the axes' scales and limits are final. Returns the
-    labels' bounding boxes in display coordinates."""
+    directions at growing distance, inside the axes). A name that finds no free spot is replaced
+    by a number placed the same way (on wider rings), and the numbers are spelled out in a key (a
+    legend placed where it covers the fewest points); only a number that finds no spot either goes
+    to the spot inside the axes that covers the fewest others, with a leader line. Call it once the axes' scales and limits are final. Returns the
+    labels' bounding boxes in display coordinates (a keyed point's box is its number's)."""
+    from matplotlib.lines import Line2D
     from matplotlib.transforms import Bbox
 
     fig = ax.figure
@@ -77,27 +80,50 @@ def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Seque
     centers = [ax.transData.transform((x, y)) for x, y in zip(xs, ys)]
     taken = [Bbox.from_extents(cx - 4, cy - 4, cx + 4, cy + 4) for cx, cy in centers]  # the markers
     frame = ax.get_window_extent(renderer)
-    placed: list[Any] = []
-    for i in order if order is not None else range(len(names)):
-        text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset pixels", xytext=(6, 6), fontsize=fontsize)
+
+    def place(i: int, label: str, *, last_resort: bool) -> Any | None:
+        text = ax.annotate(label, (xs[i], ys[i]), textcoords="offset pixels", xytext=(6, 6), fontsize=fontsize)
         box = text.get_window_extent(renderer)
         w, h = box.width, box.height
         spots = [(dx * r + (0 if dx >= 0 else -w) + (-w / 2 if dx == 0 else 0),
                   dy * r + (0 if dy >= 0 else -h) + (-h / 2 if dy == 0 else 0))
-                 for r in (6, 14, 26, 40, 56) for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
+                 for r in ((6, 14, 26, 40, 56) if not last_resort else (6, 14, 26, 40, 56, 72, 90, 110))
+                 for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
         cx, cy = centers[i]
         boxes = [Bbox.from_extents(cx + ox, cy + oy, cx + ox + w, cy + oy + h) for ox, oy in spots]
         free = [k for k, b in enumerate(boxes)
                 if frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
                 and not any(b.overlaps(t) for t in taken)]
-        k = free[0] if free else len(spots) - 1
+        if not free and not last_resort:
+            text.remove()
+            return None
+        inside = [k for k, b in enumerate(boxes)
+                  if frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1]
+        # no free spot: the spot inside the axes that covers the fewest labels and markers
+        k = free[0] if free else min(inside or range(len(spots)), key=lambda j: sum(boxes[j].overlaps(t) for t in taken))
         text.set_position(spots[k])
-        if not free:  # crowded: the farthest spot, tied to its point by a thin line
+        if not free or k // 8 >= 3:  # far (≥ 40 px) or crowded: tied to its point by a thin line
             ax.annotate("", (xs[i], ys[i]), xytext=spots[k], textcoords="offset pixels",
                         arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
         taken.append(boxes[k])
-        placed.append(boxes[k])
-    return placed
+        return boxes[k]
+
+    placed: dict[int, Any] = {}
+    keyed: list[int] = []
+    for i in order if order is not None else range(len(names)):
+        box = place(i, names[i], last_resort=False)
+        if box is None:
+            keyed.append(i)
+        else:
+            placed[i] = box
+    for n, i in enumerate(keyed, 1):
+        placed[i] = place(i, str(n), last_resort=True)
+    if keyed:
+        handles = [Line2D([], [], linestyle="none", marker=f"${n}$", color="black", markersize=6)
+                   for n in range(1, len(keyed) + 1)]
+        ax.legend(handles, [names[i] for i in keyed], loc="best", fontsize=fontsize, title="key", title_fontsize=fontsize,
+                  handletextpad=0.3, borderpad=0.4, framealpha=0.9)
+    return [placed[i] for i in range(len(names)) if i in placed]
 
 
 def plot_frontier(points: Sequence[FrontierPoint], path: str | Path, *, title: str = "",
