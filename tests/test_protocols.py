@@ -225,6 +225,7 @@ def test_autoattack_check_fires_on_a_masked_model_and_not_on_a_normal_one(digits
     assert "| run | n | clean | PGD (avg) | PGD ε=0.3 | AutoAttack ε=0.3 |" in report
     iv = stats.proportion(masked.aa_flags[0.3])
     assert f"| rounded | 40 |" in report and iv.text() in report and "⚠" in report
+    assert "rounded at ε=0.3: AutoAttack: " in report and "first 40 test points; " in report  # the shared wording
     summary = (tmp_path / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("run,n,clean,clean_lo,clean_hi,pgd_avg,pgd_avg_lo,pgd_avg_hi,pgd_eps0.3")
     res = json.loads(json.dumps(masked.to_dict()))

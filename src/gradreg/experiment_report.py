@@ -31,7 +31,7 @@ from .experiment_figures import (frontier_section, lrc_plot_lines, norms_lines, 
 from .monitor import GAP
 from .protocols import EvalSettings, bits, masking_lines, masking_summary
 from .reading import alias_groups, honest_reading, objective_text, resolved_objective
-from .report import fmt, fmt_interval, interval_columns, markdown_table, write_csv, write_json
+from .report import autoattack_text, fmt, fmt_interval, interval_columns, markdown_table, write_csv, write_json
 from .tables import (ATTACK_COLUMNS, COMPARED_COLUMNS, DATA_LABELS, LRC_DATA_COLUMN, LamChoice, LRCSettings, Reuse,
                      RowResult, aa_columns, cell, cell_interval, cell_scores, cell_values, difference_lines,
                      display_columns, worst_column)
@@ -242,10 +242,7 @@ def autoattack_lines(results: dict[str, RowResult]) -> list[str]:
     if not aa_runs:
         return []
     r, n = aa_runs[0], results[next(iter(results))].eval.autoattack[0]["n"]  # type: ignore[index]  # present: aa_runs is non-empty
-    chained = (" AutoAttack ran only on the points PGD left standing (as AutoAttack chains its own attacks), so "
-               "its column is the worst case of PGD and AutoAttack." if r.get("after_pgd") else "")
-    return [f"AutoAttack: {r['package']} {r['package_version']}, version {r['version']}, attacks "
-            f"{', '.join(r['attacks'])}, seed {r['seed']}, first {n} test points.{chained}", ""]
+    return [autoattack_text(r, n) + ".", ""]
 
 
 def difference_section(lay: Layout) -> tuple[list[str], list[str]]:

@@ -32,6 +32,15 @@ def interval_columns(name: str) -> list[str]:
     return [name, f"{name}_lo", f"{name}_hi"]
 
 
+def autoattack_text(run: Mapping[str, Any], n: int) -> str:
+    """What an AutoAttack column ran, in words (the one wording of ``gradreg eval`` and
+    ``gradreg reproduce``): package and version, version, attacks, seed, points, and whether it
+    ran only on the points PGD left standing (``run["after_pgd"]``)."""
+    chained = ", only on the points PGD left standing (its column is the worst case of both)" if run.get("after_pgd") else ""
+    return (f"AutoAttack: {run['package']} {run['package_version']}, version {run['version']}, attacks "
+            f"{', '.join(run['attacks'])}, seed {run['seed']}, first {n} test points{chained}")
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

@@ -5,7 +5,7 @@ import argparse
 
 from ..loading import parse_params
 from ..protocols import EvalSettings, evaluate_model, masking_lines, masking_summary, standard_eps
-from ..report import fmt, fmt_interval, interval_columns, markdown_table, plot_curves, write_csv, write_json
+from ..report import autoattack_text, fmt, fmt_interval, interval_columns, markdown_table, plot_curves, write_csv, write_json
 from ..stats import Interval
 from .common import add_eval_arguments, add_record, add_run_arguments, check_same_data, is_writer, load_runs, output_dir, \
     settings_from_args, warn_checks
@@ -145,11 +145,7 @@ def write_eval_report(out, results: list, *, data: str, settings_desc: str) -> N
              "their intervals merely fail to overlap.", "", table, ""]
     for ev in results:
         for entry in ev.autoattack or []:
-            r = entry["run"]
-            lines.append(f"AutoAttack ({r['package']} {r['package_version']}, version {r['version']}, attacks "
-                         f"{', '.join(r['attacks'])}, seed {r['seed']}) on the first {entry['n']} points of "
-                         f"{ev.name} at ε={entry['eps']:.4g}"
-                         f"{', only on the points PGD left standing' if r.get('after_pgd') else ''}: "
+            lines.append(f"{ev.name} at ε={entry['eps']:.4g}: {autoattack_text(entry['run'], entry['n'])}; "
                          f"{entry['paired']['test']} against PGD, p = {entry['paired']['p_value']:.2g}.")
     per_eps = []
     for ev in results:
