@@ -10,6 +10,11 @@ uninterrupted one bit for bit on CPU. The training data is one
 :class:`~gradreg.data.source.TrainSource`, whose batches are indexed from tensors in memory or
 streamed through a DataLoader over the same permutation; the loop never asks which, and both
 give the same run.
+
+Length (≈ 540 lines, over the project's 500): the loop, its exact resume (state, checkpoint,
+compatibility check) and its validation scores read and write one :class:`Trainer`'s state;
+their I/O already lives in :mod:`gradreg.trainio`, the data in :mod:`gradreg.data.source` and
+the monitor in :mod:`gradreg.monitor` (our choice: the rest stays with the state it touches).
 """
 from __future__ import annotations
 
