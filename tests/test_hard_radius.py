@@ -100,6 +100,7 @@ def test_tiny_hard_radius_family_end_to_end(tmp_path: Path) -> None:
         assert row["eval"]["eps"] == [0.1, 0.2, 0.3], name  # the curve along the radius
         aa = row["eval"]["autoattack"][0]  # AutoAttack only on PGD's survivors: never standing where PGD broke
         assert aa["run"]["after_pgd"] and aa["accuracy"] <= aa["pgd"], name
+    assert "AutoAttack ran only on the points PGD left standing" in (tmp_path / "report.md").read_text()
     for r in exp.rows:  # one widening round on a one-point grid looks both ways (down only if it is inadmissible)
         choice = result["lam"][r.name]
         if r.lams:

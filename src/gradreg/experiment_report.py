@@ -404,6 +404,10 @@ def describe_columns(exp: experiments.Experiment, settings: EvalSettings, grid: 
                      f"'worst ε={exp.autoattack_eps:g}' is the robust column the verdicts use: the per-point worst case "
                      "over every attack run on the point (PGD with its restarts, AutoAttack's attacks, and Square where "
                      "the masking audit ran it); a point counts only if all of them left it standing.")
+        if settings.aa_after_pgd:
+            parts.append("AutoAttack ran only on the points PGD left standing (as AutoAttack chains its own attacks), "
+                         "so 'AA' is the worst case of PGD and AutoAttack; how often PGD alone breaks a point that "
+                         "AutoAttack would leave standing is not measured.")
     if settings.square_n:
         parts.append(f"Masking audit: Square ({settings.square_queries} queries) on the first {settings.square_n} of "
                      "those points for the gradient-penalty rows (gradreg.protocols.square_check).")

@@ -634,6 +634,8 @@ def report_only(name: str, *, budget_name: str, out: Path, log: Callable[[str], 
         settings.attacks = tuple(a for a in settings.attacks if a != "pgd")
         settings.eps = None
         lacking.append("raw PGD ε curves")
+    # the caption says what the stored runs did, not what the budget asks today
+    settings.aa_after_pgd = any(a.get("run", {}).get("after_pgd") for ev in all_evals for a in ev.autoattack or [])
     audits = [a["square"] for ev in all_evals for a in ev.autoattack or [] if a.get("square")]
     settings.square_n = max((int(a["n"]) for a in audits), default=0)
     if not audits and budget.get("square_n"):
