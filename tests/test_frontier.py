@@ -84,12 +84,15 @@ def test_a_crowd_that_names_cannot_fit_gets_numbers_and_a_key() -> None:
     ys = [1.0 + 0.2 * (i // 4) for i in range(12)]
     names = [f"a rather long method name {i}" for i in range(12)]
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.plot(xs, ys, "o")
+    ax.plot(xs, ys, "o", label="Pareto front")
+    ax.legend()  # the panel's own legend must survive the key
     ax.set_xlim(20, 100)
     ax.set_ylim(-2, 60)
     boxes = place_labels(ax, xs, ys, names)
     legend = ax.get_legend()
+    kept = [t.get_text() for a in ax.artists if hasattr(a, "get_texts") for t in a.get_texts()]
     plt.close(fig)
+    assert kept == ["Pareto front"]
     assert len(boxes) == 12 and legend is not None
     keyed = [t.get_text() for t in legend.get_texts()]
     assert keyed and set(keyed) <= set(names)

@@ -119,6 +119,9 @@ def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Seque
     for n, i in enumerate(keyed, 1):
         placed[i] = place(i, str(n), last_resort=True)
     if keyed:
+        earlier = ax.get_legend()
+        if earlier is not None:  # a second legend would replace it: keep it as an artist of its own
+            ax.add_artist(earlier)
         handles = [Line2D([], [], linestyle="none", marker=f"${n}$", color="black", markersize=6)
                    for n in range(1, len(keyed) + 1)]
         ax.legend(handles, [names[i] for i in keyed], loc="best", fontsize=fontsize, title="key", title_fontsize=fontsize,
