@@ -118,14 +118,12 @@ def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Seque
             placed[i] = box
     for n, i in enumerate(keyed, 1):
         placed[i] = place(i, str(n), last_resort=True)
-    if keyed:
-        earlier = ax.get_legend()
-        if earlier is not None:  # a second legend would replace it: keep it as an artist of its own
-            ax.add_artist(earlier)
-        handles = [Line2D([], [], linestyle="none", marker=f"${n}$", color="black", markersize=6)
-                   for n in range(1, len(keyed) + 1)]
-        ax.legend(handles, [names[i] for i in keyed], loc="best", fontsize=fontsize, title="key", title_fontsize=fontsize,
-                  handletextpad=0.3, borderpad=0.4, framealpha=0.9)
+    if keyed:  # one legend: the panel's own entries (e.g. the Pareto front) first, then the numbers
+        own_handles, own_labels = ax.get_legend_handles_labels() if ax.get_legend() is not None else ([], [])
+        handles = [*own_handles, *(Line2D([], [], linestyle="none", marker=f"${n}$", color="black", markersize=6)
+                                   for n in range(1, len(keyed) + 1))]
+        ax.legend(handles, [*own_labels, *(names[i] for i in keyed)], loc="best", fontsize=fontsize, title="key",
+                  title_fontsize=fontsize, handletextpad=0.3, borderpad=0.4, framealpha=0.9)
     return [placed[i] for i in range(len(names)) if i in placed]
 
 
