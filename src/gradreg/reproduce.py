@@ -115,7 +115,14 @@ def row_config(exp: experiments.Experiment, row: experiments.Row, budget: dict[s
 def row_folder(row: experiments.Row, seed: int, *, default_seed: int | None) -> str:
     """Run folder of a row at a seed: the row's slug for the budget's own seed when no seeds are
     asked for (so earlier outputs are reused), ``slug-sSEED`` otherwise; a tuned row's folder
-    also names its λ (``slug-lamΛ``), so a run trained at another λ is never reused."""
+    also names its λ (``slug-lamΛ``), so a run trained at another λ is never reused.
+
+    Two naming schemes on purpose (our choice): a sweep point's folder is content-addressed
+    (:func:`gradreg.sweep.run_name`: method, λ and a hash of the whole configuration), since one
+    sweep spans many configurations that must never share a folder; a table row's folder stays
+    readable, since people open it, and the runner refuses one whose stored configuration is
+    not the planned one (:func:`gradreg.runner.stale_fields`), so a readable name never hides a
+    stale model."""
     value = row.tuned_value
     slug = row.slug if not row.lams or value is None else f"{row.slug}-lam{value:g}"
     return slug if seed == default_seed else f"{slug}-s{seed}"
