@@ -377,6 +377,9 @@ def test_rows_with_one_objective_are_found_with_the_modules_defaults_filled_in()
     onestep = replace(rows["Lyu (ℓ∞)"], penalty={"norm": "linf", "solver": "onestep", "sigma": 0.1}, lam=0.5)
     other = replace(onestep, name="other", lam=0.25)
     assert alias_groups([fd, onestep, other], {}) == {fd.name: [onestep.name]}
+    aux = {"aux": "parity"}  # multi-task: DataGrad penalizes every head, Lyu the main one
+    mt = [replace(rows["DataGrad-L1"], train=aux), replace(rows["Lyu (ℓ∞)"], train=aux)]
+    assert alias_groups(mt, lams) == {}
     # the numbers behind the identity: the two penalties' terms on one batch, times their λ
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()

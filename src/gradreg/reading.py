@@ -122,6 +122,9 @@ def resolved_objective(row: experiments.Row, lam: float | None) -> tuple[Any, ..
     in. Any other row is keyed by its method, λ, penalty and training overrides as declared."""
     pen = dict(row.penalty)
     rest = (row.task_weight, json.dumps(row.train, sort_keys=True, default=str))
+    multi_task = bool(row.train.get("aux"))  # DataGrad penalizes every head, Lyu the main one: no identity
+    if multi_task:
+        return ("as declared", row.method, lam, json.dumps(pen, sort_keys=True, default=str), *rest)
     if (row.method == "datagrad" and pen.get("p", 1) == 1 and not pen.get("squared")
             and set(pen) <= {"p", "solver", "fd_step", "squared"}):
         default = penalties.make("datagrad", p=1, solver="fd")  # the module's default λ and φ
