@@ -172,6 +172,15 @@ class TrainConfig:
         extend it), not what it computes."""
         return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
+    def differing_fields(self, saved: dict[str, Any], *, free: frozenset[str]) -> list[str]:
+        """The fields outside ``free`` in which a stored configuration (``to_dict`` as JSON, e.g.
+        a checkpoint's or ``config.json``'s) differs from this one; a field newer than the
+        stored one compares as its default."""
+        import json
+
+        now, defaults = json.loads(json.dumps(self.to_dict())), json.loads(json.dumps(TrainConfig().to_dict()))
+        return [k for k in now if k not in free and saved.get(k, defaults[k]) != now[k]]
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _HINTS = get_type_hints(TrainConfig)

@@ -91,14 +91,12 @@ def place_labels(ax: Any, xs: Sequence[float], ys: Sequence[float], names: Seque
                  for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1))]
         cx, cy = centers[i]
         boxes = [Bbox.from_extents(cx + ox, cy + oy, cx + ox + w, cy + oy + h) for ox, oy in spots]
-        free = [k for k, b in enumerate(boxes)
-                if frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1
-                and not any(b.overlaps(t) for t in taken)]
+        inside = [k for k, b in enumerate(boxes)
+                  if frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1]
+        free = [k for k in inside if not any(boxes[k].overlaps(t) for t in taken)]
         if not free and not last_resort:
             text.remove()
             return None
-        inside = [k for k, b in enumerate(boxes)
-                  if frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1]
         # no free spot: the spot inside the axes that covers the fewest labels and markers
         k = free[0] if free else min(inside or range(len(spots)), key=lambda j: sum(boxes[j].overlaps(t) for t in taken))
         text.set_position(spots[k])

@@ -122,10 +122,8 @@ def resolved_objective(row: experiments.Row, lam: float | None) -> tuple[Any, ..
     in. Any other row is keyed by its method, λ, penalty and training overrides as declared."""
     pen = dict(row.penalty)
     rest = (row.task_weight, json.dumps(row.train, sort_keys=True, default=str))
-    multi_task = bool(row.train.get("aux"))  # DataGrad penalizes every head, Lyu the main one: no identity
-    if multi_task:
-        return ("as declared", row.method, lam, json.dumps(pen, sort_keys=True, default=str), *rest)
-    if (row.method == "datagrad" and pen.get("p", 1) == 1 and not pen.get("squared")
+    single_head = not row.train.get("aux")  # DataGrad penalizes every head, Lyu the main one: no identity
+    if (single_head and row.method == "datagrad" and pen.get("p", 1) == 1 and not pen.get("squared")
             and set(pen) <= {"p", "solver", "fd_step", "squared"}):
         default = penalties.make("datagrad", p=1, solver="fd")  # the module's default λ and φ
         lam_dg = default.default_lam if lam is None else float(lam)
@@ -134,7 +132,8 @@ def resolved_objective(row: experiments.Row, lam: float | None) -> tuple[Any, ..
             return ("sign-step mix", round(step, 12), round(lam_dg / step, 12), *rest)
         if "fd_step" not in pen:
             return ("l1 gradient norm", round(lam_dg, 12), *rest)
-    if row.method == "lyu" and pen.get("norm", "linf") == "linf" and set(pen) <= {"norm", "solver", "sigma"}:
+    if (single_head and row.method == "lyu" and pen.get("norm", "linf") == "linf"
+            and set(pen) <= {"norm", "solver", "sigma"}):
         default = penalties.make("lyu", norm="linf")  # the module's default σ and λ
         sigma = float(pen.get("sigma", default.sigma))
         lam_lyu = default.default_lam if lam is None else float(lam)

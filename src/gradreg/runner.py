@@ -51,9 +51,7 @@ def stale_fields(cfg: TrainConfig) -> list[str]:
         saved = json.loads((Path(cfg.out) / "config.json").read_text())["config"]
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return []
-    free = TrainConfig.runtime_fields() - {"epochs"}
-    now, defaults = json.loads(json.dumps(cfg.to_dict())), json.loads(json.dumps(TrainConfig().to_dict()))  # as stored
-    return [k for k in now if k not in free and saved.get(k, defaults[k]) != now[k]]
+    return cfg.differing_fields(saved, free=TrainConfig.runtime_fields() - {"epochs"})
 
 
 def is_trained(cfg: TrainConfig) -> bool:
@@ -85,11 +83,11 @@ class Runner:
         A failed subprocess stops the run with its log's path."""
         todo: dict[str, tuple[str, TrainConfig]] = {}
         for label, cfg in trainings:
-            if is_trained(cfg) and (diff := stale_fields(cfg)):  # never reuse a model trained for another config
-                raise ValueError(f"{cfg.out} holds a finished run of another configuration (it differs in "
-                                 f"{', '.join(diff)}): move or delete that folder, or use another --out")
             if not is_trained(cfg):
                 todo.setdefault(str(Path(cfg.out)), (label, cfg))  # a shared run folder once
+            elif diff := stale_fields(cfg):  # never reuse a model trained for another config
+                raise ValueError(f"{cfg.out} holds a finished run of another configuration (it differs in "
+                                 f"{', '.join(diff)}): move or delete that folder, or use another --out")
         if not todo:
             return 0
         if self.print_only:

@@ -303,10 +303,7 @@ class Trainer:
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         """Resuming may extend ``epochs`` or change where and how quietly it runs, nothing else."""
-        free = TrainConfig.runtime_fields()
-        now, defaults = self.cfg.to_dict(), TrainConfig().to_dict()
-        # a field newer than the checkpoint compares as its default
-        diff = [k for k in now if k not in free and saved.get(k, defaults[k]) != now[k]]
+        diff = self.cfg.differing_fields(saved, free=TrainConfig.runtime_fields())
         if diff:
             raise ValueError(f"cannot resume {self.out}: the configuration differs in {', '.join(diff)}")
 
