@@ -131,6 +131,18 @@ def test_own_module_through_eval_autoattack_and_attack(user_folder: Path) -> Non
     assert "n = 8" in done.stdout and "[" in done.stdout  # the clean accuracy with n and interval
 
 
+def test_own_batchnorm_module_through_eval_with_autoattack_after_pgd(user_folder: Path) -> None:
+    """``--aa-after-pgd`` on the user's BatchNorm module: AutoAttack's column never stands where
+    PGD broke, the run records the chaining and the report says it."""
+    done = _gradreg("eval", "--model", "mynets:make_net", "--weights", "net.safetensors", "--data", "digits",
+                    "--n-test", "20", "--autoattack", "--aa-n", "10", "--aa-after-pgd", *AA_CHEAP, "--steps", "2",
+                    "--attacks", "pgd", "--no-deepfool", "--out", "ev-chained/", cwd=user_folder)
+    assert done.returncode == 0, done.stderr
+    (aa,) = json.loads((user_folder / "ev-chained" / "results.json").read_text())["runs"][0]["autoattack"]
+    assert aa["run"]["after_pgd"] and aa["n"] == 10 and aa["accuracy"] <= aa["pgd"]
+    assert "only on the points PGD left standing" in (user_folder / "ev-chained" / "report.md").read_text()
+
+
 def test_own_module_through_train_toml_and_eval_run(user_folder: Path, tmp_path: Path) -> None:
     done = _gradreg("train", "--model", "mynets:make_net", "--data", "digits", "--epochs", "1", "--out", "runs/a",
                     cwd=user_folder)
