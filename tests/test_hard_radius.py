@@ -48,9 +48,11 @@ def test_the_rows_are_the_hard_radius_family_and_name_known_methods() -> None:
     for r in exp.rows:
         if r.lams:
             assert r.tuned_value == sweep_grid(r.lams, 1)[0], r.name
-    # the one-step DataGrad/Lyu row has its hard limit at λ = 1, where its grid ends
+    # the one-step DataGrad/Lyu row has its hard limit at λ = 1, which widening may not pass
     lyu = next(r for r in exp.rows if r.name == "DataGrad/Lyu one-step")
-    assert hard_limits(lyu.method, lyu.penalty).upper == 1.0 == max(lyu.lams)
+    assert hard_limits(lyu.method, lyu.penalty).upper == 1.0 >= max(lyu.lams)
+    # GradAlign alone is tuned by the best validation PGD accuracy (its λ → 0 end is FGSM-AT)
+    assert {r.name: r.sweep_rule for r in exp.rows if r.sweep_rule} == {"GradAlign": "best-pgd"}
 
 
 @pytest.mark.parametrize("budget", ["tiny", "cpu"])
@@ -106,6 +108,10 @@ def test_tiny_hard_radius_family_end_to_end(tmp_path: Path) -> None:
         if r.lams:
             assert len(choice["grid"]) in (2, 3) and choice["stop"] in ("interior", "plateau", "clean-model", "limit", "max-widen")
             assert [c[0] for c in choice["curve"]] == choice["grid"]
+    # a row's own rule replaces the budget's: no clean-accuracy floor in GradAlign's choice
+    assert "the row's rule best-pgd" in result["lam"]["GradAlign"]["detail"]
+    assert "accuracy ≥" not in result["lam"]["GradAlign"]["detail"]
+    assert "accuracy ≥" in result["lam"]["GN"]["detail"]
     print(f"tiny hard-radius family: {time.perf_counter() - started:.0f} s")
 
 
@@ -137,11 +143,17 @@ def test_a_row_with_lam_from_trains_at_its_lenders_tuned_lam() -> None:
         borrowed_lams([cold], {warm.name: LamChoice(1.0, "declared", "no grid")})
 
 
-def test_lam_from_must_name_a_row_with_a_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("old", "new", "error"), [
+    ('lam_from = "operator norm (warm, ours)"', 'lam_from = "clean"', "lam_from 'clean'"),
+    ('sweep_rule = "best-pgd"', 'sweep_rule = "best-clean"', "sweep_rule 'best-clean'"),
+])
+def test_a_bad_row_field_is_refused(old: str, new: str, error: str, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """lam_from must name a row with a grid; a row's sweep_rule must be a known rule."""
     from importlib import resources
 
     text = resources.files("gradreg.experiments").joinpath(f"{NAME}.toml").read_text()
-    bad = text.replace('lam_from = "operator norm (warm, ours)"', 'lam_from = "clean"')
+    bad = text.replace(old, new)
     assert bad != text
     monkeypatch.setattr(experiments, "names", lambda: [NAME])
     real = experiments.resources.files
@@ -153,5 +165,5 @@ def test_lam_from_must_name_a_row_with_a_grid(tmp_path: Path, monkeypatch: pytes
             return p
 
     monkeypatch.setattr(experiments.resources, "files", lambda pkg: _Files() if pkg == experiments.__name__ else real(pkg))
-    with pytest.raises(ValueError, match="lam_from 'clean'"):
+    with pytest.raises(ValueError, match=error):
         experiments.load(NAME)

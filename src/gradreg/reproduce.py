@@ -217,6 +217,8 @@ def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict
                  data_dir: str | None) -> RowTuning:
     """The row's :class:`RowTuning`; once its grid is decided, writes ``out/sweeps/<row>/sweep.*``."""
     settings = sweep_settings(budget)
+    if row.sweep_rule:  # the row states a rule of its own (its note says why)
+        settings["rule"] = row.sweep_rule
     base = sweep_base(exp, row, budget, out, data_dir)
     grid = sweep_grid(row.lams, budget.get("sweep_points"))
     limits = hard_limits(row.method, row.penalty, stated_max=row.lam_max)
@@ -259,7 +261,8 @@ def tuning_state(exp: experiments.Experiment, row: experiments.Row, budget: dict
                            upper_limit_reason=limits.upper_reason)
         write_records(table, record)
         seeds = settings["seeds"]
-        detail = (f"{decision.reason} (validation seeds {', '.join(map(str, seeds))}; gradreg.widen"
+        detail = (f"{decision.reason} (validation seeds {', '.join(map(str, seeds))}; "
+                  + (f"the row's rule {row.sweep_rule}; " if row.sweep_rule else "") + "gradreg.widen"
                   + (f", stop: {decision.stop}" if decision.stop else "") + ")")
         curve = tuple((s.lam, float(s.clean or 0.0), float(s.pgd or 0.0)) for s in sorted(scores, key=lambda s: s.lam))
         source = "sweep" if decision.chosen is not None else "declared (sweep chose none)"

@@ -33,6 +33,7 @@ hour, ``paper`` for the papers' data and budgets on a GPU) and the paper's refer
   most ``max_widen`` (3) rounds, until the choice is interior or a hard limit stops it
   (:mod:`gradreg.widen`; a row's ``lam_max`` states a limit of its own);
   a row's ``lam_from = "NAME"`` trains at the λ tuned for row NAME instead of a sweep of its own;
+  a row's ``sweep_rule`` replaces the budget's rule for that row (its note says why);
   ``sweep_margin_points`` (1 with widening, else 0) is the validation PGD accuracy difference a
   larger λ must exceed to be preferred, ``sweep_seeds`` the training seeds each λ is validated
   with (their mean is compared).
@@ -77,6 +78,7 @@ class Row:
     lam_max: float | None = None  # a stated largest λ that widening the grid may reach (gradreg.widen)
     lam_key: str = "lam"  # what ``lams`` sets: the objective's λ, or a "penalty.KEY" (a term's own weight)
     lam_from: str = ""  # another row's name: train at the λ tuned for it, without a sweep of its own (a stated cut)
+    sweep_rule: str = ""  # this row's selection rule (within-clean or best-pgd); empty: the budget's ``sweep_rule``
 
     @property
     def tuned_value(self) -> float | None:
@@ -168,6 +170,9 @@ def load(name: str) -> Experiment:
     rows = [replace(r, lams=grids[r.name]) if r.name in grids else r for r in rows]
     by_name = {r.name: r for r in rows}
     for r in rows:
+        if r.sweep_rule not in ("", "within-clean", "best-pgd"):
+            raise ValueError(f"experiment {name!r}: row {r.name!r} has sweep_rule {r.sweep_rule!r} "
+                             "(known: within-clean, best-pgd)")
         if r.lam_from and (r.lams or r.lam_from not in by_name or not by_name[r.lam_from].lams):
             raise ValueError(f"experiment {name!r}: row {r.name!r} takes lam_from {r.lam_from!r}, which must be "
                              "another row with a λ grid (and the row itself has none)")
