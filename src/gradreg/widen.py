@@ -115,6 +115,7 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
     if rule not in ("within-clean", "best-pgd"):
         raise ValueError(f"unknown selection rule {rule!r}")
     m = margin_points / 100
+    points = f"{margin_points:g} point{'' if margin_points == 1 else 's'}"
     floor = (reference.clean - tolerance_points / 100) if rule == "within-clean" else -math.inf  # type: ignore[operator]  # done: not None
     admissible = [s for s in grid if s.clean >= floor - 1e-12]  # type: ignore[operator]
     lo, hi = grid[0], grid[-1]
@@ -133,7 +134,7 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
         return widen(down, "smaller λ approach the clean model, which does", None, reason)
     best = max(s.pgd for s in admissible)  # type: ignore[type-var]
     chosen = min((s for s in admissible if s.pgd >= best - m - 1e-12), key=lambda s: s.lam)  # type: ignore[operator]
-    reason = (f"the smallest λ within {margin_points:g} point{'' if margin_points == 1 else 's'} of the best validation PGD accuracy ({best:.4f}) among "
+    reason = (f"the smallest λ within {points} of the best validation PGD accuracy ({best:.4f}) among "
               f"{len(admissible)} λ" + (f" with clean accuracy ≥ {floor:.4f}" if rule == "within-clean" else ""))
     up = hi.lam * ratio_hi
     at_limit = hi.lam >= limits.upper * (1 - 1e-9)
@@ -149,10 +150,10 @@ def decide(scores: Sequence[LamScore], reference: LamScore, *, rule: str = "with
     if chosen is lo:
         if not any(s.pgd < chosen.pgd - m for s in admissible):  # type: ignore[operator]
             why = ("the clean-accuracy floor excludes every larger λ" if len(admissible) == 1 else
-                   f"no admissible λ differs from it by more than {margin_points:g} points")
+                   f"no admissible λ differs from it by more than {points}")
             return Decision(chosen.lam, f"{reason}; {why}", (), "plateau")
         if not better_than_clean:
-            return Decision(chosen.lam, f"{reason}; it is within {margin_points:g} points of the clean model (λ = 0), "
+            return Decision(chosen.lam, f"{reason}; it is within {points} of the clean model (λ = 0), "
                                         "which smaller λ only approach", (), "clean-model")
         return widen(down, "robustness falls as λ grows from the bottom of the grid", chosen.lam, reason)
     return Decision(chosen.lam, f"{reason}; interior to the grid", (), "interior")
