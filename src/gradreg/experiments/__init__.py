@@ -168,11 +168,13 @@ def load(name: str) -> Experiment:
     if unknown:
         raise ValueError(f"experiment {name!r}: [tune] lams names rows it does not have: {unknown}")
     rows = [replace(r, lams=grids[r.name]) if r.name in grids else r for r in rows]
+    from ..sweep import RULES  # here, not at the top: the sweep module is not needed to list experiments
+
     by_name = {r.name: r for r in rows}
     for r in rows:
-        if r.sweep_rule not in ("", "within-clean", "best-pgd"):
+        if r.sweep_rule and r.sweep_rule not in RULES:
             raise ValueError(f"experiment {name!r}: row {r.name!r} has sweep_rule {r.sweep_rule!r} "
-                             "(known: within-clean, best-pgd)")
+                             f"(known: {', '.join(RULES)})")
         if r.lam_from and (r.lams or r.lam_from not in by_name or not by_name[r.lam_from].lams):
             raise ValueError(f"experiment {name!r}: row {r.name!r} takes lam_from {r.lam_from!r}, which must be "
                              "another row with a λ grid (and the row itself has none)")
