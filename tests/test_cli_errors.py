@@ -30,6 +30,8 @@ CASES = [
     (["eval", "{tmp}", "--out", "{tmp}/e"], "is not a finished gradreg run"),
     (["eval", "{tmp}/missing", "--out", "{tmp}/e"], "is not a directory"),
     (["reproduce", "nope", "--out", "{tmp}/x"], "unknown experiment 'nope'"),
+    (["reproduce", "--jobs", "0", "demo", "--budget", "tiny", "--out", "{tmp}/x"], "--jobs must be ≥ 1"),
+    (["reproduce", "--eval-jobs", "0", "demo", "--budget", "tiny", "--out", "{tmp}/x"], "--eval-jobs must be ≥ 1"),
     (["lrc", "{run}", "--out", "{tmp}/l", "--samples", "0"], "--samples must be ≥ 1"),
 ]
 

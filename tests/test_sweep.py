@@ -313,6 +313,47 @@ def test_reproduce_jobs_2_and_printed_commands_give_the_outcomes_of_jobs_1(tmp_p
     assert capsys.readouterr().out == ""  # nothing left to train
 
 
+@pytest.mark.slow
+def test_reproduce_evaluations_in_one_thread_workers_give_the_outcomes_of_this_process(tmp_path: Path) -> None:
+    """Two rows × two seeds of the family benchmark's tiny budget: evaluated in this process
+    (``--eval-jobs 1``, the default) and by two spawned one-thread workers (``eval_jobs = 2``); the same outcomes, the
+    workers' results counted as this invocation's, and a second invocation reuses all four."""
+    args = ["reproduce", "family-mnist10k", "--budget", "tiny", "--rows", "clean", "FGSM-AT", "--seeds", "0", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert cli.main(args + ["--out", str(one), "--eval-jobs", "1"]) == 0
+    logs: list[str] = []
+    from gradreg import reproduce
+
+    reproduce.run_experiment("family-mnist10k", budget_name="tiny", out=two, rows=["clean", "FGSM-AT"], seeds=[0, 1],
+                             eval_jobs=2, log=logs.append)
+    assert "evaluating 4 model(s) as 2 one-thread workers" in logs
+    assert sum(line.startswith("[") and " evaluated " in line for line in logs) == 4
+    assert not any(" evaluating " in line for line in logs if line.startswith("["))  # none redone in this process
+    assert "It reused" not in (two / "report.md").read_text()  # the workers' evaluations are this run's
+    assert len(list((two / "evaluations").rglob("*.json"))) == 4
+    outcomes = [{n: r["evals"] for n, r in json.loads((o / "results.json").read_text())["rows"].items()} for o in (one, two)]
+    assert outcomes[0] == outcomes[1] and set(outcomes[0]) == {"clean", "FGSM-AT"}
+    logs.clear()
+    reproduce.run_experiment("family-mnist10k", budget_name="tiny", out=two, rows=["clean", "FGSM-AT"], seeds=[0, 1],
+                             eval_jobs=2, log=logs.append)
+    assert not any("one-thread workers" in line for line in logs)  # nothing left to train or evaluate
+    assert "4 of 4 model evaluations" in (two / "report.md").read_text()
+
+
+def test_runner_evaluates_nothing_itself_with_one_job_or_one_evaluation() -> None:
+    """The caller evaluates in its own process then (its threads, no worker's start); the
+    default is one evaluation worker whatever the trainings' jobs."""
+    from gradreg.protocols import EvalSettings
+    from gradreg.runner import EvalJob, Runner
+
+    job = EvalJob(label="x", run_dir="missing", device="cpu", data="digits", data_dir=None, settings=EvalSettings(),
+                  name="x", cache="missing.json")
+    assert Runner(jobs=2, log=lambda s: None).evaluate([job, job]) == 0  # eval_jobs = 1 by default
+    assert Runner(eval_jobs=2, log=lambda s: None).evaluate([job]) == 0
+    with pytest.raises(ValueError, match="eval_jobs"):
+        Runner(eval_jobs=0)
+
+
 def _fake_finish(points: list, curve: dict[float, tuple[float, float]], reference: tuple[float, float]) -> None:  # type: ignore[type-arg]
     """Write the metrics a finished validation run leaves, with the given (clean, PGD) per λ."""
     for p in points:

@@ -65,7 +65,7 @@ from .protocols import (
 )
 from .runs import load_run
 from .threat import parse_eps
-from .runner import Runner, default_jobs, is_trained
+from .runner import EvalJob, Runner, default_jobs, is_evaluated, is_trained
 from .sweep import (DEFAULT_VALIDATION_FRACTION, SweepPoint, SweepResult, SweepRow, SweepSpec, gather, is_finished,
                     sweep_points, write_records)
 from .widen import LamScore, decide, hard_limits
@@ -419,8 +419,8 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | None = None,
                    rows: list[str] | None = None, seeds: list[int] | None = None,
-                   log: Callable[[str], None] = _log, jobs: int | None = None, print_commands: bool = False,
-                   launcher: Sequence[str] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] = _log, jobs: int | None = None, eval_jobs: int | None = None,
+                   print_commands: bool = False, launcher: Sequence[str] | None = None) -> dict[str, Any]:
     """Train (or reuse finished runs in ``out/runs``) every row once per seed, evaluate, and write
     ``out/report.md``. Transfer sources are twins trained with another seed. A budget's
     ``threads`` sets torch's intra-op threads for the whole run (1 for the tiny budgets' small
@@ -429,11 +429,15 @@ def run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | No
     Independent trainings (a wave of sweep points, then every row × seed) run as ``jobs``
     one-thread worker processes (:mod:`gradreg.runner`; default: the budget's ``jobs``, else the
     number of cores, but 1 for a ``tiny`` budget, whose sub-second trainings cost less than a
-    worker's start; 1 trains in this process). ``print_commands`` trains nothing: it prints the
+    worker's start; 1 trains in this process). The evaluations of every row × seed run as
+    ``eval_jobs`` one-thread worker processes (default: the budget's ``eval_jobs``, else 1: in
+    this process with its threads, which measured as fast or faster on the 2-core machine,
+    BENCHMARKS.md; our choice of default). ``print_commands`` trains nothing: it prints the
     next wave's unfinished trainings as resumable shell commands (``launcher`` starts gradreg in
     them) and returns ``{"printed": [...]}``; re-running it after they finish prints the next."""
     budget = experiments.load(name).budget(budget_name)
     runner = Runner(jobs=int(jobs or budget.get("jobs") or (1 if budget_name == "tiny" else default_jobs())),
+                    eval_jobs=int(eval_jobs or budget.get("eval_jobs") or 1),
                     print_only=print_commands, launcher=launcher, log=log)
     with torch_threads(budget.get("threads")):
         return _run_experiment(name, budget_name=budget_name, out=out, data_dir=data_dir, rows=rows, seeds=seeds,
@@ -481,17 +485,24 @@ def _run_experiment(name: str, *, budget_name: str, out: Path, data_dir: str | N
     square_n = int(budget.get("square_n", 0)) if aa is not None else 0
     lrc_cols = [c for c in exp.columns if lrc_column(c) is not None]
     lrc = LRCSettings.declared(exp, budget).resolve(bundle, lrc_cols) if lrc_cols else None
+    eval_jobs = {(row.name, seed): EvalJob(
+        label=f"{row.name} (seed {seed})", run_dir=str(planned[(row.name, seed)].out),
+        device=planned[(row.name, seed)].device, data=budget["data"], data_dir=data_dir, name=row.name,
+        settings=replace(settings, square_n=square_n if audited(row) else 0,
+                         aa_cache=str(out / "autoattack" / f"s{seed}") if aa else None),
+        cache=str(out / "evaluations" / f"s{seed}" / f"{row.slug}.json")) for row in chosen for seed in seed_list}
+    todo = [job for key, job in eval_jobs.items() if not is_evaluated(job, trained[key].model, bundle)]
+    fresh = {job.label for job in todo} if runner.evaluate(todo) else set()  # evaluated by workers just now
     results: dict[str, RowResult] = {}
     for i, row in enumerate(chosen, 1):
         res = RowResult(row.name, row.method, [], [], [])
         for seed in seed_list:
-            loaded = trained[(row.name, seed)]
-            log(f"[{i}/{len(chosen)}] evaluating {row.name}, seed {seed}")
-            if aa is not None:
-                settings.aa_cache = str(out / "autoattack" / f"s{seed}")
-            row_settings = replace(settings, square_n=square_n if audited(row) else 0)
-            ev, reused = cached_evaluation(loaded.model, bundle, row_settings, name=row.name, progress=False,
-                                           cache=out / "evaluations" / f"s{seed}" / f"{row.slug}.json")
+            loaded, job = trained[(row.name, seed)], eval_jobs[(row.name, seed)]
+            if job.label not in fresh:
+                log(f"[{i}/{len(chosen)}] evaluating {row.name}, seed {seed}")
+            ev, reused = cached_evaluation(loaded.model, bundle, job.settings, name=row.name, progress=False,
+                                           cache=Path(job.cache))
+            reused = reused and job.label not in fresh
             reuse.evaluations += 1
             reuse.reused_evaluations += int(reused)
             if reused:

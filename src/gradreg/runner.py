@@ -1,4 +1,5 @@
-"""A wave of independent trainings: trained here, by parallel one-thread workers, or printed.
+"""A wave of independent trainings or evaluations: run here, by parallel one-thread workers, or
+(trainings) printed.
 
 ``gradreg reproduce`` plans its trainings in waves whose members do not depend on each other
 (every row's next sweep points; then every row × seed training) and hands each wave to a
@@ -19,17 +20,31 @@ A run folder is trained at most once per wave, whatever number of rows share it 
 common clean reference), and a finished one never again; a finished folder whose stored
 configuration differs from the planned one (a row's penalty changed since) is refused with the
 differing fields, never reused.
+
+The evaluations of finished models are a wave too (:meth:`Runner.evaluate`): with
+``eval_jobs > 1`` the unfinished ones run in ``eval_jobs`` one-thread worker processes (spawned, so that no OpenMP
+state is forked), each writing its result to its evaluation cache file
+(:func:`gradreg.protocols.cached_evaluation`); the caller then reads every result from those
+files in its own order, so the report is the same whatever finished first.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shlex
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .config import TrainConfig, validation_score
+from .data import DataBundle
+from .data import load as load_data
+from .protocols import EvalSettings, cached_evaluation, evaluation_key
+from .runs import load_run
 from .sweep import RUN_LOG, run_trainings, train_argv
 from .trainer import train
 
@@ -66,17 +81,57 @@ def is_trained(cfg: TrainConfig) -> bool:
     return (run / "model.safetensors").exists()
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """One evaluation of a finished run, as a worker process receives it (everything picklable)."""
+
+    label: str  # for the log, e.g. "GN (seed 1)"
+    run_dir: str
+    device: str
+    data: str
+    data_dir: str | None
+    settings: EvalSettings
+    name: str  # the row's name: part of the cache key and of AutoAttack's cache file names
+    cache: str  # the evaluation's JSON cache file
+
+
+def is_evaluated(job: EvalJob, model: torch.nn.Module, bundle: DataBundle) -> bool:
+    """``job``'s cache file holds the evaluation of this model, data and settings."""
+    try:
+        saved = json.loads(Path(job.cache).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and saved.get("key") == evaluation_key(model, bundle, job.settings, job.name)
+
+
+_WORKER_DATA: dict[tuple[str, str | None], DataBundle] = {}  # a worker loads each data set once
+
+
+def _one_thread_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def _evaluate_in_worker(job: EvalJob) -> str:
+    key = (job.data, job.data_dir)
+    if key not in _WORKER_DATA:
+        _WORKER_DATA[key] = load_data(job.data, data_dir=job.data_dir)
+    model = load_run(Path(job.run_dir), device=job.device).model
+    cached_evaluation(model, _WORKER_DATA[key], job.settings, cache=Path(job.cache), name=job.name, progress=False)
+    return job.label
+
+
 @dataclass
 class Runner:
     jobs: int = 1
+    eval_jobs: int = 1  # evaluations' workers (1: the caller evaluates in its own process)
     print_only: bool = False
     launcher: Sequence[str] | None = None
     log: Callable[[str], None] = print
     printed: list[str] = field(default_factory=list)  # every line printed so far (print_only)
 
     def __post_init__(self) -> None:
-        if self.jobs < 1:
-            raise ValueError(f"jobs must be ≥ 1, got {self.jobs}")
+        if self.jobs < 1 or self.eval_jobs < 1:
+            raise ValueError(f"jobs and eval_jobs must be ≥ 1, got {self.jobs} and {self.eval_jobs}")
 
     def run(self, trainings: Sequence[tuple[str, TrainConfig]]) -> int:
         """Train (or print) the unfinished ``(label, config)`` of one wave; the number of them.
@@ -108,3 +163,19 @@ class Runner:
         if failed:
             raise RuntimeError(f"{len(failed)} training(s) failed: {'; '.join(failed)}")
         return len(todo)
+
+    def evaluate(self, jobs: Sequence[EvalJob]) -> int:
+        """Evaluate ``jobs`` (the unfinished ones: the caller checks :func:`is_evaluated`) in
+        ``self.eval_jobs`` one-thread worker processes, each result written to its cache file;
+        the number run. With ``eval_jobs = 1`` or a single job nothing runs here (0): the caller
+        evaluates in its own process, with its own threads. A worker's error stops the run with it."""
+        if self.eval_jobs == 1 or len(jobs) < 2 or self.print_only:
+            return 0
+        workers = min(self.eval_jobs, len(jobs))
+        self.log(f"evaluating {len(jobs)} model(s) as {workers} one-thread workers")
+        context = multiprocessing.get_context("spawn")  # a fork would copy the parent's OpenMP threads' state
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_worker) as pool:
+            futures = [pool.submit(_evaluate_in_worker, job) for job in jobs]
+            for k, done in enumerate(as_completed(futures), 1):
+                self.log(f"[{k}/{len(jobs)}] evaluated {done.result()}")
+        return len(jobs)

@@ -30,6 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run independent trainings (sweep points, rows × seeds) as N parallel one-thread "
                              "worker processes; 1 trains in this process (default: the budget's jobs, else the "
                              "number of cores; 1 for tiny budgets, whose trainings take less than a worker's start)")
+    parser.add_argument("--eval-jobs", type=int, metavar="N",
+                        help="evaluate the rows × seeds as N parallel one-thread worker processes (default: the "
+                             "budget's eval_jobs, else 1: in this process with its threads, which measured as fast "
+                             "or faster on a 2-core machine; BENCHMARKS.md)")
     parser.add_argument("--print-commands", action="store_true",
                         help="train nothing: print the next wave of unfinished trainings as resumable shell "
                              "commands (for an external scheduler) and exit; run them, re-run this until it "
@@ -46,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.jobs is not None and args.jobs < 1:
         raise ValueError(f"--jobs must be ≥ 1, got {args.jobs}")
+    if args.eval_jobs is not None and args.eval_jobs < 1:
+        raise ValueError(f"--eval-jobs must be ≥ 1, got {args.eval_jobs}")
     run_experiment(args.experiment, budget_name=args.budget, out=Path(args.out), data_dir=args.data_dir, rows=args.rows,
-                   seeds=args.seeds, jobs=args.jobs, print_commands=args.print_commands,
+                   seeds=args.seeds, jobs=args.jobs, eval_jobs=args.eval_jobs, print_commands=args.print_commands,
                    launcher=shlex.split(args.launcher) if args.launcher else None)
     return 0
