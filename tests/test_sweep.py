@@ -340,9 +340,9 @@ def test_reproduce_evaluations_in_one_thread_workers_give_the_outcomes_of_this_p
     assert "4 of 4 model evaluations" in (two / "report.md").read_text()
 
 
-def test_runner_evaluates_nothing_itself_with_one_job_or_one_evaluation() -> None:
+def test_runner_evaluates_nothing_itself_with_one_job_or_one_evaluation_and_raises_a_workers_error() -> None:
     """The caller evaluates in its own process then (its threads, no worker's start); the
-    default is one evaluation worker whatever the trainings' jobs."""
+    default is one evaluation worker whatever the trainings' jobs; a worker's error stops it."""
     from gradreg.protocols import EvalSettings
     from gradreg.runner import EvalJob, Runner
 
@@ -352,6 +352,8 @@ def test_runner_evaluates_nothing_itself_with_one_job_or_one_evaluation() -> Non
     assert Runner(eval_jobs=2, log=lambda s: None).evaluate([job]) == 0
     with pytest.raises(ValueError, match="eval_jobs"):
         Runner(eval_jobs=0)
+    with pytest.raises(Exception, match="is not a directory"):  # a worker's error reaches the caller
+        Runner(eval_jobs=2, log=lambda s: None).evaluate([job, job])
 
 
 def _fake_finish(points: list, curve: dict[float, tuple[float, float]], reference: tuple[float, float]) -> None:  # type: ignore[type-arg]

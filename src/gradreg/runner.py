@@ -176,6 +176,11 @@ class Runner:
         context = multiprocessing.get_context("spawn")  # a fork would copy the parent's OpenMP threads' state
         with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread_worker) as pool:
             futures = [pool.submit(_evaluate_in_worker, job) for job in jobs]
-            for k, done in enumerate(as_completed(futures), 1):
-                self.log(f"[{k}/{len(jobs)}] evaluated {done.result()}")
+            try:
+                for k, done in enumerate(as_completed(futures), 1):
+                    self.log(f"[{k}/{len(jobs)}] evaluated {done.result()}")
+            except BaseException:  # a failed evaluation or Ctrl-C: start no more (finished ones are cached)
+                for f in futures:
+                    f.cancel()
+                raise
         return len(jobs)
