@@ -22,10 +22,11 @@ configuration differs from the planned one (a row's penalty changed since) is re
 differing fields, never reused.
 
 The evaluations of finished models are a wave too (:meth:`Runner.evaluate`): with
-``eval_jobs > 1`` the unfinished ones run in ``eval_jobs`` one-thread worker processes (spawned, so that no OpenMP
-state is forked), each writing its result to its evaluation cache file
-(:func:`gradreg.protocols.cached_evaluation`); the caller then reads every result from those
-files in its own order, so the report is the same whatever finished first.
+``eval_jobs > 1`` the unfinished ones run in ``eval_jobs`` one-thread worker processes
+(spawned, so that no OpenMP state is forked), each writing its result to its evaluation cache
+file (:func:`gradreg.protocols.cached_evaluation`); the caller then reads every result from
+those files in its own order, so the report is the same whatever finished first. ``eval_jobs``
+is 1 by default: on the 2-core machine one two-thread process evaluated faster (BENCHMARKS.md).
 """
 from __future__ import annotations
 
