@@ -316,8 +316,9 @@ def test_reproduce_jobs_2_and_printed_commands_give_the_outcomes_of_jobs_1(tmp_p
 @pytest.mark.slow
 def test_reproduce_evaluations_in_one_thread_workers_give_the_outcomes_of_this_process(tmp_path: Path) -> None:
     """Two rows × two seeds of the family benchmark's tiny budget: evaluated in this process
-    (``--eval-jobs 1``, the default) and by two spawned one-thread workers (``eval_jobs = 2``); the same outcomes, the
-    workers' results counted as this invocation's, and a second invocation reuses all four."""
+    (``--eval-jobs 1``, the default) and by two spawned one-thread workers (``eval_jobs = 2``):
+    the same outcomes, the workers' results counted as this invocation's, and a second
+    invocation reuses all four."""
     args = ["reproduce", "family-mnist10k", "--budget", "tiny", "--rows", "clean", "FGSM-AT", "--seeds", "0", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert cli.main(args + ["--out", str(one), "--eval-jobs", "1"]) == 0
