@@ -44,7 +44,7 @@ import torch
 from .config import TrainConfig, validation_score
 from .data import DataBundle
 from .data import load as load_data
-from .protocols import EvalSettings, cached_evaluation, evaluation_key
+from .protocols import EvalSettings, cached_evaluation, stored_evaluation
 from .runs import load_run
 from .sweep import RUN_LOG, run_trainings, train_argv
 from .trainer import train
@@ -98,11 +98,7 @@ class EvalJob:
 
 def is_evaluated(job: EvalJob, model: torch.nn.Module, bundle: DataBundle) -> bool:
     """``job``'s cache file holds the evaluation of this model, data and settings."""
-    try:
-        saved = json.loads(Path(job.cache).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(saved, dict) and saved.get("key") == evaluation_key(model, bundle, job.settings, job.name)
+    return stored_evaluation(model, bundle, job.settings, cache=Path(job.cache), name=job.name) is not None
 
 
 _WORKER_DATA: dict[tuple[str, str | None], DataBundle] = {}  # a worker loads each data set once

@@ -40,7 +40,7 @@ from .transfer import craft, transfer_flags, transfer_matrix
 
 __all__ = [
     "AA_GAP", "AA_VERSIONS", "CIFAR_LIKE", "Check", "EvalSettings", "ModelEval", "SQUARE_SHARE", "bits",
-    "cached_evaluation", "craft", "default_grid", "describe_rise", "evaluate_model", "evaluation_key", "fingerprint",
+    "cached_evaluation", "stored_evaluation", "craft", "default_grid", "describe_rise", "evaluate_model", "evaluation_key", "fingerprint",
     "lrc_covariance_curve", "lrc_curves", "lrc_data_factor", "lrc_data_std", "masking_checks", "masking_lines",
     "masking_summary", "resumable_flags", "rising", "run_autoattack", "run_square_audit", "square_check",
     "standard_eps", "test_subset", "transfer_flags", "transfer_matrix", "unbits", "write_json_atomic",
@@ -53,15 +53,25 @@ def cached_evaluation(model: nn.Module, bundle: DataBundle, settings: EvalSettin
     data and settings reads the result instead of attacking again (so a long ``reproduce`` that is
     interrupted after its evaluations does not redo them). A torn, foreign or stale file is
     recomputed and replaced. Returns the evaluation and whether it came from the file."""
-    key = evaluation_key(model, bundle, settings, name)
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                return ModelEval.from_dict(saved["eval"]), True
-        except (ValueError, KeyError, TypeError):
-            pass
+    stored = stored_evaluation(model, bundle, settings, cache=cache, name=name)
+    if stored is not None:
+        return stored, True
     ev = evaluate_model(model, bundle, settings, name=name, progress=progress)
-    write_json_atomic(cache, {"key": key, "eval": ev.to_dict()})
+    write_json_atomic(cache, {"key": evaluation_key(model, bundle, settings, name), "eval": ev.to_dict()})
     return ev, False
+
+
+def stored_evaluation(model: nn.Module, bundle: DataBundle, settings: EvalSettings, *, cache: Path,
+                      name: str = "model") -> ModelEval | None:
+    """The evaluation that ``cache`` holds for exactly this model, data and settings; None when
+    the file is absent, torn, foreign or stale."""
+    if not cache.is_file():
+        return None
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == evaluation_key(model, bundle, settings, name):
+            return ModelEval.from_dict(saved["eval"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return None
 
