@@ -341,6 +341,39 @@ def test_reproduce_evaluations_in_one_thread_workers_give_the_outcomes_of_this_p
     assert "4 of 4 model evaluations" in (two / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_evaluation_workers_rebuild_a_users_batchnorm_module_from_its_run_folder(tmp_path: Path) -> None:
+    """A user's own BatchNorm CNN (``byo_nets:small_bn_net``), two trainings: the workers rebuild
+    it from its run folder and give every outcome of this process's evaluation of the loaded
+    model (on one thread, as the workers); a worker that judged other weights would not."""
+    import gradreg
+    from gradreg.protocols import EvalSettings, cached_evaluation
+    from gradreg.runner import EvalJob, Runner
+    from gradreg.runs import load_run
+
+    runs = [tmp_path / f"bn{seed}" for seed in (0, 1)]
+    for seed, run in zip((0, 1), runs):
+        gradreg.train(data="digits", model="byo_nets:small_bn_net", epochs=1, seed=seed, out=str(run), quiet=True,
+                      log=lambda s: None)
+    settings = EvalSettings(eps=[0.0, 0.05], attacks=("pgd",), pgd_steps=3, deepfool=False, n_test=60)
+    jobs = [EvalJob(label=run.name, run_dir=str(run), device="cpu", data="digits", data_dir=None, settings=settings,
+                    name=run.name, cache=str(tmp_path / "workers" / f"{run.name}.json")) for run in runs]
+    assert Runner(eval_jobs=2, log=lambda s: None).evaluate(jobs) == 2
+    bundle = data.load("digits")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for job in jobs:
+            model = load_run(job.run_dir, device="cpu").model
+            assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 2
+            here, _ = cached_evaluation(model, bundle, settings, cache=tmp_path / "here" / f"{job.name}.json",
+                                        name=job.name)
+            there = json.loads(Path(job.cache).read_text())["eval"]
+            assert there == json.loads(json.dumps(here.to_dict()))  # every per-example outcome
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_runner_evaluates_nothing_itself_with_one_job_or_one_evaluation_and_raises_a_workers_error() -> None:
     """The caller evaluates in its own process then (its threads, no worker's start); the
     default is one evaluation worker whatever the trainings' jobs; a worker's error stops it."""
