@@ -15,8 +15,9 @@ COMMON = ["train", "--data", "digits", "--model", "cw", "--epochs", "1", "--batc
           "--optimizer", "sgd", "--lr", "0.05", "--seed", "3", "--quiet"]
 
 
-def _run(args: list[str], nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(args: list[str], nproc: int, *, expect: int = 0) -> str:
+    # faulthandler: a rank that dies by a signal prints where it was (Python stack, or "finalizing")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "gradreg", *args]
     else:
@@ -25,7 +26,8 @@ def _run(args: list[str], nproc: int) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     # torchrun's summary fills the end of stderr; what the failing rank printed comes before it
     err = done.stderr if len(done.stderr) <= 8000 else done.stderr[:4000] + "\n[…]\n" + done.stderr[-4000:]
-    assert done.returncode == 0, err
+    assert done.returncode == expect, err
+    return done.stderr
 
 
 def _compare(a: Path, b: Path, *, atol: float) -> None:
@@ -125,3 +127,28 @@ def test_two_rank_evaluation_equals_one(tmp_path: Path) -> None:
     r1, r2 = (json.loads((tmp_path / e / "results.json").read_text())["runs"][0] for e in ("e1", "e2"))
     assert r1["curves"] == r2["curves"] and r1["clean"] == r2["clean"]
     assert r1["curves"]["pgd"][-1] < r1["clean"]  # the attack did something
+
+
+def test_leave_flushes_output_and_skips_finalization(tmp_path: Path) -> None:
+    """A torchrun rank leaves by ``distributed.leave``: what it printed arrives, its status is
+    the one given, and interpreter finalization (here: an atexit handler) never runs."""
+    script = ("import atexit, sys\n"
+              "from gradreg import distributed\n"
+              "atexit.register(lambda: print('finalized', flush=True))\n"
+              "print('result line')\n"
+              "print('error line', file=sys.stderr)\n"
+              "distributed.leave(7)\n"
+              "print('after leave')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 7
+    assert done.stdout == "result line\n" and done.stderr == "error line\n"
+
+
+@pytest.mark.slow
+def test_an_error_in_every_rank_reaches_torchrun_as_its_status(tmp_path: Path) -> None:
+    """A user's error raised after the ranks joined their group: each rank prints one error line
+    and leaves with status 2 (not 1, not a signal), which torchrun's summary reports."""
+    err = _run(["eval", str(tmp_path / "no-such-run"), "--out", str(tmp_path / "e")], 2, expect=1)
+    assert err.count("gradreg: error:") == 2, err
+    assert err.count("exitcode  : 2") == 2, err
+    assert "Signal" not in err and "Traceback (most recent call last)" in err  # torchrun's own

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -53,6 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from . import distributed
+
+    try:
+        code = _dispatch(args)
+    except Exception:
+        if not distributed.was_active():
+            raise
+        traceback.print_exc()  # what Python would print, before a rank leaves with status 1
+        code = 1
+    if distributed.was_active():  # a torchrun rank: see distributed.leave
+        distributed.leave(code)
+    return code
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; a user's error becomes one line on stderr and an exit status. A
+    normal return leaves the process group (every rank got there); an error does not."""
     from . import distributed
     from .trainer import NonFiniteError, TrainingInterrupted
 
