@@ -175,7 +175,8 @@ def test_tiny_sweep_print_commands_run_gather_and_reuse(tmp_path: Path, capsys: 
     assert [r["status"] for r in result["rows"]] == ["done", "done"]
     assert result["chosen_lam"] in (0.01, 1.0)
     for r in result["rows"]:
-        m = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert not Path(r["run_dir"]).is_absolute()  # relative to sweep.json's folder: it moves with it
+        m = json.loads((out / r["run_dir"] / "metrics.json").read_text())
         assert m["eval_split"] == "validation" and r["pgd_accuracy"] == m["validation_pgd_accuracy"]
     assert (out / "sweep.png").stat().st_size > 0
     table = (out / "sweep.md").read_text()
@@ -515,3 +516,33 @@ def test_validation_scored_by_lrc_noise_matches_the_lrc_columns(tmp_path: Path) 
     assert noisy["validation_lrc_accuracy"] < noisy["validation_accuracy"]  # the noise breaks some points
     with pytest.raises(ConfigError, match="validation_attack must be one of pgd, lrc"):
         TrainConfig(validation_attack="square").validate()
+
+
+def test_sweep_records_point_at_their_runs_after_the_output_folder_moves(tmp_path: Path) -> None:
+    """sweep.json names each run folder relative to itself (as reproduce lays them out: records in
+    OUT/sweeps/NAME, runs in OUT/sweeps/runs), so a moved or published output folder still resolves."""
+    import shutil
+
+    from gradreg.config import TrainConfig
+    from gradreg.sweep import SweepResult, SweepRow, write_records
+
+    top = tmp_path / "first"
+    runs = [top / "sweeps" / "runs" / n for n in ("ref", "a", "b")]
+    for d in runs:
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"name": d.name}))
+    rows = [SweepRow(name=d.name, role="point", lam=lam, eps=None, status="done", run_dir=str(d))
+            for d, lam in zip(runs[1:], (0.1, 1.0))]
+    ref = SweepRow(name="ref", role="reference", lam=None, eps=None, status="done", run_dir=str(runs[0]))
+    result = SweepResult(spec={"method": "gn", "base": TrainConfig(validation_fraction=0.2, validation_eps=0.1).to_dict()},
+                         rule="within-clean", tolerance_points=1.0, reference=ref,
+                         rows=rows, chosen=rows[1], reason="test")
+    write_records(result, top / "sweeps" / "gn")
+    shutil.move(str(top), str(tmp_path / "moved"))
+    folder = tmp_path / "moved" / "sweeps" / "gn"
+    data = json.loads((folder / "sweep.json").read_text())
+    named = [data["reference"], *data["rows"], data["chosen"]]
+    assert [r["run_dir"] for r in named] == [os.path.join("..", "runs", n) for n in ("ref", "a", "b", "b")]
+    assert [json.loads((folder / r["run_dir"] / "metrics.json").read_text())["name"] for r in named] == [
+        "ref", "a", "b", "b"]
+    assert result.rows[0].run_dir == str(runs[1])  # the result in memory keeps its own paths

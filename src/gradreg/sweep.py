@@ -410,12 +410,24 @@ def plot(result: SweepResult, path: str | Path) -> bool:
     return True
 
 
+def _row_dicts(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The row dictionaries of an ``asdict``-ed :class:`SweepResult` (reference, rows, chosen)."""
+    found = [data.get("reference"), data.get("chosen"), *data.get("rows", [])]
+    return [r for r in found if isinstance(r, dict)]
+
+
 def write_records(result: SweepResult, out: str | Path) -> dict[str, Path]:
-    """``sweep.json`` (everything), ``sweep.md`` (the table) and ``sweep.png`` (the plot)."""
+    """``sweep.json`` (everything), ``sweep.md`` (the table) and ``sweep.png`` (the plot).
+
+    Each row's ``run_dir`` is written relative to ``out``, so the records still point at their
+    runs when the whole output folder is moved or copied."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = {**dataclasses.asdict(result), "chosen_lam": result.chosen.lam if result.chosen else None,
             "chosen_eps": result.chosen.eps if result.chosen else None}
+    for row in _row_dicts(data):
+        if row.get("run_dir"):
+            row["run_dir"] = os.path.relpath(Path(row["run_dir"]).resolve(), out.resolve())
     paths = {"json": out / "sweep.json", "markdown": out / "sweep.md"}
     paths["json"].write_text(json.dumps(data, indent=2, default=str) + "\n")
     paths["markdown"].write_text(to_markdown(result))
