@@ -152,3 +152,17 @@ def test_an_error_in_every_rank_reaches_torchrun_as_its_status(tmp_path: Path) -
     assert err.count("gradreg: error:") == 2, err
     assert err.count("exitcode  : 2") == 2, err
     assert "Signal" not in err and "Traceback (most recent call last)" in err  # torchrun's own
+
+
+def test_main_called_inside_a_callers_process_group_returns_and_leaves_the_group_up(tmp_path: Path) -> None:
+    """A program that owns its process group and calls ``gradreg.cli.main`` gets its status back
+    and keeps its group: gradreg leaves only a group it joined itself."""
+    script = ("import torch.distributed as dist\n"
+              "from gradreg import cli\n"
+              f"dist.init_process_group('gloo', init_method={(tmp_path / 'store').as_uri()!r}, rank=0, world_size=1)\n"
+              "code = cli.main(['list'])\n"
+              "print('status', code, 'group up', dist.is_initialized())\n"
+              "dist.destroy_process_group()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "status 0 group up True"

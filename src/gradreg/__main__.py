@@ -1,6 +1,4 @@
-import sys
-
-from .cli import main
+from .cli import entry
 
 if __name__ == "__main__":  # a spawned worker process (gradreg.runner) imports this module without running it
-    sys.exit(main())
+    entry()

@@ -48,24 +48,34 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one gradreg command line; returns its exit status (a user's error: one line on stderr
+    and status 2). Leaves a process group only if this command joined it (torchrun's ranks)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)  # recorded in results files
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    return _dispatch(args)
+
+
+def entry() -> None:
+    """The ``gradreg`` command and ``python -m gradreg``: :func:`main`, then the exit. A torchrun
+    rank leaves through :func:`gradreg.distributed.leave` (no interpreter finalization), with
+    its own status even when its command raised; :func:`main` itself always returns or raises,
+    so a program that calls it goes on."""
     from . import distributed
 
     try:
-        code = _dispatch(args)
+        code = main()
     except Exception:
         if not distributed.was_active():
             raise
-        traceback.print_exc()  # what Python would print, before a rank leaves with status 1
+        traceback.print_exc()  # what Python would print, before the rank leaves with status 1
         code = 1
-    if distributed.was_active():  # a torchrun rank: see distributed.leave
+    if distributed.was_active():
         distributed.leave(code)
-    return code
+    sys.exit(code)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -91,4 +101,4 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -121,8 +121,9 @@ def all_gather_rows(index: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tens
 
 def shutdown() -> None:
     """Wait for every rank, then leave the process group. Exiting with the group still up lets
-    gloo's threads die mid-flight ("terminate called without an active exception", SIGABRT)."""
-    if is_active():
+    gloo's threads die mid-flight ("terminate called without an active exception", SIGABRT).
+    Only a group that gradreg joined (:func:`init_from_env`) is left; a caller's own stays up."""
+    if is_active() and _joined:
         # tensors still held by finished collectives are freed now, while the interpreter is whole
         gc.collect()
         dist.barrier()
