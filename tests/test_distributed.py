@@ -129,7 +129,7 @@ def test_two_rank_evaluation_equals_one(tmp_path: Path) -> None:
     assert r1["curves"]["pgd"][-1] < r1["clean"]  # the attack did something
 
 
-def test_leave_flushes_output_and_skips_finalization(tmp_path: Path) -> None:
+def test_leave_flushes_output_and_skips_finalization() -> None:
     """A torchrun rank leaves by ``distributed.leave``: what it printed arrives, its status is
     the one given, and interpreter finalization (here: an atexit handler) never runs."""
     script = ("import atexit, sys\n"
